@@ -1,0 +1,6 @@
+"""cadsam: adapt Segment Anything to a new domain with CAD, the parallel convolutional adapter."""
+
+from .sam import build_sam
+
+__version__ = "0.1.0"
+__all__ = ["build_sam"]

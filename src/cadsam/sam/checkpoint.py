@@ -1,0 +1,156 @@
+"""Finding, downloading and reading Meta's SAM checkpoints, with errors a user can act on.
+
+A checkpoint is named by a path, or by a backbone name (``vit_b``, ``vit_l``, ``vit_h``) that is
+looked up in the cache directory (``$CADSAM_HOME/checkpoints`` or
+``~/.cache/cadsam/checkpoints``) and otherwise downloaded from Meta's URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import CadsamError
+
+META_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything"
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """One of Meta's published checkpoints. Meta publishes MD5 digests; the file name carries
+    the digest's first six hex digits."""
+
+    filename: str
+    md5: str
+
+    @property
+    def url(self) -> str:
+        base = os.environ.get("CADSAM_CHECKPOINT_URL", META_BASE_URL).rstrip("/")
+        return f"{base}/{self.filename}"
+
+    @property
+    def digest(self) -> str:
+        return f"md5:{self.md5}"
+
+
+META_CHECKPOINTS: dict[str, CheckpointFile] = {
+    "vit_b": CheckpointFile("sam_vit_b_01ec64.pth", "01ec64d29a2fca3f0661936605ae66f8"),
+    "vit_l": CheckpointFile("sam_vit_l_0b3195.pth", "0b3195507c641ddb6910d2bb5adee89c"),
+    "vit_h": CheckpointFile("sam_vit_h_4b8939.pth", "4b8939a88964f0f4ff5f5b2642c598a6"),
+}
+
+
+def cadsam_home() -> Path:
+    return Path(os.environ.get("CADSAM_HOME", Path.home() / ".cache" / "cadsam"))
+
+
+def checkpoint_dir() -> Path:
+    return cadsam_home() / "checkpoints"
+
+
+def resolve_checkpoint(spec: str | os.PathLike, download: bool = True) -> Path:
+    """A path, or a backbone name found in the cache or downloaded into it -> a local file."""
+    name = str(spec)
+    if name not in META_CHECKPOINTS:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            known = ", ".join(META_CHECKPOINTS)
+            raise CadsamError(f"checkpoint not found: {path} (give a file or one of: {known})")
+        return path
+    source = META_CHECKPOINTS[name]
+    path = checkpoint_dir() / source.filename
+    if path.is_file():
+        return path
+    if not download:
+        raise CadsamError(
+            f"{name} checkpoint is not in {checkpoint_dir()}: download {source.url} there"
+        )
+    download_file(source.url, path, source.digest)
+    return path
+
+
+def download_file(url: str, dest: Path, digest: str, progress: bool = True) -> None:
+    """Download ``url`` to ``dest``, checking ``digest`` ("md5:<hex>" or "sha256:<hex>").
+
+    The bytes go to a temporary file beside ``dest`` that is moved into place only once
+    complete and verified, so an interrupted or corrupt download never looks like a checkpoint.
+    """
+    algorithm, expected = digest.split(":", 1)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    hasher = hashlib.new(algorithm)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                response = urllib.request.urlopen(url, timeout=60)
+            except (urllib.error.URLError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                raise CadsamError(
+                    f"cannot download {url} ({reason}): download it by hand and put it at {dest}"
+                ) from None
+            with response:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(
+                    total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+                ) as bar:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        hasher.update(chunk)
+                        bar.update(len(chunk))
+        if hasher.hexdigest() != expected:
+            raise CadsamError(
+                f"download of {url} is corrupt: {algorithm} {hasher.hexdigest()}, "
+                f"expected {expected}; nothing was saved"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def read_sam_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a SAM checkpoint safely (``weights_only``), or say clearly why it cannot be one."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CadsamError(f"checkpoint not found: {path}") from None
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CadsamError(
+            f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch file "
+            f"({first_line[:160]})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CadsamError(f"{path} is not a SAM state_dict (expected a dict of tensors)")
+    parts = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+    missing = [p[:-1] for p in parts if not any(k.startswith(p) for k in state)]
+    if missing:
+        sample = ", ".join(list(state)[:3]) or "no keys"
+        raise CadsamError(
+            f"{path} is not a SAM state_dict: no {', '.join(missing)} weights (found {sample})"
+        )
+    return state
+
+
+def encoder_signature(state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(embed dim, number of blocks) of the image encoder in a SAM state_dict."""
+    embed_dim = state["image_encoder.patch_embed.proj.weight"].shape[0]
+    blocks = {k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")}
+    return int(embed_dim), len(blocks)

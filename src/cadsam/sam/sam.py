@@ -1,0 +1,82 @@
+"""Segment Anything: the three parts together, with SAM's input normalisation and prompts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .image_encoder import ImageEncoderViT
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class Sam(nn.Module):
+    mask_threshold: float = 0.0
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoderViT,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        # Not part of Meta's state_dict: constants, not weights.
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square the encoder reads (1024 for Meta's configs)."""
+        return self.image_encoder.img_size
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB in 0..255 (B x 3 x h x w, longest side already ``image_size``) -> encoder input.
+
+        Normalises with SAM's pixel mean and std, then zero-pads bottom and right to a square.
+        """
+        x = (images - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+
+    def whole_image_boxes(self, batch: int) -> torch.Tensor:
+        """One box per image covering the whole encoder frame, the paper's prompt: B x 4."""
+        box = torch.tensor([0.0, 0.0, self.image_size, self.image_size])
+        return box.to(self.pixel_mean.device).expand(batch, 4)
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings + prompts (in the encoder's frame) -> low-res logits and IoU predictions."""
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
+        return self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+
+    def postprocess_masks(
+        self,
+        masks: torch.Tensor,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+    ) -> torch.Tensor:
+        """Low-res logits -> logits at the original image size (undoing resize and padding)."""
+        masks = F.interpolate(
+            masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False
+        )
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
