@@ -1,0 +1,92 @@
+"""CAD: the parallel convolutional adapter, as the authors' code builds it.
+
+It reads the image (RGB 0..255 at adapter resolution) beside SAM's frozen encoder and
+returns a tanh map the size of the image embedding; the model adds ``0.1 *`` that map to the
+embedding. Two block layouts share the parameter count:
+
+* ``official`` (default, what produced the paper's tables): 3x3 conv with dilation 2 ->
+  BatchNorm -> LeakyReLU(0.1) -> + block input -> AvgPool 2; every block's output is pooled
+  to the embedding size and the three are summed before tanh.
+* ``paper``: the paper's text: 3x3 conv -> LeakyReLU -> BatchNorm -> AvgPool 2, no residual,
+  no dilation, only the last block pooled to the embedding size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..frequency import high_pass
+
+CAD_LAYOUTS = ("official", "paper")
+
+
+class ConvAdapter(nn.Module):
+    def __init__(
+        self,
+        embedding_size: int,
+        embed_dim: int = 256,
+        num_blocks: int = 3,
+        layout: str = "official",
+        high_pass_area: float = 0.25,
+    ) -> None:
+        super().__init__()
+        if layout not in CAD_LAYOUTS:
+            raise ValueError(f"unknown CAD layout {layout!r}: choose from {CAD_LAYOUTS}")
+        self.embedding_size = embedding_size
+        self.layout = layout
+        self.high_pass_area = high_pass_area
+        self.conv_up = nn.Conv2d(6, embed_dim, kernel_size=1)
+        block = ResidualDilatedBlock if layout == "official" else PaperBlock
+        self.blocks = nn.ModuleList(block(embed_dim) for _ in range(num_blocks))
+
+    @torch.no_grad()
+    def adapter_input(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB 0..255 -> [RGB, |high-pass|], each channel divided by its max (+1e-5)."""
+        x = torch.cat((images.float(), high_pass(images, self.high_pass_area)), dim=1)
+        return x / (x.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x S x S RGB in 0..255 -> B x C x E x E tanh map (before the 0.1 scale)."""
+        x = self.conv_up(self.adapter_input(images))
+        size = (self.embedding_size, self.embedding_size)
+        if self.layout == "paper":
+            for block in self.blocks:
+                x = block(x)
+            return torch.tanh(F.adaptive_avg_pool2d(x, size))
+        summed = None
+        for block in self.blocks:
+            x = block(x)
+            pooled = F.adaptive_avg_pool2d(x, size)
+            summed = pooled if summed is None else summed + pooled
+        return torch.tanh(summed)
+
+
+class ResidualDilatedBlock(nn.Module):
+    """conv 3x3 (dilation 2) -> BN -> LeakyReLU(0.1) -> + input -> AvgPool 2."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=2, dilation=2)
+        self.bn = nn.BatchNorm2d(channels)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.leaky_relu(self.bn(self.conv(x)), 0.1)
+        return F.avg_pool2d(y + x, 2)
+
+
+class PaperBlock(nn.Module):
+    """conv 3x3 -> LeakyReLU(0.1) -> BN -> AvgPool 2, as the paper's text describes it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(self.bn(F.leaky_relu(self.conv(x), 0.1)), 2)

@@ -1,0 +1,147 @@
+"""One interface for every method: SAM, frozen, plus what the method trains.
+
+The methods differ only in how the image embedding is made, and that lives in
+:meth:`AdaptedSam.image_embeddings`:
+
+* ``zero-shot`` / ``decoder``: the frozen encoder, run without autograd;
+* ``cad``: the same, plus ``0.1 * adapter(image)`` (the adapter runs beside the encoder);
+* ``sam-adapter`` / ``sam-adapter-paper``: the encoder with prompts added to its tokens, so
+  its activations are part of the graph.
+
+Everything after the embedding (whole-image box prompt, mask decoder, upsampling) is shared.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..sam import Sam
+from .cad import ConvAdapter
+from .sam_adapter import OfficialSamAdapter, PaperSamAdapter
+
+CAD_SCALE = 0.1  # how much of the adapter's tanh map joins the embedding
+
+
+class AdaptedSam(nn.Module):
+    def __init__(
+        self,
+        sam: Sam,
+        method: str,
+        backbone: str,
+        options: dict[str, Any],
+        adapter: ConvAdapter | None = None,
+        encoder_adapter: OfficialSamAdapter | PaperSamAdapter | None = None,
+        checkpoint_blocks: bool = False,
+        adapter_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.sam = sam
+        self.method = method
+        self.backbone = backbone
+        self.options = dict(options)
+        self.adapter = adapter
+        self.encoder_adapter = encoder_adapter
+        self.checkpoint_blocks = checkpoint_blocks
+        self.adapter_size = adapter_size
+        sam.requires_grad_(False)
+        if method != "zero-shot":
+            sam.mask_decoder.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What training changes: trainable parameters and the adapter's BatchNorm buffers."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        adapter_buffers = {f"adapter.{name}" for name, _ in self._adapter_buffers()}
+        return {
+            name: tensor.detach()
+            for name, tensor in self.state_dict().items()
+            if name in trainable or name in adapter_buffers
+        }
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"trainable weights do not fit this {self.method} model: "
+                f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
+        self.load_state_dict(state, strict=False)
+
+    def _adapter_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        return [] if self.adapter is None else list(self.adapter.named_buffers())
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {
+            "trainable": sum(p.numel() for p in self.trainable_parameters()),
+            "total": sum(p.numel() for p in self.parameters()),
+        }
+
+    # -- the forward pass -------------------------------------------------------------
+
+    def sam_input(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB 0..255 at data resolution -> SAM's normalised encoder input."""
+        size = self.sam.image_size
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(
+                images.float(), (size, size), mode="bilinear", align_corners=False, antialias=True
+            )
+        return self.sam.preprocess(images.float())
+
+    def adapter_input(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB 0..255 at data resolution -> RGB 0..255 at the adapter's resolution."""
+        size = self.adapter_size
+        if size is None or (images.shape[-1] == size and images.shape[-2] == size):
+            return images.float()
+        return F.interpolate(
+            images.float(), (size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+
+    def image_embeddings(
+        self, images: torch.Tensor, embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The one place the methods differ. ``embeddings``: the frozen encoder's output for
+        these images, computed earlier (e.g. from a cache); then the encoder does not run."""
+        if self.encoder_adapter is not None:
+            assert embeddings is None, "SAM-Adapter changes the encoder's output"
+            return self.encoder_adapter.encode(
+                self.sam.image_encoder, self.sam_input(images), self.checkpoint_blocks
+            )
+        if embeddings is None:
+            with torch.no_grad():
+                embeddings = self.sam.image_encoder(self.sam_input(images))
+        if self.adapter is not None:
+            embeddings = embeddings + CAD_SCALE * self.adapter(self.adapter_input(images))
+        return embeddings
+
+    def forward(self, images: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """B x 3 x S x S RGB in 0..255 -> B x 1 x S x S mask logits (whole-image box prompt).
+
+        Low-resolution logits are upsampled to the encoder's frame, then to S, as SAM's
+        postprocessing does and as the paper's numbers were computed.
+        """
+        height, width = images.shape[-2:]
+        assert height == width, "images are resized to a square before the model"
+        image_embeddings = self.image_embeddings(images, embeddings)
+        with torch.no_grad():
+            boxes = self.sam.whole_image_boxes(images.shape[0])
+            sparse, dense = self.sam.prompt_encoder(boxes=boxes)
+            image_pe = self.sam.prompt_encoder.get_dense_pe()
+        low_res, _ = self.sam.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_pe=image_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        size = self.sam.image_size
+        logits = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+        if size != height:
+            logits = F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)
+        return logits

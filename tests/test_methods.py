@@ -1,0 +1,219 @@
+"""The methods: parameter counts, shapes, where gradients flow, the high-pass, checkpointing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+
+from cadsam import build_model
+from cadsam.cli import main
+from cadsam.errors import CadsamError
+from cadsam.frequency import high_pass
+from cadsam.methods.cad import ConvAdapter
+
+# (method, backbone, options) -> trainable parameters: the issue's and the notes' figures.
+TRAINABLE = [
+    ("decoder", "vit_b", {}, 4_058_340),
+    ("decoder", "vit_l", {}, 4_058_340),
+    ("decoder", "vit_h", {}, 4_058_340),
+    ("cad", "vit_b", {}, 5_831_908),
+    ("cad", "vit_h", {"cad_layout": "paper"}, 5_831_908),
+    ("cad", "vit_b", {"cad_layout": "paper"}, 5_831_908),
+    ("sam-adapter-paper", "vit_b", {}, 4_459_268),
+    ("sam-adapter-paper", "vit_h", {}, 4_697_988),
+    ("sam-adapter", "vit_b", {}, 4_121_652),
+    ("sam-adapter", "vit_h", {}, 4_245_300),
+    ("zero-shot", "vit_b", {}, 0),
+]
+
+
+@pytest.mark.parametrize(("method", "backbone", "options", "expected"), TRAINABLE)
+def test_trainable_parameter_counts(method, backbone, options, expected):
+    with torch.device("meta"):
+        model = build_model(method, backbone, **options)
+    assert model.parameter_counts()["trainable"] == expected
+
+
+def test_paper_counts_shared_layer_once_per_adapter():
+    """The paper prints 4,788,740 / 6,091,908: the shared Linear(32 -> E) of its SAM-Adapter
+    counted once per registration (depth + 1 adapters and itself), as a state_dict lists it."""
+    for backbone, depth, embed, paper in [
+        ("vit_b", 12, 768, 4_788_740),
+        ("vit_h", 32, 1280, 6_091_908),
+    ]:
+        with torch.device("meta"):
+            unique = build_model("sam-adapter-paper", backbone).parameter_counts()["trainable"]
+        shared = 32 * embed + embed
+        assert unique + (depth + 1) * shared == paper
+
+
+def test_params_command_json(capsys, meta_sam):
+    assert main(["params", "--backbone", "vit_b", "--method", "decoder", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "decoder" and out["backbone"] == "vit_b"
+    assert out["trainable"] == 4_058_340
+    with torch.device("meta"):
+        reference = meta_sam.sam_model_registry["vit_b"]()
+    assert out["total"] == sum(p.numel() for p in reference.parameters())
+
+
+def _numpy_high_pass(x: np.ndarray, area: float = 0.25) -> np.ndarray:
+    h, w = x.shape[-2:]
+    half = int(np.sqrt(h * w * area) // 2)
+    f = np.fft.fftshift(np.fft.fft2(x.astype(np.float64), norm="forward"), axes=(-2, -1))
+    f[..., h // 2 - half : h // 2 + half, w // 2 - half : w // 2 + half] = 0
+    return np.abs(np.fft.ifft2(np.fft.ifftshift(f, axes=(-2, -1)), norm="forward").real)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 48, 80), (1, 3, 33, 31)])
+def test_high_pass_matches_numpy(shape):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 255
+    expected = _numpy_high_pass(x.numpy())
+    np.testing.assert_allclose(high_pass(x).numpy(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_high_pass_removes_a_quarter_of_the_spectrum_and_constants():
+    assert high_pass(torch.full((1, 3, 64, 64), 200.0)).abs().max() < 1e-4
+    # A checkerboard is pure Nyquist frequency: it passes unchanged in magnitude.
+    board = (torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 255.0
+    hp = high_pass(board.expand(1, 3, 64, 64))
+    assert torch.allclose(hp, torch.full_like(hp, 127.5), atol=1e-3)
+
+
+def _images(batch=2, size=64, seed=0):
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255
+
+
+def test_cad_adapter_output_shape_and_range():
+    adapter = ConvAdapter(embedding_size=16)
+    out = adapter(_images(3, 128))
+    assert out.shape == (3, 256, 16, 16)
+    assert out.abs().max() < 1.0
+
+
+@pytest.mark.parametrize("layout", ["official", "paper"])
+def test_cad_embedding_is_encoder_plus_tenth_of_adapter(layout):
+    torch.manual_seed(0)
+    model = build_model("cad", "vit_tiny", adapter_size=64, cad_layout=layout).eval()
+    images = _images()
+    with torch.no_grad():
+        encoder = model.sam.image_encoder(model.sam_input(images))
+        expected = encoder + 0.1 * model.adapter(images)
+        assert rel_err(model.image_embeddings(images), expected) < 1e-6
+        assert rel_err(model.adapter(images), torch.zeros(1)) > 0  # the adapter contributes
+
+
+@pytest.mark.parametrize(
+    "method", ["zero-shot", "decoder", "cad", "sam-adapter", "sam-adapter-paper"]
+)
+def test_forward_shape(method):
+    model = build_model(method, "vit_tiny", **({"adapter_size": 64} if method == "cad" else {}))
+    with torch.no_grad():
+        logits = model(_images(2, 96))
+    assert logits.shape == (2, 1, 96, 96)
+    assert torch.isfinite(logits).all()
+
+
+def _loss_and_backward(model, images):
+    logits = model(images)
+    target = (images.mean(1, keepdim=True) > 127).float()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("method", ["decoder", "cad", "sam-adapter", "sam-adapter-paper"])
+def test_gradients_reach_only_trainable_parameters(method):
+    torch.manual_seed(0)
+    model = build_model(method, "vit_tiny", **({"adapter_size": 64} if method == "cad" else {}))
+    encoder_out = {}
+    model.sam.image_encoder.register_forward_hook(
+        lambda m, i, o: encoder_out.update(grad=torch.is_grad_enabled(), requires=o.requires_grad)
+    )
+    _loss_and_backward(model, _images())
+    trainable = {id(p) for p in model.trainable_parameters()}
+    for name, p in model.named_parameters():
+        if id(p) not in trainable:
+            assert p.grad is None, f"frozen {name} received a gradient"
+    own = model.adapter if method == "cad" else model.encoder_adapter
+    for name, p in own.named_parameters() if own is not None else []:
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+    decoder_grads = [p.grad for p in model.sam.mask_decoder.parameters() if p.grad is not None]
+    assert decoder_grads and any(g.abs().sum() > 0 for g in decoder_grads)
+    if method in ("decoder", "cad"):  # the encoder ran outside autograd: nothing kept
+        assert encoder_out == {"grad": False, "requires": False}
+    else:  # SAM-Adapter acts inside the encoder (which it walks itself)
+        assert not encoder_out
+
+
+def test_frozen_encoder_keeps_no_activations_for_backward():
+    """Count tensors saved for backward while the frozen encoder and prompt encoder run."""
+    model = build_model("cad", "vit_tiny", adapter_size=64)
+    saved = {"count": 0, "inside": False}
+
+    def pack(t):
+        if saved["inside"]:
+            saved["count"] += 1
+        return t
+
+    for module in (model.sam.image_encoder, model.sam.prompt_encoder):
+        module.register_forward_pre_hook(lambda *a: saved.update(inside=True))
+        module.register_forward_hook(lambda *a: saved.update(inside=False))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _loss_and_backward(model, _images())
+    assert saved["count"] == 0
+
+
+def test_zero_shot_has_nothing_to_train():
+    model = build_model("zero-shot", "vit_tiny")
+    assert model.trainable_parameters() == []
+    assert model.trainable_state_dict() == {}
+
+
+@pytest.mark.parametrize("method", ["sam-adapter", "sam-adapter-paper"])
+def test_block_checkpointing_leaves_gradients_equal(method):
+    torch.manual_seed(1)
+    plain = build_model(method, "vit_tiny")
+    checkpointed = build_model(method, "vit_tiny", checkpoint_blocks=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    images = _images(2, 64, seed=3)
+    loss_plain = _loss_and_backward(plain, images)
+    loss_ckpt = _loss_and_backward(checkpointed, images)
+    assert torch.allclose(loss_plain, loss_ckpt, rtol=1e-6)
+    pairs = zip(plain.trainable_parameters(), checkpointed.trainable_parameters(), strict=True)
+    for a, b in pairs:
+        if a.grad is not None:
+            assert rel_err(b.grad, a.grad) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["decoder", "cad", "sam-adapter-paper"])
+def test_trainable_state_round_trip(method):
+    opts = {"adapter_size": 64} if method == "cad" else {}
+    torch.manual_seed(2)
+    trained = build_model(method, "vit_tiny", **opts)
+    if trained.adapter is not None:  # move BN statistics off their initial values
+        trained.train()
+        trained(_images(2, 64, seed=4))
+    state = trained.trainable_state_dict()
+    assert state and all(
+        k.startswith(("sam.mask_decoder.", "adapter.", "encoder_adapter.")) for k in state
+    )
+    fresh = build_model(method, "vit_tiny", **opts)
+    fresh.sam.load_state_dict(trained.sam.state_dict())  # same base SAM
+    fresh.load_trainable_state_dict(state)
+    trained.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(_images(1, 64, seed=5)), trained(_images(1, 64, seed=5)))
+
+
+def test_bad_method_and_options_are_user_errors():
+    with pytest.raises(CadsamError, match="unknown method 'lora'"):
+        build_model("lora", "vit_tiny")
+    with pytest.raises(CadsamError, match="decoder does not take adapter_size"):
+        build_model("decoder", "vit_tiny", adapter_size=256)
+    with pytest.raises(CadsamError, match="cad_layout must be one of"):
+        build_model("cad", "vit_tiny", cad_layout="fancy")
