@@ -89,10 +89,12 @@ def _images(batch=2, size=64, seed=0):
 
 
 def test_cad_adapter_output_shape_and_range():
+    torch.manual_seed(0)
     adapter = ConvAdapter(embedding_size=16)
     out = adapter(_images(3, 128))
     assert out.shape == (3, 256, 16, 16)
-    assert out.abs().max() < 1.0
+    assert out.abs().max() <= 1.0  # tanh; fp32 rounds saturated values to exactly 1
+    assert out.std() > 0.1
 
 
 @pytest.mark.parametrize("layout", ["official", "paper"])
