@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 from .errors import CadsamError
 from .methods import METHODS, build_model
+from .precision import PRECISIONS
 from .sam import SAM_CONFIGS
+
+METHOD_OPTION_FLAGS = ("adapter_size", "cad_layout", "checkpoint_blocks")
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -28,6 +33,146 @@ def cmd_params(args: argparse.Namespace) -> None:
             f"{args.method} on {args.backbone}: {counts['trainable']:,} trainable "
             f"of {counts['total']:,} parameters"
         )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import TrainConfig, train
+
+    given = {
+        k: v
+        for k, v in vars(args).items()
+        if v is not None and k not in ("func", "command", "config")
+    }
+    options = {k: given.pop(k) for k in METHOD_OPTION_FLAGS if k in given}
+    if options:
+        given["method_options"] = options
+    if given.pop("no_augment", False):
+        given["augment"] = False
+    if given.pop("no_progress", False):
+        given["progress"] = False
+    if args.resume:
+        given = _resume_settings(args, given)
+    config = TrainConfig.from_sources(args.config, given)
+    train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"weights: {Path(config.out) / 'last.safetensors'}")
+
+
+def _resume_settings(args: argparse.Namespace, given: dict) -> dict:
+    """On --resume the run's own config.yaml decides; flags that contradict it are errors."""
+    from .train import RUNTIME_KEYS, load_yaml
+
+    saved_path = Path(args.out) / "config.yaml"
+    if not saved_path.is_file():
+        raise CadsamError(f"nothing to resume in {args.out} (no config.yaml)")
+    saved = load_yaml(saved_path)
+    for key, value in given.items():
+        if key not in RUNTIME_KEYS and saved.get(key) != value:
+            raise CadsamError(
+                f"--{key.replace('_', '-')} {value} differs from the run's {saved.get(key)}"
+            )
+    return {**saved, **{k: v for k, v in given.items() if k in RUNTIME_KEYS}}
+
+
+def _data_args(sub: argparse.ArgumentParser, default_split: str) -> None:
+    data = sub.add_argument_group("data (a folder pair, or a named layout)")
+    data.add_argument("--images", help="folder of images")
+    data.add_argument("--masks", help="folder of masks, paired with the images by file stem")
+    data.add_argument("--dataset", help="named layout: istd, camo, cod10k, sinet")
+    data.add_argument("--data-root", help="root folder of the named layout")
+    data.add_argument(
+        "--split",
+        default=None if default_split == "train" else default_split,
+        help=f"split of the named layout (default: {default_split})",
+    )
+    data.add_argument(
+        "--mask-threshold", type=int, help="8-bit mask values above it are foreground (default 127)"
+    )
+    data.add_argument(
+        "--resize-masks",
+        action="store_true",
+        default=None,
+        help="resize a mask whose size differs from its image's (default: an error)",
+    )
+    data.add_argument(
+        "--skip-bad",
+        action="store_true",
+        default=None,
+        help="skip unreadable or mismatched pairs instead of stopping",
+    )
+
+
+def _load_eval_model(args: argparse.Namespace):
+    from .weights import load_weights
+
+    if args.weights:
+        if args.method not in (None, "zero-shot") or args.backbone:
+            raise CadsamError("--weights already says the method and backbone")
+        model, meta = load_weights(args.weights, args.checkpoint)
+        return model, args.image_size or meta["image_size"]
+    if args.method != "zero-shot" or not args.backbone:
+        raise CadsamError(
+            "give --weights FILE, or --method zero-shot --backbone B [--checkpoint C]"
+        )
+    return build_model("zero-shot", args.backbone, args.checkpoint), args.image_size or 512
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from . import distributed
+    from .data import SegmentationDataset, find_pairs, scan_pairs
+    from .evaluate import evaluate, format_table
+
+    dist = distributed.setup(args.device)
+    try:
+        model, size = _load_eval_model(args)
+        pairs = find_pairs(args.images, args.masks, args.dataset, args.data_root, args.split)
+        threshold = 127 if args.mask_threshold is None else args.mask_threshold
+        pairs, bad = scan_pairs(
+            pairs, threshold, bool(args.resize_masks), bool(args.skip_bad), progress=dist.is_main
+        )
+        dataset = SegmentationDataset(
+            pairs,
+            size,
+            mask_threshold=threshold,
+            resize_masks=bool(args.resize_masks),
+            keep_original=args.eval_resolution == "original",
+        )
+        metrics = evaluate(
+            model.to(dist.device),
+            dataset,
+            batch_size=args.batch_size,
+            dist=dist,
+            precision=args.precision,
+            resolution=args.eval_resolution,
+            sod=args.sod,
+            num_workers=args.num_workers,
+        )
+        if bad:
+            metrics["skipped"] = len(bad)
+        if dist.is_main:
+            print(json.dumps(metrics) if args.json else format_table(metrics))
+    finally:
+        distributed.teardown(dist)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .distributed import pick_device
+    from .predict import input_files, predict
+    from .weights import load_weights
+
+    inputs = input_files(args.input)
+    model, meta = load_weights(args.weights, args.checkpoint)
+    written = predict(
+        model,
+        inputs,
+        args.output,
+        meta["image_size"],
+        pick_device(args.device),
+        args.precision,
+        args.probabilities,
+        args.overlay,
+    )
+    print(f"wrote {len(written)} mask(s) to {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +192,127 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--backbone", required=True, choices=list(SAM_CONFIGS))
     params.add_argument("--method", required=True, choices=list(METHODS))
     params.add_argument("--json", action="store_true", help="print one JSON object")
+
+    train = command(
+        "train",
+        cmd_train,
+        "Train a method on a data set; writes weights, config and metrics into --out.",
+    )
+    train.add_argument("--config", help="YAML file of settings (command-line flags override it)")
+    train.add_argument("--method", choices=[m for m in METHODS if m != "zero-shot"])
+    train.add_argument("--backbone", choices=list(SAM_CONFIGS))
+    train.add_argument(
+        "--checkpoint",
+        help="SAM checkpoint: a .pth path or vit_b / vit_l / vit_h (downloaded if absent)",
+    )
+    train.add_argument("--out", help="run directory")
+    _data_args(train, "train")
+    val = train.add_argument_group(
+        "validation (optional; the best epoch is kept as best.safetensors)"
+    )
+    val.add_argument(
+        "--val-fraction", type=float, help="hold out this fraction of the training pairs"
+    )
+    val.add_argument("--val-images", help="validation images folder")
+    val.add_argument("--val-masks", help="validation masks folder")
+    opt = train.add_argument_group("optimisation (defaults: the paper's)")
+    opt.add_argument("--epochs", type=int, help="default 20")
+    opt.add_argument("--batch-size", type=int, help="per process; default 4 (2 for vit_h)")
+    opt.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (default 1)")
+    opt.add_argument("--lr", type=float, help="default 2e-4 (AdamW)")
+    opt.add_argument("--weight-decay", type=float, help="default 0.01")
+    opt.add_argument(
+        "--schedule",
+        choices=["cosine", "constant"],
+        help="per-step cosine (default) or constant, which reproduces the authors' effective schedule",
+    )
+    opt.add_argument("--seed", type=int, help="default 21")
+    opt.add_argument(
+        "--precision", choices=list(PRECISIONS), help="fp32 (default) or bf16 autocast"
+    )
+    opt.add_argument("--image-size", type=int, help="training resolution (default 512)")
+    opt.add_argument(
+        "--no-augment", action="store_true", default=None, help="resize only, no flips or rotations"
+    )
+    meth = train.add_argument_group("method options")
+    meth.add_argument(
+        "--adapter-size", type=int, help="cad: the adapter's input resolution (default 512)"
+    )
+    meth.add_argument(
+        "--cad-layout", choices=["official", "paper"], help="cad: block layout (default official)"
+    )
+    meth.add_argument(
+        "--checkpoint-blocks",
+        action="store_true",
+        default=None,
+        help="sam-adapter*: recompute each encoder block in backward to save memory",
+    )
+    run = train.add_argument_group("running")
+    run.add_argument(
+        "--resume", action="store_true", default=None, help="continue the run in --out"
+    )
+    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    run.add_argument("--num-workers", type=int, help="data loading processes (default 2)")
+    run.add_argument("--no-progress", action="store_true", default=None, help="no progress bars")
+
+    ev = command(
+        "eval",
+        cmd_eval,
+        "Score trained weights (or zero-shot SAM) on a data set: Dice, IoU, MAE, BER ...",
+    )
+    ev.add_argument("--weights", help="a weights file written by cadsam train")
+    ev.add_argument(
+        "--method", choices=["zero-shot"], help="zero-shot: plain SAM with a whole-image box"
+    )
+    ev.add_argument("--backbone", choices=list(SAM_CONFIGS), help="with --method zero-shot")
+    ev.add_argument(
+        "--checkpoint",
+        help="SAM checkpoint (zero-shot), or where the weights' base checkpoint now is",
+    )
+    _data_args(ev, "test")
+    ev.add_argument(
+        "--eval-resolution",
+        choices=["train", "original"],
+        default="train",
+        help="score at the training size (the paper's) or each ground truth's own size",
+    )
+    ev.add_argument(
+        "--image-size",
+        type=int,
+        help="model input size (default: the weights' training size, or 512)",
+    )
+    ev.add_argument(
+        "--sod",
+        action="store_true",
+        help="also S-measure, E-measure, weighted F (needs cadsam[sod])",
+    )
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    ev.add_argument("--device")
+    ev.add_argument("--num-workers", type=int, default=2)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+
+    pr = command(
+        "predict",
+        cmd_predict,
+        "Write a trained model's masks for images, at each image's own size.",
+    )
+    pr.add_argument("--weights", required=True, help="a weights file written by cadsam train")
+    pr.add_argument("--input", required=True, help="an image or a folder of images")
+    pr.add_argument("--output", required=True, help="folder for <name>.png masks (0/255)")
+    pr.add_argument(
+        "--checkpoint", help="where the weights' base SAM checkpoint now is, if it moved"
+    )
+    pr.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="also write <name>_prob.png (8-bit probability)",
+    )
+    pr.add_argument(
+        "--overlay", action="store_true", help="also write <name>_overlay.png (mask over the image)"
+    )
+    pr.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    pr.add_argument("--device")
     return parser
 
 

@@ -28,7 +28,11 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
 def _to_uint8(image: Image.Image) -> np.ndarray:
     """A 16-bit, 32-bit or float single-channel image -> uint8 by its type's full range."""
     array = np.asarray(image).astype(np.float64)
-    top = 1.0 if image.mode == "F" and array.max() <= 1.0 else (255.0 if array.max() <= 255 else 65535.0)
+    top = (
+        1.0
+        if image.mode == "F" and array.max() <= 1.0
+        else (255.0 if array.max() <= 255 else 65535.0)
+    )
     return np.clip(np.rint(array / top * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -38,7 +42,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if image.mode in WIDE_MODES:
         grey = _to_uint8(image)
         return np.repeat(grey[..., None], 3, axis=2)
-    return np.asarray(image.convert("RGB"))
+    return np.array(image.convert("RGB"))
 
 
 def read_mask(path: str | os.PathLike, threshold: int = 127) -> np.ndarray:
@@ -47,10 +51,10 @@ def read_mask(path: str | os.PathLike, threshold: int = 127) -> np.ndarray:
     first."""
     image = _open(path, "mask")
     if image.mode == "P":
-        return np.asarray(image) > 0
+        return np.array(image) > 0
     if image.mode in WIDE_MODES:
         return _to_uint8(image) > threshold
-    return np.asarray(image.convert("L")) > threshold
+    return np.array(image.convert("L")) > threshold
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

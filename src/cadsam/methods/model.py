@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CadsamError
 from ..sam import Sam
 from .cad import ConvAdapter
 from .sam_adapter import OfficialSamAdapter, PaperSamAdapter
@@ -68,7 +69,7 @@ class AdaptedSam(nn.Module):
         expected = set(self.trainable_state_dict())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
-            raise ValueError(
+            raise CadsamError(
                 f"trainable weights do not fit this {self.method} model: "
                 f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
             )

@@ -1,0 +1,180 @@
+"""Image/mask pairs: from any two folders (paired by file stem) or a named data-set layout.
+
+Every pair is read once when the data set is scanned, before training starts, so a corrupt
+file or an image whose mask has another size is reported up front, not mid-epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import CadsamError
+from .io import list_images, read_image, read_mask
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str  # the shared file stem
+    image: Path
+    mask: Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a public data set keeps each split's images and masks, relative to its root."""
+
+    splits: dict[str, tuple[str, str]]
+    name_filter: str | None = None  # keep only files whose name contains this
+    shared_masks: bool = False  # one mask folder for all splits: extra masks are expected
+
+
+LAYOUTS: dict[str, Layout] = {
+    "istd": Layout(
+        {"train": ("train/train_A", "train/train_B"), "test": ("test/test_A", "test/test_B")}
+    ),
+    "camo": Layout(
+        {"train": ("Images/Train", "GT"), "test": ("Images/Test", "GT")}, shared_masks=True
+    ),
+    "cod10k": Layout(
+        {"train": ("Train/Image", "Train/GT_Object"), "test": ("Test/Image", "Test/GT_Object")},
+        name_filter="-CAM-",
+    ),
+    "sinet": Layout(
+        {
+            "train": ("TrainDataset/Imgs", "TrainDataset/GT"),
+            "test": ("TestDataset/COD10K/Imgs", "TestDataset/COD10K/GT"),
+            **{
+                f"test-{name.lower()}": (f"TestDataset/{name}/Imgs", f"TestDataset/{name}/GT")
+                for name in ("CAMO", "COD10K", "CHAMELEON", "NC4K")
+            },
+        }
+    ),
+}
+
+
+def _by_stem(files: list[Path], folder: Path) -> dict[str, Path]:
+    stems: dict[str, Path] = {}
+    for path in files:
+        if path.stem in stems:
+            raise CadsamError(
+                f"two files named {path.stem} in {folder}: {stems[path.stem].name}, {path.name}"
+            )
+        stems[path.stem] = path
+    return stems
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:8])
+    return shown + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def pair_folders(
+    images: str | os.PathLike,
+    masks: str | os.PathLike,
+    name_filter: str | None = None,
+    extra_masks_ok: bool = False,
+) -> list[Pair]:
+    """Pair the images in one folder with the masks in another by file stem."""
+    images, masks = Path(images), Path(masks)
+    image_files = [p for p in list_images(images) if name_filter is None or name_filter in p.name]
+    mask_files = [p for p in list_images(masks) if name_filter is None or name_filter in p.name]
+    by_image, by_mask = _by_stem(image_files, images), _by_stem(mask_files, masks)
+    no_mask = sorted(set(by_image) - set(by_mask))
+    no_image = [] if extra_masks_ok else sorted(set(by_mask) - set(by_image))
+    if no_mask or no_image:
+        parts = []
+        if no_mask:
+            parts.append(
+                f"{len(no_mask)} image(s) in {images} have no mask in {masks}: {_listing(no_mask)}"
+            )
+        if no_image:
+            parts.append(f"{len(no_image)} mask(s) in {masks} have no image: {_listing(no_image)}")
+        raise CadsamError("; ".join(parts))
+    if not by_image:
+        raise CadsamError(
+            f"no images found in {images} (looked for {', '.join(('png', 'jpg', 'tif', '...'))})"
+        )
+    return [Pair(stem, by_image[stem], by_mask[stem]) for stem in sorted(by_image)]
+
+
+def layout_pairs(layout: str, root: str | os.PathLike, split: str) -> list[Pair]:
+    """The pairs of one split of a named layout (``istd``, ``camo``, ``cod10k``, ``sinet``)."""
+    if layout not in LAYOUTS:
+        raise CadsamError(f"unknown --dataset {layout!r}: choose from {', '.join(LAYOUTS)}")
+    spec = LAYOUTS[layout]
+    if split not in spec.splits:
+        raise CadsamError(f"{layout} has no split {split!r}: choose from {', '.join(spec.splits)}")
+    image_dir, mask_dir = (Path(root) / part for part in spec.splits[split])
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            raise CadsamError(
+                f"{layout} {split} split: expected folder {folder} (is --data-root right?)"
+            )
+    return pair_folders(image_dir, mask_dir, spec.name_filter, extra_masks_ok=spec.shared_masks)
+
+
+def split_validation(
+    pairs: list[Pair], fraction: float, seed: int
+) -> tuple[list[Pair], list[Pair]]:
+    """Hold out ``fraction`` of the pairs (at least one), chosen by ``seed``: (train, val)."""
+    if not 0 < fraction < 1:
+        raise CadsamError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(pairs) * fraction))
+    val = set(order[:n_val])
+    return [p for i, p in enumerate(pairs) if i not in val], [
+        p for i, p in enumerate(pairs) if i in val
+    ]
+
+
+def _check_pair(pair: Pair, mask_threshold: int, resize_masks: bool) -> str | None:
+    """None if the pair reads and fits, else why not."""
+    try:
+        image = read_image(pair.image)
+        mask = read_mask(pair.mask, mask_threshold)
+    except CadsamError as exc:
+        return str(exc)
+    if image.shape[:2] != mask.shape and not resize_masks:
+        return (
+            f"image {pair.image} is {image.shape[1]}x{image.shape[0]} but mask {pair.mask} is "
+            f"{mask.shape[1]}x{mask.shape[0]} (pass --resize-masks to resize masks to their image)"
+        )
+    return None
+
+
+def scan_pairs(
+    pairs: list[Pair],
+    mask_threshold: int = 127,
+    resize_masks: bool = False,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> tuple[list[Pair], list[str]]:
+    """Read every pair once. Returns (good pairs, problems); without ``skip_bad`` any problem
+    is an error naming the first file(s) at fault."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = list(
+            tqdm(
+                pool.map(lambda p: _check_pair(p, mask_threshold, resize_masks), pairs),
+                total=len(pairs),
+                desc="checking data",
+                unit="pair",
+                disable=not progress,
+                leave=False,
+            )
+        )
+    problems = [r for r in results if r is not None]
+    if problems and not skip_bad:
+        more = (
+            f" (and {len(problems) - 1} more; --skip-bad skips them)"
+            if len(problems) > 1
+            else " (--skip-bad skips it)"
+        )
+        raise CadsamError(problems[0] + more)
+    return [p for p, r in zip(pairs, results, strict=True) if r is None], problems

@@ -1,0 +1,111 @@
+"""The weights file ``train`` writes: trainable tensors + what is needed to rebuild the model.
+
+One ``.safetensors`` file. Its metadata (``"cadsam"``, JSON) records the method, backbone,
+options, training image size and the base SAM checkpoint (as given, and its sha256). Loading
+rebuilds the model on that checkpoint, found again by name or path and verified by sha256.
+A model trained on randomly initialised SAM (``vit_tiny``, or no checkpoint) carries the
+whole SAM in the file instead, since no checkpoint could restore it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .errors import CadsamError
+from .methods import AdaptedSam, build_model
+from .sam.checkpoint import file_sha256, resolve_checkpoint
+
+FORMAT = 1
+
+
+def base_checkpoint_record(checkpoint: str | os.PathLike | None) -> dict[str, Any]:
+    """Identify the base SAM checkpoint: how it was named and the sha256 of its bytes."""
+    if checkpoint is None:
+        return {"name": None, "sha256": None}
+    path = resolve_checkpoint(checkpoint)
+    name = (
+        str(checkpoint) if str(checkpoint) in ("vit_b", "vit_l", "vit_h") else str(path.resolve())
+    )
+    return {"name": name, "sha256": file_sha256(path)}
+
+
+def save_weights(
+    path: str | os.PathLike, model: AdaptedSam, base: dict[str, Any], image_size: int
+) -> None:
+    """Write atomically: a temporary file beside ``path``, renamed when complete."""
+    tensors = dict(model.trainable_state_dict())
+    includes_base = base["name"] is None
+    if includes_base:
+        tensors.update({f"sam.{k}": v for k, v in model.sam.state_dict().items()})
+    meta = {
+        "format": FORMAT,
+        "method": model.method,
+        "backbone": model.backbone,
+        "options": model.options,
+        "image_size": image_size,
+        "base_checkpoint": base,
+        "includes_base": includes_base,
+    }
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"cadsam": json.dumps(meta)},
+    )
+    os.replace(tmp, path)
+
+
+def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CadsamError(f"weights not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("cadsam")
+    except (SafetensorError, OSError) as exc:
+        raise CadsamError(f"cannot read weights {path}: {exc}") from None
+    if meta is None:
+        raise CadsamError(f"{path} is not a cadsam weights file (no cadsam metadata)")
+    return json.loads(meta)
+
+
+def load_weights(
+    path: str | os.PathLike, checkpoint: str | os.PathLike | None = None
+) -> tuple[AdaptedSam, dict[str, Any]]:
+    """Rebuild the trained model from a weights file. ``checkpoint`` overrides where the base
+    SAM checkpoint is found (its sha256 must still match the recorded one)."""
+    meta = read_weights_metadata(path)
+    base = None if meta["includes_base"] else _verified_base(path, meta, checkpoint)
+    model = build_model(meta["method"], meta["backbone"], base, **meta["options"])
+    tensors = load_file(str(path))
+    if meta["includes_base"]:  # sam.* holds all of SAM, the trained decoder included
+        model.sam.load_state_dict(
+            {k.removeprefix("sam."): v for k, v in tensors.items() if k.startswith("sam.")}
+        )
+    expected = model.trainable_state_dict()
+    model.load_trainable_state_dict({k: v for k, v in tensors.items() if k in expected})
+    return model, meta
+
+
+def _verified_base(
+    path: str | os.PathLike, meta: dict[str, Any], checkpoint: str | os.PathLike | None
+) -> Path:
+    recorded = meta["base_checkpoint"]
+    try:
+        resolved = resolve_checkpoint(checkpoint if checkpoint is not None else recorded["name"])
+    except CadsamError as exc:
+        raise CadsamError(f"{exc}; {path} was trained on it (pass --checkpoint)") from None
+    digest = file_sha256(resolved)
+    if digest != recorded["sha256"]:
+        raise CadsamError(
+            f"{resolved} is not the SAM checkpoint {path} was trained on "
+            f"(sha256 {digest[:12]}..., expected {recorded['sha256'][:12]}...)"
+        )
+    return resolved

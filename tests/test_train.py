@@ -1,0 +1,416 @@
+"""Training, resume, multi-process training, evaluation and prediction from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA
+from PIL import Image
+from safetensors.torch import load_file
+
+from cadsam import build_model
+from cadsam.cli import main
+from cadsam.train import TrainConfig, lr_factor, segmentation_loss, train
+
+ISBI = SHARED_DATA / "isbi2012-membrane"
+KVASIR = SHARED_DATA / "kvasir-seg-sample"
+FAST = ["--backbone", "vit_tiny", "--image-size", "64", "--num-workers", "0", "--no-progress"]
+
+
+def _isbi_subset(tmp_path, n=8):
+    """A copy-free subset: symlinks to the first ``n`` real ISBI pairs."""
+    for kind in ("images", "masks"):
+        (tmp_path / kind).mkdir(exist_ok=True)
+        for path in sorted((ISBI / kind).iterdir())[:n]:
+            (tmp_path / kind / path.name).symlink_to(path.resolve())
+    return ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks")]
+
+
+def test_loss_matches_a_float64_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 5, 4, generator=g)
+    target = (torch.rand(3, 1, 5, 4, generator=g) > 0.5).float()
+    x, t = logits.double(), target.double()
+    p = 1 / (1 + torch.exp(-x))
+    bce = -(t * torch.log(p) + (1 - t) * torch.log(1 - p)).mean()
+    inter = (p * t).sum((1, 2, 3))
+    iou = 1 - (inter + 1e-3) / ((p + t).sum((1, 2, 3)) - inter + 1e-3)
+    assert segmentation_loss(logits, target).item() == pytest.approx(
+        (bce + iou.mean()).item(), rel=1e-5
+    )
+
+
+def test_learning_rate_schedules():
+    assert lr_factor("cosine", 0, 100) == 1.0
+    assert lr_factor("cosine", 50, 100) == pytest.approx(0.5)
+    assert lr_factor("cosine", 100, 100) == pytest.approx(0.0)
+    assert lr_factor("constant", 77, 100) == 1.0
+
+
+@pytest.mark.parametrize("method", ["decoder", "cad"])
+def test_a_few_steps_lower_the_loss_on_real_data(method):
+    from cadsam.data import SegmentationDataset, collate, pair_folders
+
+    pairs = pair_folders(ISBI / "images", ISBI / "masks")[:4]
+    batch = collate([SegmentationDataset(pairs, size=64)[i] for i in range(4)])
+    torch.manual_seed(0)
+    model = build_model(method, "vit_tiny", **({"adapter_size": 64} if method == "cad" else {}))
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=2e-4, weight_decay=0.01)
+    losses = []
+    for _ in range(8):
+        loss = segmentation_loss(model(batch["image"]), batch["mask"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def _run_cli(args, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "cadsam", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+
+
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
+    data = _isbi_subset(tmp_path, 8)
+    common = [
+        "train",
+        "--method",
+        "cad",
+        "--adapter-size",
+        "32",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "2",
+        *FAST,
+        *data,
+    ]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cadsam", *common, "--out", str(run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # somewhere in epoch 2 (or later): no clean shutdown
+    proc.wait()
+    finished = len((run / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= finished <= 3
+
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2, 3]
+    whole, resumed = (
+        load_file(tmp_path / "whole" / "last.safetensors"),
+        load_file(run / "last.safetensors"),
+    )
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.allclose(whole[key].float(), resumed[key].float(), atol=1e-6), key
+
+
+def test_run_directory_protection_and_resume_conflicts(tmp_path, capsys):
+    data = _isbi_subset(tmp_path, 2)
+    args = [
+        "train",
+        "--method",
+        "decoder",
+        "--epochs",
+        "1",
+        *FAST,
+        *data,
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main(args) == 0
+    assert main(args) == 1
+    assert "already holds a run: pass --resume" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--resume", "--lr", "1"]) == 1
+    assert "--lr 1.0 differs from the run's 0.0002" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 1
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def _ddp_worker(rank, world, port, cfg_kwargs, out):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    model = train(TrainConfig(**cfg_kwargs, out=str(out / f"run{rank}")))
+    torch.save(model.trainable_state_dict(), out / f"rank{rank}.pt")
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    images = tmp_path / "data"
+    images.mkdir()
+    data = _isbi_subset(images, 8)
+    cfg = dict(
+        method="decoder",
+        backbone="vit_tiny",
+        images=data[1],
+        masks=data[3],
+        image_size=64,
+        epochs=2,
+        num_workers=0,
+        progress=False,
+        device="cpu",
+    )
+    torch.multiprocessing.spawn(
+        _ddp_worker, args=(2, 29571, {**cfg, "batch_size": 2}, tmp_path), nprocs=2
+    )
+    single = train(
+        TrainConfig(**cfg, batch_size=4, out=str(tmp_path / "single"))
+    ).trainable_state_dict()
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    torch.manual_seed(21)
+    initial = build_model("decoder", "vit_tiny").trainable_state_dict()
+    for key, value in single.items():
+        assert torch.equal(rank0[key], rank1[key]), key  # gradients were all-reduced
+        # AdamW turns rounding noise in zero gradients (e.g. attention key biases, which
+        # softmax ignores) into steps of up to lr = 2e-4: allow 5 % of one such step.
+        assert torch.allclose(rank0[key], value, atol=1e-5, rtol=1e-4), key
+    moved = max((single[k] - initial[k]).abs().max().item() for k in single)
+    assert moved > 1e-4  # training did move the weights, well beyond the tolerance
+
+
+def test_eval_and_predict_from_the_command_line(tmp_path, capsys):
+    data = _isbi_subset(tmp_path, 4)
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "cad",
+                "--adapter-size",
+                "32",
+                "--epochs",
+                "1",
+                *FAST,
+                *data,
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
+    weights = str(tmp_path / "run" / "last.safetensors")
+    capsys.readouterr()
+    kvasir = ["--images", str(KVASIR / "images"), "--masks", str(KVASIR / "masks")]
+    assert main(["eval", "--weights", weights, *kvasir, "--json", "--num-workers", "0"]) == 0
+    at_train = json.loads(capsys.readouterr().out)
+    assert at_train["images"] == 5 and 0 <= at_train["dice"] <= 1
+    assert (
+        main(
+            [
+                "eval",
+                "--weights",
+                weights,
+                *kvasir,
+                "--json",
+                "--num-workers",
+                "0",
+                "--eval-resolution",
+                "original",
+            ]
+        )
+        == 0
+    )
+    original = json.loads(capsys.readouterr().out)
+    assert original["images"] == 5 and original["dice"] != at_train["dice"]
+
+    out = tmp_path / "masks"
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                weights,
+                "--input",
+                str(KVASIR / "images"),
+                "--output",
+                str(out),
+                "--overlay",
+                "--probabilities",
+            ]
+        )
+        == 0
+    )
+    for image in (KVASIR / "images").iterdir():
+        mask = Image.open(out / f"{image.stem}.png")
+        assert mask.size == Image.open(image).size  # each image's own size
+        assert set(np.unique(np.array(mask))) <= {0, 255}
+        assert Image.open(out / f"{image.stem}_overlay.png").size == mask.size
+        assert Image.open(out / f"{image.stem}_prob.png").mode == "L"
+
+
+def test_weights_rebuild_the_trained_model_exactly(tmp_path):
+    from cadsam.weights import load_weights
+
+    data = _isbi_subset(tmp_path, 2)
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "cad",
+                "--adapter-size",
+                "32",
+                "--epochs",
+                "1",
+                *FAST,
+                *data,
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
+    model, meta = load_weights(tmp_path / "run" / "last.safetensors")
+    assert (
+        meta["method"] == "cad" and meta["options"]["adapter_size"] == 32 and meta["includes_base"]
+    )
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)["model"]
+    for key, value in state.items():
+        assert torch.equal(model.trainable_state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            [
+                "train",
+                "--method",
+                "cad",
+                "--backbone",
+                "vit_tiny",
+                "--out",
+                "{tmp}/r",
+                "--images",
+                "{tmp}/nope",
+                "--masks",
+                "{tmp}",
+            ],
+            "not a folder: ",
+        ),
+        (
+            ["train", "--method", "cad", "--backbone", "vit_tiny", "--out", "{tmp}/r"],
+            "give --images DIR --masks DIR",
+        ),
+        (
+            [
+                "train",
+                "--method",
+                "decoder",
+                "--backbone",
+                "vit_tiny",
+                "--out",
+                "{tmp}/r",
+                "--dataset",
+                "istd",
+                "--data-root",
+                "{tmp}",
+            ],
+            "istd train split: expected folder",
+        ),
+        (
+            [
+                "train",
+                "--method",
+                "decoder",
+                "--backbone",
+                "vit_tiny",
+                "--out",
+                "{tmp}/r",
+                "--images",
+                "{tmp}/img",
+                "--masks",
+                "{tmp}/gt",
+            ],
+            "a.png is 16x12 but mask",
+        ),
+        (["train", "--config", "{tmp}/missing.yaml"], "config file not found"),
+        (
+            [
+                "eval",
+                "--weights",
+                "{tmp}/none.safetensors",
+                "--images",
+                "{tmp}/img",
+                "--masks",
+                "{tmp}/gt",
+            ],
+            "weights not found",
+        ),
+        (
+            [
+                "eval",
+                "--method",
+                "zero-shot",
+                "--backbone",
+                "vit_b",
+                "--checkpoint",
+                "{tmp}/x.pth",
+                "--images",
+                "{tmp}/img",
+                "--masks",
+                "{tmp}/gt",
+            ],
+            "checkpoint not found",
+        ),
+        (
+            [
+                "predict",
+                "--weights",
+                "{tmp}/img/a.png",
+                "--input",
+                "{tmp}/img",
+                "--output",
+                "{tmp}/o",
+            ],
+            "cannot read weights",
+        ),
+    ],
+    ids=[
+        "missing-dir",
+        "no-data",
+        "layout",
+        "size-mismatch",
+        "config",
+        "weights",
+        "checkpoint",
+        "not-weights",
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tmp_path, args, message):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "gt").mkdir()
+    Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(tmp_path / "img" / "a.png")
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(tmp_path / "gt" / "a.png")
+    result = _run_cli([a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("cadsam: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
