@@ -219,3 +219,65 @@ def test_bad_method_and_options_are_user_errors():
         build_model("decoder", "vit_tiny", adapter_size=256)
     with pytest.raises(CadsamError, match="cad_layout must be one of"):
         build_model("cad", "vit_tiny", cad_layout="fancy")
+
+
+def test_encoder_chunks_equal_the_whole_batch():
+    torch.manual_seed(3)
+    chunked = build_model("decoder", "vit_tiny", encoder_chunk=1)
+    whole = build_model("decoder", "vit_tiny", encoder_chunk=0)
+    whole.load_state_dict(chunked.state_dict())
+    images = _images(3, 64, seed=6)
+    assert rel_err(chunked.frozen_embeddings(images), whole.frozen_embeddings(images)) < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["official", "paper"])
+def test_adapter_checkpointing_equals_the_plain_adapter(layout):
+    torch.manual_seed(4)
+    plain = build_model("cad", "vit_tiny", adapter_size=64, cad_layout=layout)
+    ckpt = build_model(
+        "cad", "vit_tiny", adapter_size=64, cad_layout=layout, checkpoint_adapter=True
+    )
+    ckpt.load_state_dict(plain.state_dict())
+    for step in range(2):  # two steps: running statistics must advance once per step
+        images = _images(2, 64, seed=10 + step)
+        loss_plain = _loss_and_backward(plain, images)
+        loss_ckpt = _loss_and_backward(ckpt, images)
+        assert torch.allclose(loss_plain, loss_ckpt, rtol=1e-6)
+    for (name, a), b in zip(
+        plain.adapter.named_parameters(), ckpt.adapter.parameters(), strict=True
+    ):
+        assert rel_err(b.grad, a.grad) < 1e-5, name
+    for (name, a), b in zip(plain.adapter.named_buffers(), ckpt.adapter.buffers(), strict=True):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7), name
+    assert plain.adapter.blocks[0].bn.num_batches_tracked.item() == 2
+
+
+@pytest.mark.parametrize("method", ["decoder", "cad"])
+def test_training_from_given_embeddings_equals_running_the_encoder(method, tmp_path):
+    opts = {"adapter_size": 64} if method == "cad" else {}
+    torch.manual_seed(5)
+    full = build_model(method, "vit_tiny", **opts)
+    torch.save(full.sam.state_dict(), tmp_path / "sam.pth")
+    cached = build_model(
+        method, "vit_tiny", checkpoint=tmp_path / "sam.pth", with_encoder=False, **opts
+    )
+    assert cached.sam.image_encoder is None
+    assert not any(name.startswith("sam.image_encoder") for name, _ in cached.named_parameters())
+    cached.load_trainable_state_dict(full.trainable_state_dict())
+    images = _images(2, 64, seed=7)
+    embeddings = full.frozen_embeddings(images)
+    target = (images.mean(1, keepdim=True) > 127).float()
+    losses = []
+    for model, given in ((full, None), (cached, embeddings)):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images, given), target)
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-6)
+    for a, b in zip(full.trainable_parameters(), cached.trainable_parameters(), strict=True):
+        if a.grad is not None:
+            assert rel_err(b.grad, a.grad) < 1e-5
+
+
+def test_sam_adapter_cannot_go_without_its_encoder():
+    with pytest.raises(CadsamError, match="cannot train from cached embeddings"):
+        build_model("sam-adapter-paper", "vit_tiny", with_encoder=False)

@@ -19,7 +19,13 @@ from .methods import METHODS, build_model
 from .precision import PRECISIONS
 from .sam import SAM_CONFIGS
 
-METHOD_OPTION_FLAGS = ("adapter_size", "cad_layout", "checkpoint_blocks")
+METHOD_OPTION_FLAGS = (
+    "adapter_size",
+    "cad_layout",
+    "checkpoint_blocks",
+    "checkpoint_adapter",
+    "encoder_chunk",
+)
 
 
 def cmd_params(args: argparse.Namespace) -> None:

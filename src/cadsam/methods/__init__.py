@@ -13,14 +13,25 @@ from .sam_adapter import OfficialSamAdapter, PaperSamAdapter
 
 # Each method and the options it accepts, with their defaults.
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    "zero-shot": {},
-    "decoder": {},
-    "cad": {"adapter_size": 512, "cad_layout": "official"},
+    "zero-shot": {"encoder_chunk": 1},
+    "decoder": {"encoder_chunk": 1},
+    "cad": {
+        "adapter_size": 512,
+        "cad_layout": "official",
+        "encoder_chunk": 1,
+        "checkpoint_adapter": False,
+    },
     "sam-adapter": {"checkpoint_blocks": False},
     "sam-adapter-paper": {"checkpoint_blocks": False},
 }
 METHODS = tuple(METHOD_OPTIONS)
+# Memory-saving paths compute the same function as the plain one:
+# fused_attention: SDPA with the rel-pos bias folded into q/k (False: explicit scores);
+# encoder_chunk: images per frozen-encoder call without autograd (0: the whole batch);
+# checkpoint_adapter / checkpoint_blocks: recompute adapter / encoder blocks in backward.
 COMMON_OPTIONS = {"fused_attention": True}
+# Methods whose encoder runs frozen, outside autograd: they can train from cached embeddings.
+CACHEABLE = ("zero-shot", "decoder", "cad")
 
 
 def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -44,20 +55,30 @@ def build_model(
     method: str,
     backbone: str,
     checkpoint: str | os.PathLike | None = None,
+    with_encoder: bool = True,
     **options: Any,
 ) -> AdaptedSam:
     """SAM for ``backbone`` (loaded from ``checkpoint`` if given) with ``method``'s additions.
 
     Only the method's own modules and the mask decoder are trainable (none for zero-shot).
     For ``cad``, ``model.adapter`` is the adapter alone: RGB in 0..255 at ``adapter_size``
-    in, the tanh map (before the 0.1 scale) out.
+    in, the tanh map (before the 0.1 scale) out. ``with_encoder=False`` builds no image
+    encoder at all: the model then needs the embeddings passed in (from a cache).
     """
     options = resolve_options(method, options)
+    if not with_encoder and method not in CACHEABLE:
+        raise CadsamError(
+            f"{method} acts inside the image encoder, so it cannot train from cached embeddings"
+        )
     config = sam_config(backbone)
-    sam = build_sam(backbone, checkpoint, fused_attention=options["fused_attention"])
+    sam = build_sam(backbone, checkpoint, options["fused_attention"], with_encoder)
     common = dict(sam=sam, method=method, backbone=backbone, options=options)
     if method == "cad":
-        adapter = ConvAdapter(config.embedding_size, layout=options["cad_layout"])
+        adapter = ConvAdapter(
+            config.embedding_size,
+            layout=options["cad_layout"],
+            checkpoint_blocks=options["checkpoint_adapter"],
+        )
         return AdaptedSam(**common, adapter=adapter, adapter_size=options["adapter_size"])
     if method in ("sam-adapter", "sam-adapter-paper"):
         kind = OfficialSamAdapter if method == "sam-adapter" else PaperSamAdapter
@@ -70,4 +91,4 @@ def build_model(
     return AdaptedSam(**common)
 
 
-__all__ = ["METHODS", "METHOD_OPTIONS", "AdaptedSam", "build_model", "resolve_options"]
+__all__ = ["CACHEABLE", "METHODS", "METHOD_OPTIONS", "AdaptedSam", "build_model", "resolve_options"]

@@ -13,9 +13,13 @@ embedding. Two block layouts share the parameter count:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..frequency import high_pass
 
@@ -30,12 +34,14 @@ class ConvAdapter(nn.Module):
         num_blocks: int = 3,
         layout: str = "official",
         high_pass_area: float = 0.25,
+        checkpoint_blocks: bool = False,
     ) -> None:
         super().__init__()
         if layout not in CAD_LAYOUTS:
             raise ValueError(f"unknown CAD layout {layout!r}: choose from {CAD_LAYOUTS}")
         self.embedding_size = embedding_size
         self.layout = layout
+        self.checkpoint_blocks = checkpoint_blocks
         self.high_pass_area = high_pass_area
         self.conv_up = nn.Conv2d(6, embed_dim, kernel_size=1)
         block = ResidualDilatedBlock if layout == "official" else PaperBlock
@@ -53,14 +59,38 @@ class ConvAdapter(nn.Module):
         size = (self.embedding_size, self.embedding_size)
         if self.layout == "paper":
             for block in self.blocks:
-                x = block(x)
+                x = self._run(block, x)
             return torch.tanh(F.adaptive_avg_pool2d(x, size))
         summed = None
         for block in self.blocks:
-            x = block(x)
+            x = self._run(block, x)
             pooled = F.adaptive_avg_pool2d(x, size)
             summed = pooled if summed is None else summed + pooled
         return torch.tanh(summed)
+
+    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The block, or with ``checkpoint_blocks`` the block recomputed in backward (keeping
+        only its input), its BatchNorm statistics updated once, as in the plain path."""
+        if not (self.checkpoint_blocks and torch.is_grad_enabled()):
+            return block(x)
+        return checkpoint(
+            block,
+            x,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _buffers_restored(block)),
+        )
+
+
+@contextlib.contextmanager
+def _buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Undo what a recomputed forward does to buffers (BatchNorm's running statistics)."""
+    saved = [(buffer, buffer.clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 class ResidualDilatedBlock(nn.Module):

@@ -115,11 +115,20 @@ class AdaptedSam(nn.Module):
                 self.sam.image_encoder, self.sam_input(images), self.checkpoint_blocks
             )
         if embeddings is None:
-            with torch.no_grad():
-                embeddings = self.sam.image_encoder(self.sam_input(images))
+            assert self.sam.image_encoder is not None, "built without an encoder: pass embeddings"
+            embeddings = self.frozen_embeddings(images)
         if self.adapter is not None:
             embeddings = embeddings + CAD_SCALE * self.adapter(self.adapter_input(images))
         return embeddings
+
+    @torch.no_grad()
+    def frozen_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's embeddings, ``encoder_chunk`` images at a time (0: all): without
+        autograd nothing is kept, so the peak is one chunk's activations."""
+        chunk = self.options.get("encoder_chunk", 0) or len(images)
+        return torch.cat(
+            [self.sam.image_encoder(self.sam_input(part)) for part in images.split(chunk)]
+        )
 
     def forward(self, images: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """B x 3 x S x S RGB in 0..255 -> B x 1 x S x S mask logits (whole-image box prompt).

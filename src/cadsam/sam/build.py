@@ -56,13 +56,15 @@ def build_sam(
     backbone: str = "vit_b",
     checkpoint: str | os.PathLike | None = None,
     fused_attention: bool = True,
+    with_encoder: bool = True,
 ) -> Sam:
     """Build SAM for ``backbone``; with ``checkpoint`` (a path or a backbone name), load it
-    strictly. Without one, the weights are random (initialised as PyTorch does)."""
+    strictly. Without one, the weights are random (initialised as PyTorch does).
+    ``with_encoder=False`` leaves the image encoder out entirely (for cached embeddings)."""
     config = sam_config(backbone)
     grid = config.embedding_size
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
+    encoder = (
+        ImageEncoderViT(
             img_size=config.image_size,
             patch_size=config.patch_size,
             embed_dim=config.embed_dim,
@@ -72,7 +74,12 @@ def build_sam(
             window_size=config.window_size,
             global_attn_indexes=config.global_attn_indexes,
             fused_attention=fused_attention,
-        ),
+        )
+        if with_encoder
+        else None
+    )
+    sam = Sam(
+        image_encoder=encoder,
         prompt_encoder=PromptEncoder(
             embed_dim=PROMPT_EMBED_DIM,
             image_embedding_size=(grid, grid),
@@ -102,6 +109,8 @@ def load_sam_checkpoint(sam: Sam, backbone: str, checkpoint: str | os.PathLike) 
                 f"{path} holds {what} image encoder (embed dim {found[0]}, {found[1]} blocks), "
                 f"not {backbone} (embed dim {config.embed_dim}, {config.depth} blocks)"
             )
+    if sam.image_encoder is None:
+        state = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
     own = sam.state_dict()
     problems = [f"missing {k}" for k in own if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in own]

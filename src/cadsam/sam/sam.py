@@ -19,22 +19,19 @@ class Sam(nn.Module):
 
     def __init__(
         self,
-        image_encoder: ImageEncoderViT,
+        image_encoder: ImageEncoderViT | None,
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
     ) -> None:
+        """``image_encoder`` may be None when embeddings come from elsewhere (a cache)."""
         super().__init__()
         self.image_encoder = image_encoder
+        self.image_size = prompt_encoder.input_image_size[0]
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         # Not part of Meta's state_dict: constants, not weights.
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
-
-    @property
-    def image_size(self) -> int:
-        """Side of the square the encoder reads (1024 for Meta's configs)."""
-        return self.image_encoder.img_size
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """RGB in 0..255 (B x 3 x h x w, longest side already ``image_size``) -> encoder input.
