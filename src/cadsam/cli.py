@@ -181,6 +181,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} mask(s) to {args.output}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+
+    run_bench(args.backbones, args.variants, args.precision, Path(args.out), args.steps)
+    print(f"wrote {args.out}/bench.json, bench.md, bench_memory.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cadsam",
@@ -319,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     pr.add_argument("--device")
+
+    from .bench import add_arguments
+
+    bench = command(
+        "bench",
+        cmd_bench,
+        "Measure peak GPU memory and training speed per method (needs a CUDA GPU).",
+    )
+    add_arguments(bench)
     return parser
 
 

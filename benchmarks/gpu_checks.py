@@ -1,0 +1,97 @@
+"""Equality checks of the fast paths on a CUDA GPU (the CPU suite checks them on CPU).
+
+Run: python benchmarks/gpu_checks.py  (prints one JSON object; exits 1 if a check fails)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from cadsam import build_model
+from cadsam.sam.image_encoder import Attention
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def attention_check(dtype: torch.dtype) -> dict:
+    """ViT-B's global attention (64 x 64 tokens, 12 heads): fused vs plain, values and grads."""
+    torch.manual_seed(0)
+    plain = Attention(768, 12, (64, 64), fused=False).cuda()
+    with torch.no_grad():
+        plain.rel_pos_h.normal_(0, 0.5)
+        plain.rel_pos_w.normal_(0, 0.5)
+    fused = copy.deepcopy(plain)
+    fused.fused = True
+    x = torch.randn(2, 64, 64, 768, device="cuda")
+    out = {}
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a, b = plain(x1), fused(x2)
+        (a.float().square().mean()).backward()
+        (b.float().square().mean()).backward()
+    out["forward_rel_err"] = rel_err(b, a)
+    out["input_grad_rel_err"] = rel_err(x2.grad, x1.grad)
+    out["rel_pos_grad_rel_err"] = rel_err(fused.rel_pos_h.grad, plain.rel_pos_h.grad)
+    backends = {}
+    for name, backend in [
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+    ]:
+        try:
+            with (
+                sdpa_kernel(backend),
+                torch.no_grad(),
+                torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32),
+            ):
+                backends[name] = rel_err(fused(x), a.detach())
+        except RuntimeError as exc:
+            backends[name] = f"unavailable: {str(exc).splitlines()[0][:80]}"
+    out["backends"] = backends
+    return out
+
+
+def cad_checkpoint_check() -> dict:
+    torch.manual_seed(1)
+    plain = build_model("cad", "vit_b").cuda()
+    ckpt = build_model("cad", "vit_b", checkpoint_adapter=True).cuda()
+    ckpt.load_state_dict(plain.state_dict())
+    images = torch.rand(2, 3, 512, 512, device="cuda") * 255
+    target = (images.mean(1, keepdim=True) > 127).float()
+    for model in (plain, ckpt):
+        torch.nn.functional.binary_cross_entropy_with_logits(model(images), target).backward()
+    grads = max(
+        rel_err(b.grad, a.grad)
+        for a, b in zip(plain.adapter.parameters(), ckpt.adapter.parameters())
+    )
+    stats = max(
+        rel_err(b, a)
+        for a, b in zip(plain.adapter.buffers(), ckpt.adapter.buffers())
+        if a.is_floating_point()
+    )
+    return {"adapter_grad_rel_err": grads, "running_stats_rel_err": stats}
+
+
+if __name__ == "__main__":
+    report = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "attention_fp32": attention_check(torch.float32),
+        "attention_bf16": attention_check(torch.bfloat16),
+        "cad_checkpoint_fp32": cad_checkpoint_check(),
+    }
+    print(json.dumps(report, indent=2))
+    ok = (
+        report["attention_fp32"]["forward_rel_err"] < 1e-4
+        and report["attention_fp32"]["input_grad_rel_err"] < 1e-3
+        and report["attention_bf16"]["forward_rel_err"] < 5e-2
+        and report["cad_checkpoint_fp32"]["adapter_grad_rel_err"] < 1e-3
+    )
+    sys.exit(0 if ok else 1)

@@ -1,0 +1,356 @@
+"""``cadsam bench``: peak GPU memory and training speed per method, laid out like the paper's
+Tables 1-2, with the paper's figures beside ours.
+
+Each (backbone, variant, precision) runs in a fresh process, so one run's cached allocations
+never count against another. A run is the paper's training step at the paper's settings:
+encoder input 1024, adapter input 512, batch 4 (vit_b) or 2 (vit_h), whole-image box,
+BCE + IoU loss, AdamW. Weights are random: memory and speed do not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CadsamError
+
+# variant -> (method, options). "plain" variants are the reference formulation (explicit
+# attention scores, whole-batch encoder): they reproduce what the authors' code allocates.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "decoder-plain": ("decoder", {"fused_attention": False, "encoder_chunk": 0}),
+    "decoder": ("decoder", {}),
+    "cad-plain": ("cad", {"fused_attention": False, "encoder_chunk": 0}),
+    "cad": ("cad", {}),
+    "cad-ckpt": ("cad", {"checkpoint_adapter": True}),
+    "cad-cache": ("cad", {"checkpoint_adapter": True, "_cache": True}),
+    "sam-adapter-paper-plain": ("sam-adapter-paper", {"fused_attention": False}),
+    "sam-adapter-paper": ("sam-adapter-paper", {}),
+    "sam-adapter-paper-ckpt": ("sam-adapter-paper", {"checkpoint_blocks": True}),
+    "sam-adapter": ("sam-adapter", {}),
+    "sam-adapter-ckpt": ("sam-adapter", {"checkpoint_blocks": True}),
+}
+PAPER_BATCH = {"vit_b": 4, "vit_l": 4, "vit_h": 2, "vit_tiny": 4}
+# The paper's Tables 1-2 (A100, MiB, nvidia-smi) ...
+PAPER_MIB = {
+    ("vit_b", "decoder"): 14113,
+    ("vit_b", "sam-adapter-paper"): 36871,
+    ("vit_b", "cad"): 17697,
+    ("vit_h", "decoder"): 14329,
+    ("vit_h", "sam-adapter-paper"): 42623,
+    ("vit_h", "cad"): 15457,
+}
+# ... and the authors' own code measured on an H100 (fp32, their step, peak allocated MiB).
+AUTHORS_CODE_H100_MIB = {
+    ("vit_b", "cad"): 15775,
+    ("vit_h", "cad"): 11899,
+    ("vit_b", "sam-adapter-paper"): 29591,
+    ("vit_h", "sam-adapter-paper"): 33976,
+}
+MIB = 2**20
+
+
+def _nvml_mib() -> dict[str, float | None]:
+    """This process's GPU memory as the driver sees it (what nvidia-smi shows), if NVML is
+    there; also the whole device's use, since containers may hide process ids."""
+    try:
+        import pynvml
+    except ImportError:
+        return {"nvml_process_mib": None, "nvml_device_used_mib": None}
+    pynvml.nvmlInit()
+    try:
+        index = torch.cuda.current_device()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        used = pynvml.nvmlDeviceGetMemoryInfo(handle).used / MIB
+        mine = [
+            p.usedGpuMemory / MIB
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            if p.pid == os.getpid() and p.usedGpuMemory is not None
+        ]
+        return {"nvml_process_mib": mine[0] if mine else None, "nvml_device_used_mib": used}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def measure_training(
+    backbone: str, variant: str, precision: str, warmup: int = 3, steps: int = 10
+) -> dict[str, Any]:
+    """One variant's training step on the current CUDA device: peak memory and images/s."""
+    from .methods import build_model
+    from .precision import autocast
+    from .train import segmentation_loss
+
+    method, options = VARIANTS[variant]
+    options = dict(options)
+    from_cache = options.pop("_cache", False)
+    batch = PAPER_BATCH[backbone]
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    torch.cuda.reset_peak_memory_stats()
+    with device:
+        model = build_model(method, backbone, with_encoder=not from_cache, **options)
+    weights_mib = torch.cuda.memory_allocated() / MIB
+    model.train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=2e-4, weight_decay=0.01)
+    generator = torch.Generator(device).manual_seed(0)
+    images = torch.rand(batch, 3, 512, 512, device=device, generator=generator) * 255
+    masks = (torch.rand(batch, 1, 512, 512, device=device, generator=generator) > 0.5).float()
+    grid = model.sam.prompt_encoder.image_embedding_size[0]
+    embeddings = (
+        torch.randn(batch, 256, grid, grid, device=device, generator=generator)
+        if from_cache
+        else None
+    )
+
+    def step() -> None:
+        with autocast(device, precision):
+            logits = model(images, embeddings)
+        loss = segmentation_loss(logits.float(), masks)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    counts = model.parameter_counts()
+    return {
+        "backbone": backbone,
+        "variant": variant,
+        "method": method,
+        "options": options,
+        "from_cache": from_cache,
+        "precision": precision,
+        "batch": batch,
+        "trainable": counts["trainable"],
+        "weights_mib": round(weights_mib, 1),
+        "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / MIB, 1),
+        "peak_reserved_mib": round(torch.cuda.max_memory_reserved() / MIB, 1),
+        **{k: (round(v, 1) if v is not None else None) for k, v in _nvml_mib().items()},
+        "images_per_second": round(batch / statistics.median(times), 2),
+    }
+
+
+@torch.no_grad()
+def measure_encoder(
+    backbone: str, precision: str, batch: int = 16, steps: int = 10
+) -> dict[str, Any]:
+    """The frozen encoder's forward rate (what building an embedding cache is bound by)."""
+    from .precision import autocast
+    from .sam import build_sam
+
+    device = torch.device("cuda")
+    with device:
+        encoder = build_sam(backbone).image_encoder.eval()
+    x = torch.randn(batch, 3, encoder.img_size, encoder.img_size, device=device)
+    times = []
+    for i in range(3 + steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast(device, precision):
+            encoder(x)
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return {
+        "backbone": backbone,
+        "variant": "encoder-forward",
+        "precision": precision,
+        "batch": batch,
+        "images_per_second": round(batch / statistics.median(times), 2),
+        "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / MIB, 1),
+    }
+
+
+def environment() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "command": " ".join(["cadsam", *sys.argv[1:]]) if sys.argv else "",
+        "weights": "random (memory and speed do not depend on their values)",
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+            pynvml.nvmlShutdown()
+        except Exception:
+            info["driver"] = None
+    return info
+
+
+def _run_isolated(job: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cadsam.bench", json.dumps(job)], capture_output=True, text=True
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        out_of_memory = "OutOfMemoryError" in proc.stderr or "out of memory" in proc.stderr
+        return {**job, "error": "out of memory" if out_of_memory else tail}
+    return json.loads(lines[-1])
+
+
+def run_bench(
+    backbones: list[str],
+    variants: list[str],
+    precisions: list[str],
+    out: Path,
+    steps: int = 10,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    if not torch.cuda.is_available():
+        raise CadsamError("cadsam bench measures GPU memory and needs a CUDA GPU; none is visible")
+    unknown = sorted(set(variants) - set(VARIANTS) - {"encoder-forward"})
+    if unknown:
+        raise CadsamError(
+            f"unknown bench variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}, encoder-forward"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        {"backbone": b, "variant": v, "precision": p, "steps": steps}
+        for b in backbones
+        for p in precisions
+        for v in variants
+    ]
+    results = []
+    for job in jobs:
+        result = _run_isolated(job)
+        results.append(result)
+        if progress:
+            shown = result.get("error") or (
+                f"{result.get('peak_allocated_mib', '-')} MiB, {result['images_per_second']} images/s"
+            )
+            print(
+                f"{job['backbone']:>8} {job['variant']:<24} {job['precision']:<5} {shown}",
+                flush=True,
+            )
+    report = {"environment": environment(), "results": results}
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown_table(report))
+    plot_memory(results, out / "bench_memory.png")
+    return results
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [
+        "| backbone | variant | precision | batch | trainable | paper (A100, MiB) | authors' code (H100, MiB) "
+        "| peak allocated (MiB) | peak reserved (MiB) | NVML process (MiB) | images/s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["results"]:
+        if r.get("variant") == "encoder-forward":
+            continue
+        key = (r["backbone"], r.get("method", r["variant"]))
+        paper = (
+            PAPER_MIB.get(key, "")
+            if r["variant"].endswith("-plain") or r["variant"] == key[1]
+            else ""
+        )
+        authors = AUTHORS_CODE_H100_MIB.get(key, "") if paper != "" else ""
+        if "error" in r:
+            lines.append(
+                f"| {r['backbone']} | {r['variant']} | {r['precision']} | | | {paper} | {authors} | {r['error']} | | | |"
+            )
+            continue
+        nvml = r.get("nvml_process_mib") or ""
+        lines.append(
+            f"| {r['backbone']} | {r['variant']} | {r['precision']} | {r['batch']} | {r['trainable']:,} | {paper} "
+            f"| {authors} | {r['peak_allocated_mib']:,.0f} | {r['peak_reserved_mib']:,.0f} | {nvml} | {r['images_per_second']} |"
+        )
+    encoder = [
+        r for r in report["results"] if r.get("variant") == "encoder-forward" and "error" not in r
+    ]
+    if encoder:
+        lines += [
+            "",
+            "| backbone | frozen encoder forward | precision | batch | images/s |",
+            "| --- | --- | --- | ---: | ---: |",
+        ]
+        lines += [
+            f"| {r['backbone']} | no autograd | {r['precision']} | {r['batch']} | {r['images_per_second']} |"
+            for r in encoder
+        ]
+    header = (
+        f"GPU: {env.get('gpu')}, driver {env.get('driver')}, torch {env['torch']} (CUDA {env['cuda']}), "
+        f"{env['date']}. Command: `{env['command']}`. Weights: {env['weights']}.\n\n"
+    )
+    return header + "\n".join(lines) + "\n"
+
+
+def plot_memory(results: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [
+        r for r in results if "peak_allocated_mib" in r and r.get("variant") != "encoder-forward"
+    ]
+    if not rows:
+        return
+    labels = [f"{r['backbone']} {r['variant']} {r['precision']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.5))
+    ax.barh(labels, [r["peak_allocated_mib"] for r in rows], color="tab:blue")
+    ax.invert_yaxis()
+    ax.set_xlabel("peak allocated GPU memory while training (MiB)")
+    ax.set_title("Training memory by method (paper settings)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _child(job: dict[str, Any]) -> None:
+    if job["variant"] == "encoder-forward":
+        result = measure_encoder(job["backbone"], job["precision"])
+    else:
+        result = measure_training(
+            job["backbone"], job["variant"], job["precision"], steps=job["steps"]
+        )
+    print(json.dumps(result), flush=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbones", nargs="+", default=["vit_b", "vit_h"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=[*VARIANTS, "encoder-forward"],
+        dest="variants",
+        metavar="VARIANT",
+        help=f"any of: {', '.join(VARIANTS)}, encoder-forward",
+    )
+    parser.add_argument(
+        "--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"]
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after 3 warm-up steps")
+    parser.add_argument(
+        "--out", default="bench", help="folder for bench.json, bench.md, bench_memory.png"
+    )
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))
