@@ -69,11 +69,11 @@ def cad_checkpoint_check() -> dict:
         torch.nn.functional.binary_cross_entropy_with_logits(model(images), target).backward()
     grads = max(
         rel_err(b.grad, a.grad)
-        for a, b in zip(plain.adapter.parameters(), ckpt.adapter.parameters())
+        for a, b in zip(plain.adapter.parameters(), ckpt.adapter.parameters(), strict=True)
     )
     stats = max(
         rel_err(b, a)
-        for a, b in zip(plain.adapter.buffers(), ckpt.adapter.buffers())
+        for a, b in zip(plain.adapter.buffers(), ckpt.adapter.buffers(), strict=True)
         if a.is_floating_point()
     )
     return {"adapter_grad_rel_err": grads, "running_stats_rel_err": stats}
