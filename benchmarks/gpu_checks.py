@@ -67,9 +67,11 @@ def cad_checkpoint_check() -> dict:
     target = (images.mean(1, keepdim=True) > 127).float()
     for model in (plain, ckpt):
         torch.nn.functional.binary_cross_entropy_with_logits(model(images), target).backward()
-    grads = max(
-        rel_err(b.grad, a.grad)
-        for a, b in zip(plain.adapter.parameters(), ckpt.adapter.parameters(), strict=True)
+    # Over the whole gradient vector: some entries are zero in exact arithmetic (a conv bias
+    # right before BatchNorm), so per-tensor relative errors would compare noise with noise.
+    grads = rel_err(
+        torch.cat([p.grad.flatten() for p in ckpt.adapter.parameters()]),
+        torch.cat([p.grad.flatten() for p in plain.adapter.parameters()]),
     )
     stats = max(
         rel_err(b, a)

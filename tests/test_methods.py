@@ -281,3 +281,15 @@ def test_training_from_given_embeddings_equals_running_the_encoder(method, tmp_p
 def test_sam_adapter_cannot_go_without_its_encoder():
     with pytest.raises(CadsamError, match="cannot train from cached embeddings"):
         build_model("sam-adapter-paper", "vit_tiny", with_encoder=False)
+
+
+def test_channels_last_adapter_equals_nchw():
+    torch.manual_seed(6)
+    nhwc = build_model("cad", "vit_tiny", adapter_size=64)
+    nchw = build_model("cad", "vit_tiny", adapter_size=64, channels_last=False)
+    nchw.load_state_dict(nhwc.state_dict())
+    images = _images(2, 64, seed=8)
+    loss_a, loss_b = _loss_and_backward(nhwc, images), _loss_and_backward(nchw, images)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5)
+    grads = [torch.cat([p.grad.flatten() for p in m.adapter.parameters()]) for m in (nhwc, nchw)]
+    assert rel_err(grads[0], grads[1]) < 1e-4

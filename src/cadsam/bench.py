@@ -96,6 +96,7 @@ def measure_training(
     batch = PAPER_BATCH[backbone]
     device = torch.device("cuda")
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True  # as cadsam train does
     torch.cuda.reset_peak_memory_stats()
     with device:
         model = build_model(method, backbone, with_encoder=not from_cache, **options)

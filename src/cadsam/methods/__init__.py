@@ -20,6 +20,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
         "cad_layout": "official",
         "encoder_chunk": 1,
         "checkpoint_adapter": False,
+        "channels_last": True,
     },
     "sam-adapter": {"checkpoint_blocks": False},
     "sam-adapter-paper": {"checkpoint_blocks": False},
@@ -28,7 +29,8 @@ METHODS = tuple(METHOD_OPTIONS)
 # Memory-saving paths compute the same function as the plain one:
 # fused_attention: SDPA with the rel-pos bias folded into q/k (False: explicit scores);
 # encoder_chunk: images per frozen-encoder call without autograd (0: the whole batch);
-# checkpoint_adapter / checkpoint_blocks: recompute adapter / encoder blocks in backward.
+# checkpoint_adapter / checkpoint_blocks: recompute adapter / encoder blocks in backward;
+# channels_last: the adapter's activations in NHWC, cuDNN's fast layout (False: NCHW).
 COMMON_OPTIONS = {"fused_attention": True}
 # Methods whose encoder runs frozen, outside autograd: they can train from cached embeddings.
 CACHEABLE = ("zero-shot", "decoder", "cad")
@@ -78,6 +80,7 @@ def build_model(
             config.embedding_size,
             layout=options["cad_layout"],
             checkpoint_blocks=options["checkpoint_adapter"],
+            channels_last=options["channels_last"],
         )
         return AdaptedSam(**common, adapter=adapter, adapter_size=options["adapter_size"])
     if method in ("sam-adapter", "sam-adapter-paper"):

@@ -35,8 +35,10 @@ class ConvAdapter(nn.Module):
         layout: str = "official",
         high_pass_area: float = 0.25,
         checkpoint_blocks: bool = False,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         if layout not in CAD_LAYOUTS:
             raise ValueError(f"unknown CAD layout {layout!r}: choose from {CAD_LAYOUTS}")
         self.embedding_size = embedding_size
@@ -55,18 +57,21 @@ class ConvAdapter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x S x S RGB in 0..255 -> B x C x E x E tanh map (before the 0.1 scale)."""
-        x = self.conv_up(self.adapter_input(images))
+        x = self.adapter_input(images)
+        if self.channels_last:  # cuDNN's fast convolution layout; the same function
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.conv_up(x)
         size = (self.embedding_size, self.embedding_size)
         if self.layout == "paper":
             for block in self.blocks:
                 x = self._run(block, x)
-            return torch.tanh(F.adaptive_avg_pool2d(x, size))
+            return torch.tanh(F.adaptive_avg_pool2d(x, size)).contiguous()
         summed = None
         for block in self.blocks:
             x = self._run(block, x)
             pooled = F.adaptive_avg_pool2d(x, size)
             summed = pooled if summed is None else summed + pooled
-        return torch.tanh(summed)
+        return torch.tanh(summed).contiguous()
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The block, or with ``checkpoint_blocks`` the block recomputed in backward (keeping
