@@ -81,8 +81,23 @@ def cad_checkpoint_check() -> dict:
     return {"adapter_grad_rel_err": grads, "running_stats_rel_err": stats}
 
 
+@torch.no_grad()
+def compiled_encoder_check() -> dict:
+    torch.manual_seed(2)
+    eager = build_model("decoder", "vit_b", encoder_chunk=0).cuda()
+    compiled = build_model("decoder", "vit_b", encoder_chunk=0, compile_encoder=True).cuda()
+    compiled.load_state_dict(eager.state_dict())
+    images = torch.rand(2, 3, 512, 512, device="cuda") * 255
+    return {
+        "embedding_rel_err": rel_err(
+            compiled.frozen_embeddings(images), eager.frozen_embeddings(images)
+        )
+    }
+
+
 if __name__ == "__main__":
     report = {
+        "compiled_encoder_fp32": compiled_encoder_check(),
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "attention_fp32": attention_check(torch.float32),

@@ -34,6 +34,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "cad": ("cad", {}),
     "cad-ckpt": ("cad", {"checkpoint_adapter": True}),
     "cad-cache": ("cad", {"checkpoint_adapter": True, "_cache": True}),
+    "cad-fast": ("cad", {"encoder_chunk": 0, "compile_encoder": True}),
     "sam-adapter-paper-plain": ("sam-adapter-paper", {"fused_attention": False}),
     "sam-adapter-paper": ("sam-adapter-paper", {}),
     "sam-adapter-paper-ckpt": ("sam-adapter-paper", {"checkpoint_blocks": True}),
@@ -96,7 +97,6 @@ def measure_training(
     batch = PAPER_BATCH[backbone]
     device = torch.device("cuda")
     torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = True  # as cadsam train does
     torch.cuda.reset_peak_memory_stats()
     with device:
         model = build_model(method, backbone, with_encoder=not from_cache, **options)

@@ -234,7 +234,6 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
     )
 
     torch.manual_seed(cfg.seed)
-    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
     options = {k: v for k, v in cfg.method_options.items() if k in METHOD_OPTIONS[cfg.method]}
     model = build_model(cfg.method, cfg.backbone, cfg.checkpoint, **options).to(dist.device)
     base = base_checkpoint_record(cfg.checkpoint) if dist.is_main else {}

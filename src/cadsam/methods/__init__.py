@@ -13,12 +13,13 @@ from .sam_adapter import OfficialSamAdapter, PaperSamAdapter
 
 # Each method and the options it accepts, with their defaults.
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    "zero-shot": {"encoder_chunk": 1},
-    "decoder": {"encoder_chunk": 1},
+    "zero-shot": {"encoder_chunk": 1, "compile_encoder": False},
+    "decoder": {"encoder_chunk": 1, "compile_encoder": False},
     "cad": {
         "adapter_size": 512,
         "cad_layout": "official",
         "encoder_chunk": 1,
+        "compile_encoder": False,
         "checkpoint_adapter": False,
         "channels_last": True,
     },
@@ -29,6 +30,7 @@ METHODS = tuple(METHOD_OPTIONS)
 # Memory-saving paths compute the same function as the plain one:
 # fused_attention: SDPA with the rel-pos bias folded into q/k (False: explicit scores);
 # encoder_chunk: images per frozen-encoder call without autograd (0: the whole batch);
+# compile_encoder: run the frozen encoder through torch.compile (faster after a warm-up);
 # checkpoint_adapter / checkpoint_blocks: recompute adapter / encoder blocks in backward;
 # channels_last: the adapter's activations in NHWC, cuDNN's fast layout (False: NCHW).
 COMMON_OPTIONS = {"fused_attention": True}

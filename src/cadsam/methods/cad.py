@@ -110,7 +110,7 @@ class ResidualDilatedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.leaky_relu(self.bn(self.conv(x)), 0.1)
-        return F.avg_pool2d(y + x, 2)
+        return pool2x2(y + x)
 
 
 class PaperBlock(nn.Module):
@@ -124,4 +124,12 @@ class PaperBlock(nn.Module):
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(self.bn(F.leaky_relu(self.conv(x), 0.1)), 2)
+        return pool2x2(self.bn(F.leaky_relu(self.conv(x), 0.1)))
+
+
+def pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """``AvgPool2d(2)`` as a mean over 2 x 2 cells: the same values, but autograd keeps only
+    the shape instead of the full-resolution input (256 MiB per image in the first block)."""
+    h, w = x.shape[-2:]
+    x = x[..., : h - h % 2, : w - w % 2]
+    return x.unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2)).mean((3, 5))

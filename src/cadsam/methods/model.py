@@ -126,9 +126,12 @@ class AdaptedSam(nn.Module):
         """The frozen encoder's embeddings, ``encoder_chunk`` images at a time (0: all): without
         autograd nothing is kept, so the peak is one chunk's activations."""
         chunk = self.options.get("encoder_chunk", 0) or len(images)
-        return torch.cat(
-            [self.sam.image_encoder(self.sam_input(part)) for part in images.split(chunk)]
-        )
+        encoder = self.sam.image_encoder
+        if self.options.get("compile_encoder"):
+            if "_compiled_encoder" not in self.__dict__:  # kept out of the module tree
+                self.__dict__["_compiled_encoder"] = torch.compile(encoder)
+            encoder = self.__dict__["_compiled_encoder"]
+        return torch.cat([encoder(self.sam_input(part)) for part in images.split(chunk)])
 
     def forward(self, images: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """B x 3 x S x S RGB in 0..255 -> B x 1 x S x S mask logits (whole-image box prompt).
