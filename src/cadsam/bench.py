@@ -234,7 +234,8 @@ def run_bench(
         for p in precisions
         for v in variants
     ]
-    results = []
+    results: list[dict[str, Any]] = []
+    env = environment()
     for job in jobs:
         result = _run_isolated(job)
         results.append(result)
@@ -246,9 +247,10 @@ def run_bench(
                 f"{job['backbone']:>8} {job['variant']:<24} {job['precision']:<5} {shown}",
                 flush=True,
             )
-    report = {"environment": environment(), "results": results}
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "bench.md").write_text(markdown_table(report))
+        # Rewritten after every run, so an interrupted bench still leaves what it measured.
+        report = {"environment": env, "results": results}
+        (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "bench.md").write_text(markdown_table(report))
     plot_memory(results, out / "bench_memory.png")
     return results
 
