@@ -1,0 +1,99 @@
+"""Build the paper-style tables of BENCHMARKS.md from the JSON files in this folder.
+
+Run: python benchmarks/summarize.py  (prints markdown)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PAPER = {
+    ("vit_b", "decoder"): 14113,
+    ("vit_b", "sam-adapter-paper"): 36871,
+    ("vit_b", "cad"): 17697,
+    ("vit_h", "decoder"): 14329,
+    ("vit_h", "sam-adapter-paper"): 42623,
+    ("vit_h", "cad"): 15457,
+}
+AUTHORS_H100 = {
+    ("vit_b", "cad"): 15775,
+    ("vit_h", "cad"): 11899,
+    ("vit_b", "sam-adapter-paper"): 29591,
+    ("vit_h", "sam-adapter-paper"): 33976,
+}
+ROWS = [
+    ("SAM Decoder", "decoder", "decoder", "decoder"),
+    (
+        "SAM Adapter (authors' re-implementation)",
+        "sam-adapter-paper",
+        "sam-adapter-paper",
+        "sam-adapter-paper-ckpt",
+    ),
+    ("SAM Conv Adapter (CAD)", "cad", "cad", "cad-cache"),
+]
+
+
+def load(backbone: str) -> dict[tuple[str, str], dict]:
+    report = json.loads((HERE / f"h100_{backbone}.json").read_text())
+    return {(r["variant"], r["precision"]): r for r in report["results"] if "error" not in r}
+
+
+def mib(results, variant, precision) -> str:
+    r = results.get((variant, precision))
+    return f"{r['peak_allocated_mib']:,.0f}" if r else "-"
+
+
+def table(backbone: str, batch: int) -> str:
+    results = load(backbone)
+    lines = [
+        f"**{backbone}, batch {batch}** — peak allocated MiB while training (trainable parameters)",
+        "",
+        "| module | trainable | paper (A100) | authors' code (H100) | ours, plain path, fp32 | ours, fp32 | ours, bf16 | best fp32 / bf16 (variant) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for label, method, default, best in ROWS:
+        trainable = results[(default, "fp32")]["trainable"]
+        lines.append(
+            f"| {label} | {trainable:,} | {PAPER[(backbone, method)]:,} | {AUTHORS_H100.get((backbone, method), 0):,} "
+            f"| {mib(results, default + '-plain', 'fp32')} | {mib(results, default, 'fp32')} | {mib(results, default, 'bf16')} "
+            f"| {mib(results, best, 'fp32')} / {mib(results, best, 'bf16')} ({best}) |"
+        )
+    return "\n".join(lines).replace("| 0 |", "| - |")
+
+
+def speed(backbone: str) -> str:
+    results = load(backbone)
+    variants = [
+        "decoder",
+        "cad",
+        "cad-fast",
+        "cad-cache",
+        "sam-adapter-paper",
+        "sam-adapter-paper-ckpt",
+        "sam-adapter-ckpt",
+    ]
+    lines = [
+        f"| {backbone} | "
+        + " | ".join(
+            str(results[(v, p)]["images_per_second"]) if (v, p) in results else "-"
+            for v in variants
+        )
+        + f" | {p} |"
+        for p in ("fp32", "bf16")
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table("vit_b", 4))
+    print()
+    print(table("vit_h", 2))
+    print()
+    print(
+        "| backbone | decoder | cad | cad-fast | cad-cache | sam-adapter-paper | sam-adapter-paper-ckpt | sam-adapter-ckpt | precision |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print(speed("vit_b"))
+    print(speed("vit_h"))
