@@ -188,6 +188,39 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/bench.json, bench.md, bench_memory.png")
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    from .cache import build_cache
+    from .data import layout_pairs
+    from .data.io import list_images
+
+    if args.dataset:
+        if args.images or not args.data_root:
+            raise CadsamError("give --images DIR, or --dataset LAYOUT --data-root DIR")
+        images = [p.image for p in layout_pairs(args.dataset, args.data_root, args.split)]
+    elif args.images:
+        images = list_images(args.images)
+        if not images:
+            raise CadsamError(f"no images found in {args.images}")
+    else:
+        raise CadsamError("give --images DIR, or --dataset LAYOUT --data-root DIR")
+    cache = build_cache(
+        images,
+        args.out,
+        args.backbone,
+        args.checkpoint,
+        args.views,
+        args.image_size,
+        args.batch_size,
+        args.precision,
+        args.dtype,
+        args.device,
+        args.compile,
+        args.num_workers,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"cache: {args.out} ({len(cache.done)} embeddings, complete: {cache.complete()})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cadsam",
@@ -260,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="sam-adapter*: recompute each encoder block in backward to save memory",
     )
+    train.add_argument(
+        "--cache", help="train from this embedding cache (cadsam cache): no image encoder in memory"
+    )
     run = train.add_argument_group("running")
     run.add_argument(
         "--resume", action="store_true", default=None, help="continue the run in --out"
@@ -326,6 +362,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     pr.add_argument("--device")
+
+    from .data.transforms import VIEWS
+
+    ca = command(
+        "cache",
+        cmd_cache,
+        "Run the frozen encoder once per image and store the embeddings for training.",
+    )
+    ca.add_argument("--backbone", required=True, choices=list(SAM_CONFIGS))
+    ca.add_argument("--checkpoint", help="SAM checkpoint: a .pth path or vit_b / vit_l / vit_h")
+    ca.add_argument("--images", help="folder of images")
+    ca.add_argument("--dataset", help="named layout: istd, camo, cod10k, sinet")
+    ca.add_argument("--data-root", help="root folder of the named layout")
+    ca.add_argument("--split", default="train", help="split of the named layout (default: train)")
+    ca.add_argument(
+        "--out", required=True, help="cache folder (rerun the same command to finish it)"
+    )
+    ca.add_argument(
+        "--views",
+        nargs="+",
+        default=["identity"],
+        metavar="VIEW",
+        help=f"views to store per image, any of: {', '.join(VIEWS)} (default: identity)",
+    )
+    ca.add_argument(
+        "--image-size", type=int, default=512, help="the training resolution (default 512)"
+    )
+    ca.add_argument("--batch-size", type=int, default=8)
+    ca.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="bf16",
+        help="encoder precision (default bf16)",
+    )
+    ca.add_argument(
+        "--dtype", choices=["float16", "float32"], default="float16", help="stored precision"
+    )
+    ca.add_argument(
+        "--compile", action="store_true", help="torch.compile the encoder (faster for large sets)"
+    )
+    ca.add_argument("--device")
+    ca.add_argument("--num-workers", type=int, default=4)
 
     from .bench import add_arguments
 

@@ -57,3 +57,8 @@ def gather_objects(obj: object, state: Dist) -> list[object]:
     out: list[object] = [None] * state.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def barrier(state: Dist) -> None:
+    if state.enabled:
+        dist.barrier()

@@ -49,8 +49,10 @@ def evaluate(
         leave=False,
     ):
         images = batch["image"].to(dist.device)
+        cached = batch.get("embedding")
+        embeddings = None if cached is None else cached.to(dist.device)
         with autocast(dist.device, precision):
-            logits = model(images).float()
+            logits = model(images, embeddings).float()
         if resolution == "train":
             meter.update(logits, batch["mask"])
             continue

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import distributed
+from .cache import check_cache_for_training, open_cache
 from .data import (
     SegmentationDataset,
     collate,
@@ -37,7 +38,7 @@ from .data import (
 )
 from .errors import CadsamError
 from .evaluate import evaluate
-from .methods import METHOD_OPTIONS, AdaptedSam, build_model
+from .methods import CACHEABLE, METHOD_OPTIONS, AdaptedSam, build_model
 from .precision import PRECISIONS, autocast
 from .weights import base_checkpoint_record, save_weights
 
@@ -77,6 +78,8 @@ class TrainConfig:
     precision: str = "fp32"
     # method options (only those of the chosen method are passed on)
     method_options: dict[str, Any] = field(default_factory=dict)
+    # train from an embedding cache (cadsam cache): no image encoder in memory
+    cache: str | None = None
     # how to run
     device: str | None = None
     num_workers: int = 2
@@ -183,6 +186,34 @@ def _pairs(cfg: TrainConfig, progress: bool):
     return pairs, val, bad
 
 
+def _cache_links(cfg: TrainConfig, train_pairs, val_pairs, base, log):
+    """(folder, views, rows) of the train and validation pairs in ``cfg.cache``, or Nones."""
+    if cfg.cache is None:
+        return None, None
+    if cfg.method not in CACHEABLE:
+        raise CadsamError(
+            f"{cfg.method} acts inside the image encoder, so it cannot train from cached "
+            "embeddings: drop --cache"
+        )
+    cache = open_cache(cfg.cache)
+    if "identity" not in cache.views:
+        raise CadsamError(
+            f"cache {cfg.cache} has no identity view: rebuild it with --views identity ..."
+        )
+    if cfg.augment:
+        log(
+            f"note: from a cache, augmentation picks among the cached views ({', '.join(cache.views)}); "
+            "shift-scale-rotate is not available, since it changes what the encoder sees"
+        )
+    train = check_cache_for_training(cache, train_pairs, cfg.backbone, base, cfg.image_size)
+    val = (
+        check_cache_for_training(cache, val_pairs, cfg.backbone, base, cfg.image_size)
+        if val_pairs
+        else []
+    )
+    return (cfg.cache, cache.views, train), (cfg.cache, cache.views, val)
+
+
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
@@ -213,6 +244,8 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
     train_pairs, val_pairs, bad = _pairs(cfg, show)
     if bad:
         log(f"skipped {len(bad)} unreadable or mismatched pair(s); first: {bad[0]}")
+    base = base_checkpoint_record(cfg.checkpoint)
+    train_cache, val_cache = _cache_links(cfg, train_pairs, val_pairs, base, log)
     dataset = SegmentationDataset(
         train_pairs,
         cfg.image_size,
@@ -220,6 +253,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
         cfg.mask_threshold,
         cfg.resize_masks,
         seed=cfg.seed,
+        cache=train_cache,
     )
     sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(
@@ -235,8 +269,9 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
 
     torch.manual_seed(cfg.seed)
     options = {k: v for k, v in cfg.method_options.items() if k in METHOD_OPTIONS[cfg.method]}
-    model = build_model(cfg.method, cfg.backbone, cfg.checkpoint, **options).to(dist.device)
-    base = base_checkpoint_record(cfg.checkpoint) if dist.is_main else {}
+    model = build_model(
+        cfg.method, cfg.backbone, cfg.checkpoint, with_encoder=cfg.cache is None, **options
+    ).to(dist.device)
     net: torch.nn.Module = model
     if dist.enabled:
         if dist.device.type == "cuda":
@@ -282,11 +317,13 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
         for i, batch in enumerate(bar):
             images = batch["image"].to(dist.device, non_blocking=True)
             masks = batch["mask"].to(dist.device, non_blocking=True)
+            cached = batch.get("embedding")
+            embeddings = None if cached is None else cached.to(dist.device, non_blocking=True)
             last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader)
             sync = net.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
             with sync:
                 with autocast(dist.device, cfg.precision):
-                    logits = net(images)
+                    logits = net(images, embeddings)
                 loss = segmentation_loss(logits.float(), masks)
                 (loss / cfg.grad_accum).backward()
             if last_micro:
@@ -314,6 +351,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
                 cfg.image_size,
                 mask_threshold=cfg.mask_threshold,
                 resize_masks=cfg.resize_masks,
+                cache=val_cache,
             )
             record["val"] = evaluate(
                 model,

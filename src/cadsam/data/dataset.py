@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .io import read_image, read_mask
 from .pairs import Pair
-from .transforms import augment_pair, resize_mask, resize_pair
+from .transforms import apply_view, augment_pair, resize_mask, resize_pair
 
 
 class SegmentationDataset(Dataset):
@@ -28,7 +30,10 @@ class SegmentationDataset(Dataset):
         resize_masks: bool = False,
         keep_original: bool = False,
         seed: int = 0,
+        cache: tuple[str, list[str], list[int]] | None = None,
     ) -> None:
+        """``cache``: (cache folder, its views, each pair's row in it). Items then carry the
+        cached ``embedding`` of a view, and augmentation is a choice among the cached views."""
         self.pairs = pairs
         self.size = size
         self.augment = augment
@@ -37,6 +42,8 @@ class SegmentationDataset(Dataset):
         self.keep_original = keep_original
         self.seed = seed
         self.epoch = 0
+        self.cache = cache
+        self._embeddings: np.ndarray | None = None  # opened lazily, in each worker
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -54,8 +61,13 @@ class SegmentationDataset(Dataset):
             )
             original = resize_mask(original, *image.shape[:2])
         image, mask = resize_pair(image, original, self.size)
-        if self.augment:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        embedding = None
+        if self.cache is not None:
+            view = self._cached_view(rng)
+            image, mask = apply_view(image, view), apply_view(mask, view)
+            embedding = self._embedding(index, view)
+        elif self.augment:
             image, mask, _ = augment_pair(image, mask, rng)
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
@@ -64,7 +76,23 @@ class SegmentationDataset(Dataset):
         }
         if self.keep_original:
             item["original_mask"] = torch.from_numpy(original)
+        if embedding is not None:
+            item["embedding"] = embedding
         return item
+
+    def _cached_view(self, rng: np.random.Generator) -> str:
+        """Like the paper's augmentation, but among cached views: identity half the time."""
+        others = [v for v in self.cache[1] if v != "identity"]
+        if not self.augment or not others or rng.random() >= 0.5:
+            return "identity"
+        return others[rng.integers(len(others))]
+
+    def _embedding(self, index: int, view: str) -> torch.Tensor:
+        root, views, rows = self.cache
+        if self._embeddings is None:
+            self._embeddings = np.load(Path(root) / "embeddings.npy", mmap_mode="r")
+        entry = rows[index] * len(views) + views.index(view)
+        return torch.from_numpy(np.array(self._embeddings[entry], dtype=np.float32))
 
 
 def collate(items: list[dict]) -> dict:
@@ -76,4 +104,6 @@ def collate(items: list[dict]) -> dict:
     }
     if "original_mask" in items[0]:
         batch["original_mask"] = [it["original_mask"] for it in items]
+    if "embedding" in items[0]:
+        batch["embedding"] = torch.stack([it["embedding"] for it in items])
     return batch

@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 
 AUGMENTATIONS = ("hflip", "vflip", "rot90", "shift_scale_rotate")
+# The fixed transforms an embedding cache can hold, one embedding each.
+VIEWS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")
 
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,3 +76,15 @@ def _shift_scale_rotate_matrix(
     # input = R^-1 (output - centre - t) + centre, with R^-1 = [[cos, sin], [-sin, cos]] / scale
     ox, oy = cx + tx, cy + ty
     return (cos, sin, cx - cos * ox - sin * oy, -sin, cos, cy + sin * ox - cos * oy)
+
+
+def apply_view(array: np.ndarray, view: str) -> np.ndarray:
+    """A view of an H x W (x C) array: the same transform for image and mask."""
+    if view == "identity":
+        return array
+    if view == "hflip":
+        return np.ascontiguousarray(array[:, ::-1])
+    if view == "vflip":
+        return np.ascontiguousarray(array[::-1])
+    k = {"rot90": 1, "rot180": 2, "rot270": 3}[view]
+    return np.ascontiguousarray(np.rot90(array, k))

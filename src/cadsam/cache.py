@@ -1,0 +1,330 @@
+"""The embedding cache: run the frozen encoder once per image (and view), train without it.
+
+CAD and decoder-only training never need gradients through SAM's encoder (the paper's
+section 5), so its output can be computed once. A cache folder holds:
+
+* ``embeddings.npy``: one preallocated array, (images x views) x 256 x E x E, float16 by
+  default (float32 on request), opened as a memory map;
+* ``done.npy``: one byte per entry, set only after that entry's embedding is on disk, so an
+  interrupted build resumes where it stopped and never trusts a half-written entry;
+* ``manifest.json``: what the embeddings depend on: backbone, base checkpoint (sha256),
+  training image size, SAM's preprocessing, views, image ids and file digests, dtype.
+
+Geometric augmentation changes what the encoder sees, so a cache stores a fixed set of views
+per image (identity, flips, rotations by 90 degrees); training samples among them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import distributed
+from .data.io import read_image
+from .data.transforms import VIEWS, apply_view, resize_pair
+from .errors import CadsamError
+from .precision import autocast
+from .sam.sam import PIXEL_MEAN, PIXEL_STD
+
+FORMAT = 1
+NOT_CACHEABLE = {
+    "shift_scale_rotate": "shift-scale-rotate draws a new continuous transform every time, "
+    "so no fixed set of cached embeddings can stand for it",
+}
+
+
+def check_views(views: list[str]) -> list[str]:
+    for view in views:
+        if view in NOT_CACHEABLE:
+            raise CadsamError(f"view {view} cannot be cached: {NOT_CACHEABLE[view]}")
+        if view not in VIEWS:
+            raise CadsamError(f"unknown view {view!r}: choose from {', '.join(VIEWS)}")
+    if len(set(views)) != len(views) or not views:
+        raise CadsamError("--views must name one or more distinct views")
+    return list(views)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+@dataclass
+class EmbeddingCache:
+    """An opened cache: its manifest and its arrays (memory-mapped, read-only for training)."""
+
+    root: Path
+    manifest: dict[str, Any]
+    embeddings: np.ndarray
+    done: np.ndarray
+
+    @property
+    def views(self) -> list[str]:
+        return self.manifest["views"]
+
+    def entry(self, image_index: int, view: str) -> int:
+        return image_index * len(self.views) + self.views.index(view)
+
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def row_of(self) -> dict[str, int]:
+        return {image_id: i for i, image_id in enumerate(self.manifest["ids"])}
+
+
+def _paths(root: Path) -> tuple[Path, Path, Path]:
+    return root / "manifest.json", root / "embeddings.npy", root / "done.npy"
+
+
+def open_cache(root: str | os.PathLike, writable: bool = False) -> EmbeddingCache:
+    """Open a cache, checking that its files are whole; a clear error otherwise."""
+    root = Path(root)
+    manifest_path, emb_path, done_path = _paths(root)
+    if not manifest_path.is_file():
+        raise CadsamError(
+            f"not an embedding cache: {root} (no manifest.json; make one with cadsam cache)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CadsamError(f"{manifest_path} is corrupt: {exc}") from None
+    entries = len(manifest["ids"]) * len(manifest["views"])
+    shape = (entries, manifest["channels"], manifest["grid"], manifest["grid"])
+    mode = "r+" if writable else "r"
+    try:
+        embeddings = np.load(emb_path, mmap_mode=mode)
+        done = np.load(done_path, mmap_mode=mode)
+    except (OSError, ValueError) as exc:
+        raise CadsamError(
+            f"cache {root} is truncated or corrupt ({exc}); delete it and run cadsam cache again"
+        ) from None
+    if (
+        embeddings.shape != shape
+        or embeddings.dtype != np.dtype(manifest["dtype"])
+        or done.shape != (entries,)
+    ):
+        raise CadsamError(
+            f"cache {root} is corrupt: embeddings {embeddings.shape} {embeddings.dtype}, "
+            f"expected {shape} {manifest['dtype']}; delete it and run cadsam cache again"
+        )
+    return EmbeddingCache(root, manifest, embeddings, done)
+
+
+def cache_manifest(
+    backbone: str,
+    base: dict[str, Any],
+    image_size: int,
+    views: list[str],
+    images: list[Path],
+    dtype: str,
+    precision: str,
+) -> dict[str, Any]:
+    from .sam import sam_config
+
+    config = sam_config(backbone)
+    return {
+        "format": FORMAT,
+        "backbone": backbone,
+        "base_checkpoint": base,
+        "image_size": image_size,
+        "preprocessing": {
+            "sam_image_size": config.image_size,
+            "pixel_mean": list(PIXEL_MEAN),
+            "pixel_std": list(PIXEL_STD),
+            "resize": "PIL bilinear to image_size, then bilinear (antialiased) to sam_image_size",
+        },
+        "views": views,
+        "ids": [p.stem for p in images],
+        "digests": [file_digest(p) for p in images],
+        "dtype": dtype,
+        "encoder_precision": precision,
+        "channels": 256,
+        "grid": config.embedding_size,
+    }
+
+
+# What must agree between a cache and its use; "digests" and "ids" are compared per image.
+SETTINGS_KEYS = (
+    "format",
+    "backbone",
+    "base_checkpoint",
+    "image_size",
+    "preprocessing",
+    "views",
+    "dtype",
+    "encoder_precision",
+)
+
+
+def _differences(found: dict[str, Any], wanted: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    return [
+        f"{k}: cache has {found.get(k)!r}, wanted {wanted.get(k)!r}"
+        for k in keys
+        if found.get(k) != wanted.get(k)
+    ]
+
+
+class _ViewImages(Dataset):
+    """(entry, view image as 3 x S x S uint8) for each entry still to compute."""
+
+    def __init__(self, images: list[Path], views: list[str], size: int, entries: list[int]) -> None:
+        self.images, self.views, self.size, self.entries = images, views, size, entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        entry = self.entries[i]
+        image = read_image(self.images[entry // len(self.views)])
+        image, _ = resize_pair(image, np.zeros(image.shape[:2], bool), self.size)
+        view = apply_view(image, self.views[entry % len(self.views)])
+        return entry, torch.from_numpy(view).permute(2, 0, 1)
+
+
+def build_cache(
+    images: list[Path],
+    out: str | os.PathLike,
+    backbone: str,
+    checkpoint: str | os.PathLike | None = None,
+    views: list[str] | None = None,
+    image_size: int = 512,
+    batch_size: int = 8,
+    precision: str = "bf16",
+    dtype: str = "float16",
+    device: str | None = None,
+    compile_encoder: bool = False,
+    num_workers: int = 4,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> EmbeddingCache:
+    """Compute (or finish computing) the cache in ``out``. Under torchrun the ranks share the
+    entries still to do and write disjoint rows. ``stop_after`` (batches) is for tests."""
+    from .methods import build_model
+    from .weights import base_checkpoint_record
+
+    views = check_views(views or ["identity"])
+    if checkpoint is None:
+        raise CadsamError(
+            "a cache needs --checkpoint: embeddings of randomly initialised weights could not "
+            "be reproduced or checked later"
+        )
+    if dtype not in ("float16", "float32"):
+        raise CadsamError("--dtype must be float16 or float32")
+    if len({p.stem for p in images}) != len(images):
+        raise CadsamError("two images share a file stem; a cache names images by stem")
+    dist = distributed.setup(device)
+    try:
+        root = Path(out)
+        manifest = cache_manifest(
+            backbone,
+            base_checkpoint_record(checkpoint),
+            image_size,
+            views,
+            images,
+            dtype,
+            precision,
+        )
+        manifest_path, emb_path, done_path = _paths(root)
+        if dist.is_main:
+            if manifest_path.exists():
+                existing = json.loads(manifest_path.read_text())
+                problems = _differences(existing, manifest, (*SETTINGS_KEYS, "ids", "digests"))
+                if problems:
+                    raise CadsamError(
+                        f"{root} holds a cache made differently ({problems[0]}): choose another --out"
+                    )
+            else:
+                root.mkdir(parents=True, exist_ok=True)
+                entries = len(images) * len(views)
+                shape = (entries, manifest["channels"], manifest["grid"], manifest["grid"])
+                np.lib.format.open_memmap(
+                    emb_path, mode="w+", dtype=np.dtype(dtype), shape=shape
+                ).flush()
+                np.lib.format.open_memmap(
+                    done_path, mode="w+", dtype=np.uint8, shape=(entries,)
+                ).flush()
+                tmp = manifest_path.with_name(".manifest.json.tmp")
+                tmp.write_text(json.dumps(manifest, indent=1))
+                os.replace(tmp, manifest_path)  # last: a cache without it is not a cache
+        distributed.barrier(dist)
+        cache = open_cache(root, writable=True)
+        todo = [int(e) for e in np.flatnonzero(cache.done == 0) if e % dist.world_size == dist.rank]
+        model = build_model(
+            "zero-shot", backbone, checkpoint, encoder_chunk=0, compile_encoder=compile_encoder
+        )
+        model.to(dist.device).eval()
+        loader = DataLoader(
+            _ViewImages(images, views, image_size, todo),
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
+        bar = tqdm(
+            total=len(todo) * dist.world_size,
+            desc="caching embeddings",
+            unit="image",
+            disable=not (progress and dist.is_main),
+        )
+        with torch.no_grad():
+            for step, (entries, batch) in enumerate(loader):
+                if stop_after is not None and step >= stop_after:
+                    break
+                with autocast(dist.device, precision):
+                    emb = model.frozen_embeddings(batch.to(dist.device))
+                rows = entries.numpy()
+                cache.embeddings[rows] = emb.float().cpu().numpy().astype(dtype)
+                cache.embeddings.flush()  # the data first ...
+                cache.done[rows] = 1
+                cache.done.flush()  # ... then the mark that it is there
+                bar.update(len(rows) * dist.world_size)
+        bar.close()
+        distributed.barrier(dist)
+        return open_cache(root)
+    finally:
+        distributed.teardown(dist)
+
+
+def check_cache_for_training(
+    cache: EmbeddingCache, pairs: list, backbone: str, base: dict[str, Any], image_size: int
+) -> list[int]:
+    """Refuse a cache that does not fit this training run; return each pair's cache row."""
+    wanted = {
+        "format": FORMAT,
+        "backbone": backbone,
+        "base_checkpoint": base,
+        "image_size": image_size,
+    }
+    problems = _differences(cache.manifest, wanted, ("format", "backbone", "image_size"))
+    if cache.manifest["base_checkpoint"]["sha256"] != base["sha256"]:
+        problems.append(
+            f"made from checkpoint {cache.manifest['base_checkpoint']['name']}, "
+            f"training uses {base['name']} (sha256 differs)"
+        )
+    if problems:
+        raise CadsamError(f"cache {cache.root} does not fit this run: {'; '.join(problems)}")
+    if not cache.complete():
+        raise CadsamError(
+            f"cache {cache.root} is incomplete ({int(cache.done.sum())} of {len(cache.done)} entries): "
+            "run the same cadsam cache command again to finish it"
+        )
+    rows = cache.row_of()
+    missing = [p.id for p in pairs if p.id not in rows]
+    changed = [
+        p.id
+        for p in pairs
+        if p.id in rows and file_digest(p.image) != cache.manifest["digests"][rows[p.id]]
+    ]
+    if missing or changed:
+        what = f"{len(missing)} image(s) not in it (e.g. {missing[0]})" if missing else ""
+        what += ("; " if what else "") + (
+            f"{len(changed)} image(s) changed since (e.g. {changed[0]})" if changed else ""
+        )
+        raise CadsamError(f"cache {cache.root} holds other images: {what}")
+    return [rows[p.id] for p in pairs]
