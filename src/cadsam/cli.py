@@ -221,6 +221,20 @@ def cmd_cache(args: argparse.Namespace) -> None:
         print(f"cache: {args.out} ({len(cache.done)} embeddings, complete: {cache.complete()})")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(
+        args.out,
+        args.checkpoint,
+        args.train_images,
+        args.test_images,
+        args.image_size,
+        args.epochs,
+        progress=not args.no_progress,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cadsam",
@@ -404,6 +418,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ca.add_argument("--device")
     ca.add_argument("--num-workers", type=int, default=4)
+
+    demo = command(
+        "demo",
+        cmd_demo,
+        "Train and compare decoder and CAD on a synthetic set, on a CPU, "
+        "with nothing to download; writes a report.",
+    )
+    demo.add_argument("--out", default="cadsam-demo", help="folder for data, runs and report.md")
+    demo.add_argument(
+        "--checkpoint", help="a real SAM checkpoint to use instead of random vit_tiny"
+    )
+    demo.add_argument("--train-images", type=int, default=48)
+    demo.add_argument("--test-images", type=int, default=16)
+    demo.add_argument("--image-size", type=int, default=128)
+    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--no-progress", action="store_true")
 
     from .bench import add_arguments
 
