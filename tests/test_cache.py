@@ -191,3 +191,15 @@ def test_cached_views_follow_the_image_and_mask(data, tmp_path, sam_file):
             assert torch.equal(item["embedding"], expected)
             flips += view == "hflip"
     assert 0 < flips < 24
+
+
+def test_a_failing_write_is_reported_and_marks_nothing_done(data, tmp_path, sam_file):
+    from cadsam.cache import _EntryWriter
+
+    cache = _build(data, tmp_path / "cache", sam_file, stop_after=0)
+    readonly = open_cache(cache.root)  # opened read-only: every write fails
+    writer = _EntryWriter(readonly)
+    writer.put(np.array([0]), np.zeros((1, 256, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="read-only"):
+        writer.close()
+    assert int(open_cache(cache.root).done.sum()) == 0

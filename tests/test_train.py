@@ -99,13 +99,17 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
         *FAST,
         *data,
     ]
-    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    # Every run in its own single-threaded process: the same float reduction order everywhere,
+    # so the resumed run can be compared exactly.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert _run_cli([*common, "--out", str(tmp_path / "whole")], env=env).returncode == 0
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "cadsam", *common, "--out", str(run)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     deadline = time.time() + 300
     while not (run / "metrics.jsonl").exists() and time.time() < deadline:
@@ -115,7 +119,9 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     finished = len((run / "metrics.jsonl").read_text().splitlines())
     assert 1 <= finished <= 3
 
-    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert (
+        _run_cli(["train", "--out", str(run), "--resume", "--no-progress"], env=env).returncode == 0
+    )
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3]
     whole, resumed = (

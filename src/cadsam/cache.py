@@ -19,6 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,23 +275,75 @@ def build_cache(
             unit="image",
             disable=not (progress and dist.is_main),
         )
-        with torch.no_grad():
-            for step, (entries, batch) in enumerate(loader):
-                if stop_after is not None and step >= stop_after:
-                    break
-                with autocast(dist.device, precision):
-                    emb = model.frozen_embeddings(batch.to(dist.device))
-                rows = entries.numpy()
-                cache.embeddings[rows] = emb.float().cpu().numpy().astype(dtype)
-                cache.embeddings.flush()  # the data first ...
-                cache.done[rows] = 1
-                cache.done.flush()  # ... then the mark that it is there
-                bar.update(len(rows) * dist.world_size)
+        writer = _EntryWriter(cache)
+        try:
+            with torch.no_grad():
+                for step, (entries, batch) in enumerate(loader):
+                    if stop_after is not None and step >= stop_after:
+                        break
+                    with autocast(dist.device, precision):
+                        emb = model.frozen_embeddings(batch.to(dist.device, non_blocking=True))
+                    writer.put(entries.numpy(), emb.to(getattr(torch, dtype)).cpu().numpy())
+                    bar.update(len(entries) * dist.world_size)
+        finally:
+            writer.close()
         bar.close()
         distributed.barrier(dist)
         return open_cache(root)
     finally:
         distributed.teardown(dist)
+
+
+class _EntryWriter:
+    """Writes embeddings on a background thread while the GPU computes the next batch.
+
+    Every few seconds (and at the end) it flushes the embeddings to disk and only then marks
+    the entries written since as done: a crash can lose recent work, never mark garbage done.
+    """
+
+    def __init__(self, cache: EmbeddingCache, flush_seconds: float = 5.0) -> None:
+        self.cache, self.flush_seconds = cache, flush_seconds
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def put(self, rows: np.ndarray, embeddings: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((rows, embeddings))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        pending: list[np.ndarray] = []
+        last, finished = time.monotonic(), False
+        while not finished:
+            item = self.queue.get()
+            finished = item is None
+            if self.error is not None:
+                continue  # after a failure, only drain so the producer never blocks
+            try:
+                if item is not None:
+                    rows, embeddings = item
+                    self.cache.embeddings[rows] = embeddings
+                    pending.append(rows)
+                if finished or time.monotonic() - last > self.flush_seconds:
+                    self._commit(pending)
+                    pending, last = [], time.monotonic()
+            except BaseException as exc:  # surfaced in the main thread by put() / close()
+                self.error = exc
+
+    def _commit(self, pending: list[np.ndarray]) -> None:
+        if not pending:
+            return
+        self.cache.embeddings.flush()  # the data first ...
+        self.cache.done[np.concatenate(pending)] = 1
+        self.cache.done.flush()  # ... then the marks that say it is there
 
 
 def check_cache_for_training(
