@@ -235,6 +235,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from .reproduce import reproduce
+
+    report = reproduce(
+        args.data_root,
+        args.checkpoint_dir,
+        args.out,
+        args.datasets,
+        args.backbones,
+        args.methods,
+        args.epochs,
+        args.image_size,
+        args.adapter_size,
+        args.device,
+        args.num_workers,
+        not args.no_progress,
+    )
+    print(f"report: {report}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cadsam",
@@ -434,6 +454,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image-size", type=int, default=128)
     demo.add_argument("--epochs", type=int, default=10)
     demo.add_argument("--no-progress", action="store_true")
+
+    from .reproduce import DATASETS
+    from .reproduce import METHODS as PAPER_METHODS
+
+    rep = command(
+        "reproduce",
+        cmd_reproduce,
+        "Rerun the paper's experiments (Tables 1-4, Figures 6-8); "
+        "rerun to continue after an interruption.",
+    )
+    rep.add_argument(
+        "--data-root",
+        required=True,
+        help="folder holding ISTD/, CAMO/, COD10K/ in their standard layouts",
+    )
+    rep.add_argument(
+        "--checkpoint-dir", required=True, help="folder holding Meta's sam_vit_*.pth files"
+    )
+    rep.add_argument(
+        "--out", required=True, help="folder for runs, tables.md, tables.csv and figures"
+    )
+    rep.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    rep.add_argument(
+        "--backbones", nargs="+", default=["vit_b", "vit_h"], choices=list(SAM_CONFIGS)
+    )
+    rep.add_argument(
+        "--methods", nargs="+", default=list(PAPER_METHODS), choices=list(PAPER_METHODS)
+    )
+    rep.add_argument("--epochs", type=int, default=20)
+    rep.add_argument("--image-size", type=int, default=512)
+    rep.add_argument("--adapter-size", type=int, default=512)
+    rep.add_argument("--device")
+    rep.add_argument("--num-workers", type=int, default=2)
+    rep.add_argument("--no-progress", action="store_true")
 
     from .bench import add_arguments
 

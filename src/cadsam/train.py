@@ -334,7 +334,8 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
                 (loss.detach() * len(images), torch.tensor(len(images), device=dist.device))
             )
             seen += len(images)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if show:  # .item() waits for the GPU: only when someone is watching
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if dist.enabled:
             torch_dist.all_reduce(loss_sum)
         seconds = time.perf_counter() - started
@@ -345,6 +346,10 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
             "seconds": round(seconds, 2),
             "images_per_second": round(seen * dist.world_size / seconds, 2),
         }
+        if dist.device.type == "cuda":  # the peak since the run started, this process
+            record["peak_memory_mib"] = round(
+                torch.cuda.max_memory_allocated(dist.device) / 2**20, 1
+            )
         if val_pairs:
             val_set = SegmentationDataset(
                 val_pairs,

@@ -1,0 +1,414 @@
+"""``cadsam reproduce``: the paper's experiments (section 4) in one command.
+
+For every data set x backbone x method: train with the paper's protocol (20 epochs, batch 4 /
+2, 512 pixels, whole-image box, BCE + IoU, AdamW, the authors' effectively constant learning
+rate), evaluate on the test split, and write Tables 1-4 and Figures 6-8 with the paper's
+figures beside ours. Finished runs are skipped, interrupted ones resumed, so the command can be
+stopped and run again. Everything missing (data sets, checkpoints) is reported before any
+training starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import SegmentationDataset, layout_pairs, scan_pairs
+from .distributed import Dist
+from .errors import CadsamError
+from .evaluate import evaluate
+from .methods import build_model
+from .sam.checkpoint import META_CHECKPOINTS
+from .train import TrainConfig, train
+from .weights import load_weights
+
+DATASETS = {"istd": "ISTD", "camo": "CAMO", "cod10k": "COD10K"}
+METHODS = ("zero-shot", "decoder", "sam-adapter-paper", "cad")
+# Tables 3-4 of the paper: (backbone, dataset, method) -> (Dice, IoU).
+PAPER_SCORES = {
+    ("vit_b", "istd"): {
+        "zero-shot": (0.1495, 0.0889),
+        "decoder": (0.7773, 0.6889),
+        "sam-adapter-paper": (0.9039, 0.8567),
+        "cad": (0.8681, 0.8086),
+    },
+    ("vit_b", "cod10k"): {
+        "zero-shot": (0.0601, 0.0347),
+        "decoder": (0.6764, 0.5738),
+        "sam-adapter-paper": (0.7343, 0.6400),
+        "cad": (0.6489, 0.5409),
+    },
+    ("vit_b", "camo"): {
+        "zero-shot": (0.1637, 0.1025),
+        "decoder": (0.6673, 0.5484),
+        "sam-adapter-paper": (0.7393, 0.6281),
+        "cad": (0.6847, 0.5616),
+    },
+    ("vit_h", "istd"): {
+        "zero-shot": (0.2153, 0.1307),
+        "decoder": (0.7544, 0.6638),
+        "sam-adapter-paper": (0.9516, 0.9220),
+        "cad": (0.8616, 0.8069),
+    },
+    ("vit_h", "cod10k"): {
+        "zero-shot": (0.0498, 0.0294),
+        "decoder": (0.7420, 0.6579),
+        "sam-adapter-paper": (0.8600, 0.7890),
+        "cad": (0.7464, 0.6613),
+    },
+    ("vit_h", "camo"): {
+        "zero-shot": (0.1387, 0.0879),
+        "decoder": (0.7690, 0.6730),
+        "sam-adapter-paper": (0.8177, 0.7292),
+        "cad": (0.7578, 0.6595),
+    },
+}
+# Tables 1-2: (backbone, method) -> (trainable parameters as printed, GPU memory MiB).
+PAPER_MEMORY = {
+    ("vit_b", "decoder"): (4_058_340, 14_113),
+    ("vit_b", "sam-adapter-paper"): (4_788_740, 36_871),
+    ("vit_b", "cad"): (5_831_908, 17_697),
+    ("vit_h", "decoder"): (4_058_340, 14_329),
+    ("vit_h", "sam-adapter-paper"): (6_091_908, 42_623),
+    ("vit_h", "cad"): (5_831_908, 15_457),
+}
+
+
+def checkpoint_file(checkpoint_dir: Path, backbone: str) -> Path:
+    name = (
+        META_CHECKPOINTS[backbone].filename
+        if backbone in META_CHECKPOINTS
+        else f"sam_{backbone}.pth"
+    )
+    return checkpoint_dir / name
+
+
+def dataset_root(data_root: Path, dataset: str) -> Path:
+    for name in (DATASETS[dataset], dataset):
+        if (data_root / name).is_dir():
+            return data_root / name
+    return data_root / DATASETS[dataset]
+
+
+def check_inputs(
+    data_root: Path, checkpoint_dir: Path, datasets: list[str], backbones: list[str]
+) -> None:
+    """Everything a long run needs, checked before it starts; all problems in one message."""
+    problems = []
+    for dataset in datasets:
+        if dataset not in DATASETS:
+            problems.append(f"unknown data set {dataset} (choose from {', '.join(DATASETS)})")
+            continue
+        for split in ("train", "test"):
+            try:
+                layout_pairs(dataset, dataset_root(data_root, dataset), split)
+            except CadsamError as exc:
+                problems.append(str(exc))
+    for backbone in backbones:
+        path = checkpoint_file(checkpoint_dir, backbone)
+        if not path.is_file():
+            problems.append(f"{backbone} checkpoint missing: {path}")
+    if problems:
+        raise CadsamError("cannot start: " + "; ".join(problems))
+
+
+def reproduce(
+    data_root: str | Path,
+    checkpoint_dir: str | Path,
+    out: str | Path,
+    datasets: list[str] | None = None,
+    backbones: list[str] | None = None,
+    methods: list[str] | None = None,
+    epochs: int = 20,
+    image_size: int = 512,
+    adapter_size: int = 512,
+    device: str | None = None,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> Path:
+    data_root, checkpoint_dir, out = Path(data_root), Path(checkpoint_dir), Path(out)
+    datasets = datasets or list(DATASETS)
+    backbones = backbones or ["vit_b", "vit_h"]
+    methods = methods or list(METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise CadsamError(
+            f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}"
+        )
+    check_inputs(data_root, checkpoint_dir, datasets, backbones)
+    say = print  # status lines always; ``progress`` governs the bars
+    results = []
+    for dataset in datasets:
+        root = dataset_root(data_root, dataset)
+        test_pairs, _ = scan_pairs(layout_pairs(dataset, root, "test"), progress=progress)
+        for backbone in backbones:
+            checkpoint = str(checkpoint_file(checkpoint_dir, backbone))
+            for method in methods:
+                name = f"{dataset}_{backbone}_{method}"
+                result_path = out / "runs" / name / "result.json"
+                if result_path.is_file():
+                    say(f"{name}: done, skipped")
+                    results.append(json.loads(result_path.read_text()))
+                    continue
+                say(f"{name}: {'evaluating' if method == 'zero-shot' else 'training'}")
+                result = _run_one(
+                    dataset,
+                    root,
+                    backbone,
+                    checkpoint,
+                    method,
+                    out / "runs" / name,
+                    test_pairs,
+                    epochs,
+                    image_size,
+                    adapter_size,
+                    device,
+                    num_workers,
+                    progress,
+                )
+                result_path.write_text(json.dumps(result, indent=1))
+                results.append(result)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return write_report(out, results, data_root)
+
+
+def _run_one(
+    dataset,
+    root,
+    backbone,
+    checkpoint,
+    method,
+    run: Path,
+    test_pairs,
+    epochs,
+    image_size,
+    adapter_size,
+    device,
+    num_workers,
+    progress,
+) -> dict[str, Any]:
+    run.mkdir(parents=True, exist_ok=True)
+    peak = None
+    if method == "zero-shot":
+        model = build_model("zero-shot", backbone, checkpoint)
+    else:
+        config = TrainConfig(
+            method=method,
+            backbone=backbone,
+            checkpoint=checkpoint,
+            out=str(run),
+            dataset=dataset,
+            data_root=str(root),
+            epochs=epochs,
+            image_size=image_size,
+            schedule="constant",
+            method_options={"adapter_size": adapter_size} if method == "cad" else {},
+            device=device,
+            num_workers=num_workers,
+            progress=progress,
+            resume=(run / "state.pt").exists(),
+        )
+        train(config)
+        model, _ = load_weights(run / "last.safetensors")
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        peak = max((json.loads(x).get("peak_memory_mib") or 0 for x in lines), default=0) or None
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    metrics = evaluate(
+        model.to(target),
+        SegmentationDataset(test_pairs, image_size),
+        batch_size=4,
+        progress=progress,
+        dist=Dist(device=target),
+    )
+    return {
+        "dataset": dataset,
+        "backbone": backbone,
+        "method": method,
+        "checkpoint": checkpoint,
+        "trainable": model.parameter_counts()["trainable"],
+        "peak_memory_mib": peak,
+        "dice": metrics["dice"],
+        "iou": metrics["iou"],
+        "weights": str(run / "last.safetensors") if method != "zero-shot" else None,
+    }
+
+
+def write_report(out: Path, results: list[dict[str, Any]], data_root: Path) -> Path:
+    """Tables 1-4 (markdown and CSV) and Figures 6-8 from ``results``."""
+    with open(out / "tables.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            [
+                "dataset",
+                "backbone",
+                "method",
+                "dice",
+                "iou",
+                "paper_dice",
+                "paper_iou",
+                "trainable",
+                "peak_memory_mib",
+            ]
+        )
+        for r in results:
+            paper = PAPER_SCORES.get((r["backbone"], r["dataset"]), {}).get(r["method"], ("", ""))
+            writer.writerow(
+                [
+                    r["dataset"],
+                    r["backbone"],
+                    r["method"],
+                    f"{r['dice']:.4f}",
+                    f"{r['iou']:.4f}",
+                    *paper,
+                    r["trainable"],
+                    r["peak_memory_mib"] or "",
+                ]
+            )
+    lines = ["# The paper's experiments, reproduced", ""]
+    backbones = sorted({r["backbone"] for r in results})
+    for number, backbone in enumerate(backbones, start=1):
+        rows = [r for r in results if r["backbone"] == backbone and r["method"] != "zero-shot"]
+        lines += [
+            f"## Table {number}: trainable parameters and training memory ({backbone})",
+            "",
+            "| method | trainable | paper: trainable | peak memory (MiB) | paper: memory (MiB) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        seen = set()
+        for r in rows:
+            if r["method"] in seen:
+                continue
+            seen.add(r["method"])
+            peaks = [
+                x["peak_memory_mib"]
+                for x in rows
+                if x["method"] == r["method"] and x["peak_memory_mib"]
+            ]
+            paper = PAPER_MEMORY.get((backbone, r["method"]), ("-", "-"))
+            memory = f"{max(peaks):,.0f}" if peaks else "- (CPU run)"
+            lines.append(
+                f"| {r['method']} | {r['trainable']:,} | {_fmt(paper[0])} | {memory} | {_fmt(paper[1])} |"
+            )
+        lines.append("")
+    for number, backbone in enumerate(backbones, start=3):
+        lines += [f"## Table {number}: Dice / IoU ({backbone}; ours, paper's in brackets)", ""]
+        datasets = [
+            d
+            for d in DATASETS
+            if any(r["dataset"] == d and r["backbone"] == backbone for r in results)
+        ]
+        lines += [
+            "| method | "
+            + " | ".join(f"{d.upper()} Dice | {d.upper()} IoU" for d in datasets)
+            + " |",
+            "| --- |" + " ---: | ---: |" * len(datasets),
+        ]
+        for method in METHODS:
+            cells = []
+            for d in datasets:
+                r = next(
+                    (
+                        x
+                        for x in results
+                        if (x["dataset"], x["backbone"], x["method"]) == (d, backbone, method)
+                    ),
+                    None,
+                )
+                paper = PAPER_SCORES.get((backbone, d), {}).get(method)
+                for i, key in enumerate(("dice", "iou")):
+                    ours = f"{r[key]:.4f}" if r else "-"
+                    cells.append(f"{ours} ({paper[i]:.4f})" if paper else ours)
+            if any(c != "-" for c in cells):
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    figures = _plot_tradeoffs(out, results, backbones)
+    _example_grid(out / "fig8_examples.png", results, data_root)
+    lines += [f"![{Path(p).stem}]({Path(p).name})" for p in figures] + [
+        "",
+        "![fig8](fig8_examples.png)",
+        "",
+    ]
+    report = out / "tables.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def _fmt(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _plot_tradeoffs(out: Path, results, backbones) -> list[str]:
+    """Figures 6-7: Dice against training memory (trainable parameters on a CPU run)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for number, backbone in enumerate(backbones, start=6):
+        rows = [r for r in results if r["backbone"] == backbone and r["method"] != "zero-shot"]
+        on_gpu = all(r["peak_memory_mib"] for r in rows)
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for r in rows:
+            x = r["peak_memory_mib"] if on_gpu else r["trainable"]
+            ax.scatter(x, r["dice"], s=50)
+            ax.annotate(
+                f"{r['method']} ({r['dataset']})",
+                (x, r["dice"]),
+                textcoords="offset points",
+                xytext=(5, 3),
+                fontsize=7,
+            )
+        ax.set_xlabel(
+            "peak training memory (MiB)"
+            if on_gpu
+            else "trainable parameters (CPU run: no GPU memory)"
+        )
+        ax.set_ylabel("Dice")
+        ax.set_title(f"Figure {number}: Dice / memory, {backbone}")
+        fig.tight_layout()
+        path = out / f"fig{number}_{backbone}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+@torch.no_grad()
+def _example_grid(
+    path: Path, results, data_root: Path, per_dataset: int = 2, size: int = 256
+) -> None:
+    """Figure 8: per row an image, its ground truth, then each run's mask in the order of
+    ``results`` (backbones, then methods)."""
+    tiles = []
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        pairs = layout_pairs(dataset, dataset_root(data_root, dataset), "test")[:per_dataset]
+        models = [
+            load_weights(r["weights"])[0]
+            if r["weights"]
+            else build_model("zero-shot", r["backbone"], r["checkpoint"])
+            for r in results
+            if r["dataset"] == dataset
+        ]
+        for pair in pairs:
+            item = SegmentationDataset([pair], size)[0]
+            row = [item["image"].permute(1, 2, 0).numpy(), _grey(item["mask"][0].numpy() > 0.5)]
+            for model in models:
+                row.append(_grey((model.eval()(item["image"][None].float())[0, 0] > 0).numpy()))
+            tiles.append(np.concatenate(row, axis=1))
+    if tiles:
+        width = max(t.shape[1] for t in tiles)
+        tiles = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles]
+        Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
+
+
+def _grey(mask: np.ndarray) -> np.ndarray:
+    return np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=2)
