@@ -8,21 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cadsam.paper import AUTHORS_CODE_H100_MIB, MEMORY_TABLES
+
 HERE = Path(__file__).resolve().parent
-PAPER = {
-    ("vit_b", "decoder"): 14113,
-    ("vit_b", "sam-adapter-paper"): 36871,
-    ("vit_b", "cad"): 17697,
-    ("vit_h", "decoder"): 14329,
-    ("vit_h", "sam-adapter-paper"): 42623,
-    ("vit_h", "cad"): 15457,
-}
-AUTHORS_H100 = {
-    ("vit_b", "cad"): 15775,
-    ("vit_h", "cad"): 11899,
-    ("vit_b", "sam-adapter-paper"): 29591,
-    ("vit_h", "sam-adapter-paper"): 33976,
-}
 ROWS = [
     ("SAM Decoder", "decoder", "decoder", "decoder"),
     (
@@ -56,7 +44,7 @@ def table(backbone: str, batch: int) -> str:
     for label, method, default, best in ROWS:
         trainable = results[(default, "fp32")]["trainable"]
         lines.append(
-            f"| {label} | {trainable:,} | {PAPER[(backbone, method)]:,} | {AUTHORS_H100.get((backbone, method), 0):,} "
+            f"| {label} | {trainable:,} | {MEMORY_TABLES[(backbone, method)][1]:,} | {AUTHORS_CODE_H100_MIB.get((backbone, method), 0):,} "
             f"| {mib(results, default + '-plain', 'fp32')} | {mib(results, default, 'fp32')} | {mib(results, default, 'bf16')} "
             f"| {mib(results, best, 'fp32')} / {mib(results, best, 'bf16')} ({best}) |"
         )

@@ -201,26 +201,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert moved > 1e-4  # training did move the weights, well beyond the tolerance
 
 
+def _train_cad_one_epoch(data: list[str], out) -> None:
+    args = ["train", "--method", "cad", "--adapter-size", "32", "--epochs", "1", *FAST, *data]
+    assert main([*args, "--out", str(out)]) == 0
+
+
 def test_eval_and_predict_from_the_command_line(tmp_path, capsys):
     data = _isbi_subset(tmp_path, 4)
-    assert (
-        main(
-            [
-                "train",
-                "--method",
-                "cad",
-                "--adapter-size",
-                "32",
-                "--epochs",
-                "1",
-                *FAST,
-                *data,
-                "--out",
-                str(tmp_path / "run"),
-            ]
-        )
-        == 0
-    )
+    _train_cad_one_epoch(data, tmp_path / "run")
     weights = str(tmp_path / "run" / "last.safetensors")
     capsys.readouterr()
     kvasir = ["--images", str(KVASIR / "images"), "--masks", str(KVASIR / "masks")]
@@ -275,24 +263,7 @@ def test_weights_rebuild_the_trained_model_exactly(tmp_path):
     from cadsam.weights import load_weights
 
     data = _isbi_subset(tmp_path, 2)
-    assert (
-        main(
-            [
-                "train",
-                "--method",
-                "cad",
-                "--adapter-size",
-                "32",
-                "--epochs",
-                "1",
-                *FAST,
-                *data,
-                "--out",
-                str(tmp_path / "run"),
-            ]
-        )
-        == 0
-    )
+    _train_cad_one_epoch(data, tmp_path / "run")
     model, meta = load_weights(tmp_path / "run" / "last.safetensors")
     assert (
         meta["method"] == "cad" and meta["options"]["adapter_size"] == 32 and meta["includes_base"]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import CadsamError
+from .paper import AUTHORS_CODE_H100_MIB, MEMORY_TABLES
 
 # variant -> (method, options). "plain" variants are the reference formulation (explicit
 # attention scores, whole-batch encoder): they reproduce what the authors' code allocates.
@@ -42,22 +43,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sam-adapter-ckpt": ("sam-adapter", {"checkpoint_blocks": True}),
 }
 PAPER_BATCH = {"vit_b": 4, "vit_l": 4, "vit_h": 2, "vit_tiny": 4}
-# The paper's Tables 1-2 (A100, MiB, nvidia-smi) ...
-PAPER_MIB = {
-    ("vit_b", "decoder"): 14113,
-    ("vit_b", "sam-adapter-paper"): 36871,
-    ("vit_b", "cad"): 17697,
-    ("vit_h", "decoder"): 14329,
-    ("vit_h", "sam-adapter-paper"): 42623,
-    ("vit_h", "cad"): 15457,
-}
-# ... and the authors' own code measured on an H100 (fp32, their step, peak allocated MiB).
-AUTHORS_CODE_H100_MIB = {
-    ("vit_b", "cad"): 15775,
-    ("vit_h", "cad"): 11899,
-    ("vit_b", "sam-adapter-paper"): 29591,
-    ("vit_h", "sam-adapter-paper"): 33976,
-}
 MIB = 2**20
 
 
@@ -266,11 +251,9 @@ def markdown_table(report: dict[str, Any]) -> str:
         if r.get("variant") == "encoder-forward":
             continue
         key = (r["backbone"], r.get("method", r["variant"]))
-        paper = (
-            PAPER_MIB.get(key, "")
-            if r["variant"].endswith("-plain") or r["variant"] == key[1]
-            else ""
-        )
+        # The paper's figure stands beside the method's own row and its plain reference.
+        beside = r["variant"] == key[1] or r["variant"].endswith("-plain")
+        paper = MEMORY_TABLES[key][1] if beside and key in MEMORY_TABLES else ""
         authors = AUTHORS_CODE_H100_MIB.get(key, "") if paper != "" else ""
         if "error" in r:
             lines.append(

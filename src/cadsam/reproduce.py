@@ -24,60 +24,13 @@ from .distributed import Dist
 from .errors import CadsamError
 from .evaluate import evaluate
 from .methods import build_model
+from .paper import MEMORY_TABLES, SCORES
 from .sam.checkpoint import META_CHECKPOINTS
 from .train import TrainConfig, train
 from .weights import load_weights
 
 DATASETS = {"istd": "ISTD", "camo": "CAMO", "cod10k": "COD10K"}
 METHODS = ("zero-shot", "decoder", "sam-adapter-paper", "cad")
-# Tables 3-4 of the paper: (backbone, dataset, method) -> (Dice, IoU).
-PAPER_SCORES = {
-    ("vit_b", "istd"): {
-        "zero-shot": (0.1495, 0.0889),
-        "decoder": (0.7773, 0.6889),
-        "sam-adapter-paper": (0.9039, 0.8567),
-        "cad": (0.8681, 0.8086),
-    },
-    ("vit_b", "cod10k"): {
-        "zero-shot": (0.0601, 0.0347),
-        "decoder": (0.6764, 0.5738),
-        "sam-adapter-paper": (0.7343, 0.6400),
-        "cad": (0.6489, 0.5409),
-    },
-    ("vit_b", "camo"): {
-        "zero-shot": (0.1637, 0.1025),
-        "decoder": (0.6673, 0.5484),
-        "sam-adapter-paper": (0.7393, 0.6281),
-        "cad": (0.6847, 0.5616),
-    },
-    ("vit_h", "istd"): {
-        "zero-shot": (0.2153, 0.1307),
-        "decoder": (0.7544, 0.6638),
-        "sam-adapter-paper": (0.9516, 0.9220),
-        "cad": (0.8616, 0.8069),
-    },
-    ("vit_h", "cod10k"): {
-        "zero-shot": (0.0498, 0.0294),
-        "decoder": (0.7420, 0.6579),
-        "sam-adapter-paper": (0.8600, 0.7890),
-        "cad": (0.7464, 0.6613),
-    },
-    ("vit_h", "camo"): {
-        "zero-shot": (0.1387, 0.0879),
-        "decoder": (0.7690, 0.6730),
-        "sam-adapter-paper": (0.8177, 0.7292),
-        "cad": (0.7578, 0.6595),
-    },
-}
-# Tables 1-2: (backbone, method) -> (trainable parameters as printed, GPU memory MiB).
-PAPER_MEMORY = {
-    ("vit_b", "decoder"): (4_058_340, 14_113),
-    ("vit_b", "sam-adapter-paper"): (4_788_740, 36_871),
-    ("vit_b", "cad"): (5_831_908, 17_697),
-    ("vit_h", "decoder"): (4_058_340, 14_329),
-    ("vit_h", "sam-adapter-paper"): (6_091_908, 42_623),
-    ("vit_h", "cad"): (5_831_908, 15_457),
-}
 
 
 def checkpoint_file(checkpoint_dir: Path, backbone: str) -> Path:
@@ -257,7 +210,7 @@ def write_report(out: Path, results: list[dict[str, Any]], data_root: Path) -> P
             ]
         )
         for r in results:
-            paper = PAPER_SCORES.get((r["backbone"], r["dataset"]), {}).get(r["method"], ("", ""))
+            paper = SCORES.get((r["backbone"], r["dataset"]), {}).get(r["method"], ("", ""))
             writer.writerow(
                 [
                     r["dataset"],
@@ -290,7 +243,7 @@ def write_report(out: Path, results: list[dict[str, Any]], data_root: Path) -> P
                 for x in rows
                 if x["method"] == r["method"] and x["peak_memory_mib"]
             ]
-            paper = PAPER_MEMORY.get((backbone, r["method"]), ("-", "-"))
+            paper = MEMORY_TABLES.get((backbone, r["method"]), ("-", "-"))
             memory = f"{max(peaks):,.0f}" if peaks else "- (CPU run)"
             lines.append(
                 f"| {r['method']} | {r['trainable']:,} | {_fmt(paper[0])} | {memory} | {_fmt(paper[1])} |"
@@ -320,7 +273,7 @@ def write_report(out: Path, results: list[dict[str, Any]], data_root: Path) -> P
                     ),
                     None,
                 )
-                paper = PAPER_SCORES.get((backbone, d), {}).get(method)
+                paper = SCORES.get((backbone, d), {}).get(method)
                 for i, key in enumerate(("dice", "iou")):
                     ours = f"{r[key]:.4f}" if r else "-"
                     cells.append(f"{ours} ({paper[i]:.4f})" if paper else ours)

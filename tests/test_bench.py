@@ -1,0 +1,29 @@
+"""cadsam bench without a GPU, and its report from the H100 results kept in benchmarks/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cadsam.bench import markdown_table
+from cadsam.cli import main
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "h100_vit_b.json"
+
+
+def test_bench_refuses_without_a_gpu(capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["bench", "--out", "unused"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_paper_figures_stand_beside_their_methods_only():
+    rows = {
+        line.split(" | ")[1]: line.split(" | ")
+        for line in markdown_table(json.loads(RESULTS.read_text())).splitlines()
+        if line.startswith("| vit_b |") and "| fp32 |" in line
+    }
+    assert rows["decoder-plain"][5] == "14113" and rows["decoder"][5] == "14113"
+    assert rows["cad"][5] == "17697" and rows["cad"][6] == "15775"
+    assert rows["cad-cache"][5] == "" and rows["sam-adapter-paper-ckpt"][5] == ""
+    assert rows["decoder"][7] == "910"  # peak allocated, from the JSON
