@@ -44,3 +44,20 @@ def test_demo_writes_a_consistent_report(tmp_path):
     model, meta = load_weights(tmp_path / "runs" / "cad" / "last.safetensors")
     assert meta["base_checkpoint"]["name"].endswith("sam_vit_tiny_random.pth")
     assert model.sam.image_encoder is not None  # trained from the cache, usable with the encoder
+
+
+def test_demo_picks_the_given_then_a_cached_then_a_random_sam(tmp_path, monkeypatch):
+    import torch
+
+    from cadsam.demo import pick_backbone
+    from cadsam.sam import build_sam
+
+    monkeypatch.setenv("CADSAM_HOME", str(tmp_path / "home"))
+    assert pick_backbone(None, tmp_path) == ("vit_tiny", str(tmp_path / "sam_vit_tiny_random.pth"))
+    given = tmp_path / "mine.pth"
+    torch.save(build_sam("vit_tiny").state_dict(), given)
+    assert pick_backbone(str(given), tmp_path) == ("vit_tiny", str(given))
+    cached = tmp_path / "home" / "checkpoints" / "sam_vit_b_01ec64.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"found by name")
+    assert pick_backbone(None, tmp_path) == ("vit_b", str(cached))

@@ -391,3 +391,26 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, message):
     lines = [line for line in result.stderr.splitlines() if line.startswith("cadsam: error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_tensorboard_logs_what_metrics_jsonl_says(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = _isbi_subset(tmp_path, 6)
+    args = [
+        "train",
+        "--method",
+        "decoder",
+        "--epochs",
+        "2",
+        "--val-fraction",
+        "0.34",
+        "--tensorboard",
+    ]
+    assert main([*args, *FAST, *data, "--out", str(tmp_path / "run")]) == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(events.Scalars("train/loss")) == 2 * 1  # 4 training pairs, batch 4: a step an epoch
+    dice = [e.value for e in events.Scalars("val/dice")]
+    assert dice == pytest.approx([x["val"]["dice"] for x in lines])

@@ -337,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     run.add_argument("--num-workers", type=int, help="data loading processes (default 2)")
     run.add_argument("--no-progress", action="store_true", default=None, help="no progress bars")
+    run.add_argument(
+        "--tensorboard",
+        action="store_true",
+        default=None,
+        help="also log loss, learning rate and validation to RUN/tensorboard",
+    )
 
     ev = command(
         "eval",

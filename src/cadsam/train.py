@@ -44,7 +44,7 @@ from .weights import base_checkpoint_record, save_weights
 
 SCHEDULES = ("cosine", "constant")
 # Settings that only say how to run, not what is trained: they may differ on --resume.
-RUNTIME_KEYS = ("out", "resume", "device", "num_workers", "progress")
+RUNTIME_KEYS = ("out", "resume", "device", "num_workers", "progress", "tensorboard")
 
 
 @dataclass
@@ -85,6 +85,7 @@ class TrainConfig:
     num_workers: int = 2
     resume: bool = False
     progress: bool = True
+    tensorboard: bool = False  # also log to RUN/tensorboard (needs cadsam[tensorboard])
 
     def __post_init__(self) -> None:
         if self.batch_size is None:
@@ -308,6 +309,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
             lambda p: p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)),
         )
 
+    board = _tensorboard(run) if cfg.tensorboard and dist.is_main else None
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -330,6 +332,9 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                if board is not None:
+                    board.add_scalar("train/loss", loss.item(), scheduler.last_epoch)
+                    board.add_scalar("train/lr", scheduler.get_last_lr()[0], scheduler.last_epoch)
             loss_sum += torch.stack(
                 (loss.detach() * len(images), torch.tensor(len(images), device=dist.device))
             )
@@ -375,7 +380,24 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
                 save_weights(run / "best.safetensors", model, base, cfg.image_size)
             _save_state(run, model, optimizer, scheduler, base, record, best_dice)
             log(_summary(record))
+        if board is not None:
+            board.add_scalar("epoch/loss", record["loss"], record["epoch"])
+            for key, value in record.get("val", {}).items():
+                board.add_scalar(f"val/{key}", value, record["epoch"])
+            board.flush()
+    if board is not None:
+        board.close()
     return model
+
+
+def _tensorboard(run: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise CadsamError(
+            "--tensorboard needs TensorBoard: pip install 'cadsam[tensorboard]'"
+        ) from None
+    return SummaryWriter(str(run / "tensorboard"))
 
 
 def _save_state(run, model, optimizer, scheduler, base, record, best_dice) -> None:
