@@ -84,15 +84,11 @@ def build_model(
             checkpoint_blocks=options["checkpoint_adapter"],
             channels_last=options["channels_last"],
         )
-        return AdaptedSam(**common, adapter=adapter, adapter_size=options["adapter_size"])
+        return AdaptedSam(**common, adapter=adapter)
     if method in ("sam-adapter", "sam-adapter-paper"):
         kind = OfficialSamAdapter if method == "sam-adapter" else PaperSamAdapter
         encoder_adapter = kind(config.embed_dim, config.depth, config.patch_size)
-        return AdaptedSam(
-            **common,
-            encoder_adapter=encoder_adapter,
-            checkpoint_blocks=options["checkpoint_blocks"],
-        )
+        return AdaptedSam(**common, encoder_adapter=encoder_adapter)
     return AdaptedSam(**common)
 
 

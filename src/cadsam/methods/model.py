@@ -36,8 +36,6 @@ class AdaptedSam(nn.Module):
         options: dict[str, Any],
         adapter: ConvAdapter | None = None,
         encoder_adapter: OfficialSamAdapter | PaperSamAdapter | None = None,
-        checkpoint_blocks: bool = False,
-        adapter_size: int | None = None,
     ) -> None:
         super().__init__()
         self.sam = sam
@@ -46,8 +44,6 @@ class AdaptedSam(nn.Module):
         self.options = dict(options)
         self.adapter = adapter
         self.encoder_adapter = encoder_adapter
-        self.checkpoint_blocks = checkpoint_blocks
-        self.adapter_size = adapter_size
         sam.requires_grad_(False)
         if method != "zero-shot":
             sam.mask_decoder.requires_grad_(True)
@@ -57,13 +53,10 @@ class AdaptedSam(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What training changes: trainable parameters and the adapter's BatchNorm buffers."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        adapter_buffers = {f"adapter.{name}" for name, _ in self._adapter_buffers()}
-        return {
-            name: tensor.detach()
-            for name, tensor in self.state_dict().items()
-            if name in trainable or name in adapter_buffers
-        }
+        keep = {name for name, p in self.named_parameters() if p.requires_grad}
+        if self.adapter is not None:
+            keep |= {f"adapter.{name}" for name, _ in self.adapter.named_buffers()}
+        return {name: t.detach() for name, t in self.state_dict().items() if name in keep}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = set(self.trainable_state_dict())
@@ -74,9 +67,6 @@ class AdaptedSam(nn.Module):
                 f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
             )
         self.load_state_dict(state, strict=False)
-
-    def _adapter_buffers(self) -> list[tuple[str, torch.Tensor]]:
-        return [] if self.adapter is None else list(self.adapter.named_buffers())
 
     def parameter_counts(self) -> dict[str, int]:
         return {
@@ -97,7 +87,7 @@ class AdaptedSam(nn.Module):
 
     def adapter_input(self, images: torch.Tensor) -> torch.Tensor:
         """RGB 0..255 at data resolution -> RGB 0..255 at the adapter's resolution."""
-        size = self.adapter_size
+        size = self.options.get("adapter_size")
         if size is None or (images.shape[-1] == size and images.shape[-2] == size):
             return images.float()
         return F.interpolate(
@@ -112,7 +102,7 @@ class AdaptedSam(nn.Module):
         if self.encoder_adapter is not None:
             assert embeddings is None, "SAM-Adapter changes the encoder's output"
             return self.encoder_adapter.encode(
-                self.sam.image_encoder, self.sam_input(images), self.checkpoint_blocks
+                self.sam.image_encoder, self.sam_input(images), self.options["checkpoint_blocks"]
             )
         if embeddings is None:
             assert self.sam.image_encoder is not None, "built without an encoder: pass embeddings"
