@@ -126,7 +126,6 @@ def run_demo(
             batch_size=4,
             num_workers=0,
             progress=progress,
-            device="cpu",
             method_options=options,
             resume=(run / "state.pt").exists(),  # a rerun of the demo continues or reuses it
         )
