@@ -61,3 +61,25 @@ def test_demo_picks_the_given_then_a_cached_then_a_random_sam(tmp_path, monkeypa
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"found by name")
     assert pick_backbone(None, tmp_path) == ("vit_b", str(cached))
+
+
+def test_demo_refuses_a_checkpoint_of_no_known_backbone(tmp_path):
+    import pytest
+    import torch
+
+    from cadsam.demo import pick_backbone
+    from cadsam.errors import CadsamError
+    from cadsam.sam.image_encoder import ImageEncoderViT
+    from cadsam.sam.prompt_encoder import PromptEncoder
+
+    odd = {
+        f"image_encoder.{k}": v
+        for k, v in ImageEncoderViT(img_size=64, embed_dim=32, depth=1, num_heads=1)
+        .state_dict()
+        .items()
+    }
+    odd |= {f"prompt_encoder.{k}": v for k, v in PromptEncoder().state_dict().items()}
+    odd["mask_decoder.iou_token.weight"] = torch.zeros(1, 256)
+    torch.save(odd, tmp_path / "odd.pth")
+    with pytest.raises(CadsamError, match=r"no known backbone \(embed dim 32, 1 blocks\)"):
+        pick_backbone(str(tmp_path / "odd.pth"), tmp_path)

@@ -414,3 +414,20 @@ def test_tensorboard_logs_what_metrics_jsonl_says(tmp_path):
     assert len(events.Scalars("train/loss")) == 2 * 1  # 4 training pairs, batch 4: a step an epoch
     dice = [e.value for e in events.Scalars("val/dice")]
     assert dice == pytest.approx([x["val"]["dice"] for x in lines])
+
+
+def test_predict_feeds_the_model_what_training_and_eval_feed_it():
+    from cadsam.data import SegmentationDataset, pair_folders
+    from cadsam.data.io import read_image
+    from cadsam.predict import predict_logits
+
+    torch.manual_seed(0)
+    model = build_model("cad", "vit_tiny", adapter_size=32).eval()
+    pair = pair_folders(KVASIR / "images", KVASIR / "masks")[0]
+    image = read_image(pair.image)
+    with torch.no_grad():
+        from_dataset = model(SegmentationDataset([pair], 64)[0]["image"][None].float())
+    expected = torch.nn.functional.interpolate(
+        from_dataset, image.shape[:2], mode="bilinear", align_corners=False
+    )[0, 0]
+    assert torch.equal(predict_logits(model, image, 64, torch.device("cpu")), expected)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .data.io import read_image
-from .data.transforms import VIEWS, apply_view, resize_pair
+from .data.transforms import VIEWS, apply_view, resize_image
 from .errors import CadsamError
 from .precision import autocast
 from .sam.sam import PIXEL_MEAN, PIXEL_STD
@@ -187,7 +187,7 @@ class _ViewImages(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         entry = self.entries[i]
         image = read_image(self.images[entry // len(self.views)])
-        image, _ = resize_pair(image, np.zeros(image.shape[:2], bool), self.size)
+        image = resize_image(image, self.size)
         view = apply_view(image, self.views[entry % len(self.views)])
         return entry, torch.from_numpy(view).permute(2, 0, 1)
 

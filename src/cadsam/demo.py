@@ -23,6 +23,7 @@ from PIL import Image
 from .cache import build_cache
 from .data import SegmentationDataset, collate, pair_folders
 from .data.synthetic import make_synthetic_set
+from .errors import CadsamError
 from .evaluate import evaluate
 from .methods import build_model
 from .sam import SAM_CONFIGS, build_sam
@@ -41,6 +42,10 @@ def pick_backbone(checkpoint: str | None, out: Path) -> tuple[str, str]:
         for name, config in SAM_CONFIGS.items():
             if (config.embed_dim, config.depth) == found:
                 return name, str(checkpoint)
+        raise CadsamError(
+            f"{checkpoint} holds an image encoder of no known backbone "
+            f"(embed dim {found[0]}, {found[1]} blocks)"
+        )
     for name in ("vit_b", "vit_l", "vit_h"):
         path = checkpoint_dir() / META_CHECKPOINTS[name].filename
         if path.is_file():

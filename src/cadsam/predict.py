@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data.io import IMAGE_EXTENSIONS, list_images, read_image
+from .data.transforms import resize_image
 from .errors import CadsamError
 from .methods import AdaptedSam
 from .precision import autocast
@@ -37,11 +38,9 @@ def input_files(source: str | os.PathLike) -> list[Path]:
 def predict_logits(
     model: AdaptedSam, image: np.ndarray, size: int, device: torch.device, precision: str = "fp32"
 ) -> torch.Tensor:
-    """H x W x 3 uint8 -> H x W logits: resized to ``size`` for the model, back for the mask."""
-    tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(device)
-    resized = F.interpolate(
-        tensor, (size, size), mode="bilinear", align_corners=False, antialias=True
-    )
+    """H x W x 3 uint8 -> H x W logits: resized to ``size`` for the model exactly as the
+    training and evaluation data are, then the logits back to the image's size."""
+    resized = torch.from_numpy(resize_image(image, size)).permute(2, 0, 1)[None].float().to(device)
     with autocast(device, precision):
         logits = model(resized).float()
     return F.interpolate(logits, image.shape[:2], mode="bilinear", align_corners=False)[0, 0].cpu()

@@ -18,10 +18,14 @@ AUGMENTATIONS = ("hflip", "vflip", "rot90", "shift_scale_rotate")
 VIEWS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")
 
 
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """H x W x 3 uint8 -> size x size, bilinear: how every image reaches the model."""
+    return np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+
+
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    image = np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
     mask = np.array(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
-    return image, mask
+    return resize_image(image, size), mask
 
 
 def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
