@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import types
 from pathlib import Path
@@ -58,3 +59,15 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> None:
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest absolute difference relative to the largest reference magnitude."""
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+def join_as_rank(rank: int, world: int, port: int) -> None:
+    """Set what torchrun would set for process ``rank`` of ``world`` on this machine."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)

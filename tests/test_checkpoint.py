@@ -162,3 +162,14 @@ def test_offline_error_says_what_to_download_and_where(monkeypatch, tmp_path):
     assert "sam_vit_h_4b8939.pth" in message
     assert str(ckpt.checkpoint_dir() / "sam_vit_h_4b8939.pth") in message
     assert list(ckpt.checkpoint_dir().iterdir()) == []
+
+
+def test_sha256_is_remembered_but_never_stale(tmp_path):
+    import os
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"one")
+    assert ckpt.file_sha256(path) == hashlib.sha256(b"one").hexdigest()
+    path.write_bytes(b"two")  # same size, new contents
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1000))
+    assert ckpt.file_sha256(path) == hashlib.sha256(b"two").hexdigest()

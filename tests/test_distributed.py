@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import torch
-from conftest import SHARED_DATA, randomize_
+from conftest import SHARED_DATA, join_as_rank, randomize_
 
 from cadsam import build_model, build_sam
 from cadsam.cache import build_cache, open_cache
@@ -16,17 +15,15 @@ from cadsam.distributed import setup, teardown
 from cadsam.evaluate import evaluate
 
 ISBI = SHARED_DATA / "isbi2012-membrane"
-
-
-def _join(rank: int, world: int, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
+CACHE_OPTIONS = dict(
+    views=["identity", "vflip"],
+    image_size=64,
+    batch_size=3,
+    precision="fp32",
+    dtype="float32",
+    num_workers=0,
+    progress=False,
+)
 
 
 def _model():
@@ -37,7 +34,7 @@ def _model():
 
 
 def _eval_worker(rank, world, port, out):
-    _join(rank, world, port)
+    join_as_rank(rank, world, port)
     dist = setup("cpu")
     try:
         dataset = SegmentationDataset(pair_folders(ISBI / "images", ISBI / "masks")[:7], 64)
@@ -59,20 +56,8 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
 
 
 def _cache_worker(rank, world, port, images, out, checkpoint):
-    _join(rank, world, port)
-    build_cache(
-        images,
-        out,
-        "vit_tiny",
-        checkpoint,
-        ["identity", "vflip"],
-        image_size=64,
-        batch_size=3,
-        precision="fp32",
-        dtype="float32",
-        num_workers=0,
-        progress=False,
-    )
+    join_as_rank(rank, world, port)
+    build_cache(images, out, "vit_tiny", checkpoint, **CACHE_OPTIONS)
 
 
 def test_cache_built_by_two_processes_equals_one(tmp_path):
@@ -84,17 +69,7 @@ def test_cache_built_by_two_processes_equals_one(tmp_path):
         _cache_worker, args=(2, 29583, images, tmp_path / "two", tmp_path / "sam.pth"), nprocs=2
     )
     single = build_cache(
-        images,
-        tmp_path / "one",
-        "vit_tiny",
-        tmp_path / "sam.pth",
-        ["identity", "vflip"],
-        image_size=64,
-        batch_size=3,
-        precision="fp32",
-        dtype="float32",
-        num_workers=0,
-        progress=False,
+        images, tmp_path / "one", "vit_tiny", tmp_path / "sam.pth", **CACHE_OPTIONS
     )
     shared = open_cache(tmp_path / "two")
     assert shared.complete() and shared.manifest == single.manifest

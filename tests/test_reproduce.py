@@ -27,33 +27,22 @@ def istd_like(tmp_path):
     return tmp_path
 
 
-def test_reproduce_writes_every_table_and_figure(istd_like, capsys):
-    args = [
+def _reproduce(root) -> list[str]:
+    return [
         "reproduce",
         "--data-root",
-        str(istd_like / "data"),
+        str(root / "data"),
         "--checkpoint-dir",
-        str(istd_like / "ckpt"),
+        str(root / "ckpt"),
         "--out",
-        str(istd_like / "out"),
-        "--datasets",
-        "istd",
-        "--backbones",
-        "vit_tiny",
-        "--methods",
-        "zero-shot",
-        "decoder",
-        "cad",
-        "--epochs",
-        "1",
-        "--image-size",
-        "64",
-        "--adapter-size",
-        "32",
-        "--num-workers",
-        "0",
-        "--no-progress",
+        str(root / "out"),
     ]
+
+
+def test_reproduce_writes_every_table_and_figure(istd_like, capsys):
+    args = [*_reproduce(istd_like), "--datasets", "istd", "--backbones", "vit_tiny"]
+    args += ["--methods", "zero-shot", "decoder", "cad", "--epochs", "1", "--image-size", "64"]
+    args += ["--adapter-size", "32", "--num-workers", "0", "--no-progress"]
     assert main(args) == 0
     out = istd_like / "out"
     results = json.loads((out / "results.json").read_text())
@@ -78,13 +67,7 @@ def test_reproduce_writes_every_table_and_figure(istd_like, capsys):
 
 def test_missing_inputs_are_reported_before_training(istd_like, capsys):
     args = [
-        "reproduce",
-        "--data-root",
-        str(istd_like / "data"),
-        "--checkpoint-dir",
-        str(istd_like / "ckpt"),
-        "--out",
-        str(istd_like / "out"),
+        *_reproduce(istd_like),
         "--datasets",
         "istd",
         "camo",

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, join_as_rank
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -156,14 +156,7 @@ def test_run_directory_protection_and_resume_conflicts(tmp_path, capsys):
 
 
 def _ddp_worker(rank, world, port, cfg_kwargs, out):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
+    join_as_rank(rank, world, port)
     model = train(TrainConfig(**cfg_kwargs, out=str(out / f"run{rank}")))
     torch.save(model.trainable_state_dict(), out / f"rank{rank}.pt")
 

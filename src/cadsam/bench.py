@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import CadsamError
+from .figures import pyplot
 from .paper import AUTHORS_CODE_H100_MIB, MEMORY_TABLES
 
 # variant -> (method, options). "plain" variants are the reference formulation (explicit
@@ -286,12 +287,8 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def plot_memory(results: list[dict[str, Any]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     rows = [
         r for r in results if "peak_allocated_mib" in r and r.get("variant") != "encoder-forward"

@@ -35,6 +35,7 @@ from . import distributed
 from .data.io import read_image
 from .data.transforms import VIEWS, apply_view, resize_image
 from .errors import CadsamError
+from .files import write_atomic
 from .precision import autocast
 from .sam.sam import PIXEL_MEAN, PIXEL_STD
 
@@ -254,9 +255,10 @@ def build_cache(
                 np.lib.format.open_memmap(
                     done_path, mode="w+", dtype=np.uint8, shape=(entries,)
                 ).flush()
-                tmp = manifest_path.with_name(".manifest.json.tmp")
-                tmp.write_text(json.dumps(manifest, indent=1))
-                os.replace(tmp, manifest_path)  # last: a cache without it is not a cache
+                # Written last: a folder without a manifest is not a cache.
+                write_atomic(
+                    manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1))
+                )
         distributed.barrier(dist)
         cache = open_cache(root, writable=True)
         todo = [int(e) for e in np.flatnonzero(cache.done == 0) if e % dist.world_size == dist.rank]

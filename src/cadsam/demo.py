@@ -16,15 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from .cache import build_cache
 from .data import SegmentationDataset, collate, pair_folders
 from .data.synthetic import make_synthetic_set
 from .errors import CadsamError
 from .evaluate import evaluate
+from .figures import mask_rows, pyplot, save_grid
 from .methods import build_model
 from .sam import SAM_CONFIGS, build_sam
 from .sam.checkpoint import META_CHECKPOINTS, checkpoint_dir, encoder_signature, read_sam_state_dict
@@ -208,19 +207,15 @@ def _write_report(
     _plot_tradeoff(rows, out / "tradeoff.png")
     camo = [p for p in test_pairs if p.id.startswith("camo")][:2]
     shadow = [p for p in test_pairs if p.id.startswith("shadow")][:2]
-    _example_grid(models, camo + shadow, size, out / "examples.png")
+    save_grid(mask_rows(list(models.values()), camo + shadow, size), out / "examples.png")
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
 
 
 def _plot_tradeoff(rows, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for r in rows:
@@ -238,19 +233,3 @@ def _plot_tradeoff(rows, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-@torch.no_grad()
-def _example_grid(models, pairs, size, path: Path) -> None:
-    """Rows: examples; columns: image, ground truth, then each method's mask."""
-    dataset = SegmentationDataset(pairs, size)
-    tiles = []
-    for i in range(len(pairs)):
-        item = dataset[i]
-        image = item["image"].permute(1, 2, 0).numpy()
-        row = [image, np.repeat(item["mask"][0].numpy()[..., None] * 255, 3, 2).astype(np.uint8)]
-        for model in models.values():
-            mask = (model(item["image"][None].float())[0, 0] > 0).numpy()
-            row.append(np.repeat(mask[..., None] * 255, 3, 2).astype(np.uint8))
-        tiles.append(np.concatenate(row, axis=1))
-    Image.fromarray(np.concatenate(tiles, axis=0)).save(path)

@@ -15,14 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from .data import SegmentationDataset, layout_pairs, scan_pairs
 from .distributed import Dist
 from .errors import CadsamError
 from .evaluate import evaluate
+from .figures import mask_rows, pyplot, save_grid
 from .methods import build_model
 from .paper import MEMORY_TABLES, SCORES
 from .sam.checkpoint import META_CHECKPOINTS
@@ -96,6 +95,14 @@ def reproduce(
         )
     check_inputs(data_root, checkpoint_dir, datasets, backbones)
     say = print  # status lines always; ``progress`` governs the bars
+    protocol = dict(
+        epochs=epochs,
+        image_size=image_size,
+        adapter_size=adapter_size,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+    )
     results = []
     for dataset in datasets:
         root = dataset_root(data_root, dataset)
@@ -116,14 +123,9 @@ def reproduce(
                     backbone,
                     checkpoint,
                     method,
-                    out / "runs" / name,
                     test_pairs,
-                    epochs,
-                    image_size,
-                    adapter_size,
-                    device,
-                    num_workers,
-                    progress,
+                    out / "runs" / name,
+                    **protocol,
                 )
                 result_path.write_text(json.dumps(result, indent=1))
                 results.append(result)
@@ -132,19 +134,20 @@ def reproduce(
 
 
 def _run_one(
-    dataset,
-    root,
-    backbone,
-    checkpoint,
-    method,
+    dataset: str,
+    root: Path,
+    backbone: str,
+    checkpoint: str,
+    method: str,
+    test_pairs: list,
     run: Path,
-    test_pairs,
-    epochs,
-    image_size,
-    adapter_size,
-    device,
-    num_workers,
-    progress,
+    *,
+    epochs: int,
+    image_size: int,
+    adapter_size: int,
+    device: str | None,
+    num_workers: int,
+    progress: bool,
 ) -> dict[str, Any]:
     run.mkdir(parents=True, exist_ok=True)
     peak = None
@@ -298,12 +301,8 @@ def _fmt(value) -> str:
 
 def _plot_tradeoffs(out: Path, results, backbones) -> list[str]:
     """Figures 6-7: Dice against training memory (trainable parameters on a CPU run)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     paths = []
     for number, backbone in enumerate(backbones, start=6):
@@ -335,15 +334,13 @@ def _plot_tradeoffs(out: Path, results, backbones) -> list[str]:
     return paths
 
 
-@torch.no_grad()
 def _example_grid(
     path: Path, results, data_root: Path, per_dataset: int = 2, size: int = 256
 ) -> None:
     """Figure 8: per row an image, its ground truth, then each run's mask in the order of
     ``results`` (backbones, then methods)."""
-    tiles = []
+    rows = []
     for dataset in dict.fromkeys(r["dataset"] for r in results):
-        pairs = layout_pairs(dataset, dataset_root(data_root, dataset), "test")[:per_dataset]
         models = [
             load_weights(r["weights"])[0]
             if r["weights"]
@@ -351,17 +348,6 @@ def _example_grid(
             for r in results
             if r["dataset"] == dataset
         ]
-        for pair in pairs:
-            item = SegmentationDataset([pair], size)[0]
-            row = [item["image"].permute(1, 2, 0).numpy(), _grey(item["mask"][0].numpy() > 0.5)]
-            for model in models:
-                row.append(_grey((model.eval()(item["image"][None].float())[0, 0] > 0).numpy()))
-            tiles.append(np.concatenate(row, axis=1))
-    if tiles:
-        width = max(t.shape[1] for t in tiles)
-        tiles = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles]
-        Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
-
-
-def _grey(mask: np.ndarray) -> np.ndarray:
-    return np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=2)
+        pairs = layout_pairs(dataset, dataset_root(data_root, dataset), "test")[:per_dataset]
+        rows += mask_rows(models, pairs, size)
+    save_grid(rows, path)

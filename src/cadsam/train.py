@@ -38,6 +38,7 @@ from .data import (
 )
 from .errors import CadsamError
 from .evaluate import evaluate
+from .files import write_atomic
 from .methods import CACHEABLE, METHOD_OPTIONS, AdaptedSam, build_model
 from .precision import PRECISIONS, autocast
 from .weights import base_checkpoint_record, save_weights
@@ -215,12 +216,6 @@ def _cache_links(cfg: TrainConfig, train_pairs, val_pairs, base, log):
     return (cfg.cache, cache.views, train), (cfg.cache, cache.views, val)
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def train(cfg: TrainConfig) -> AdaptedSam:
     """Train ``cfg.method``; the run directory gets the weights. Returns the trained model."""
     dist = distributed.setup(cfg.device)
@@ -304,7 +299,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
         log(f"resuming {run} after epoch {start_epoch}")
     elif dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        _write_atomic(
+        write_atomic(
             run / "config.yaml",
             lambda p: p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)),
         )
@@ -314,7 +309,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         model.train()
-        started, loss_sum, seen = time.perf_counter(), torch.zeros(2, device=dist.device), 0
+        started, loss_sum, seen = time.perf_counter(), torch.zeros((), device=dist.device), 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show)
         for i, batch in enumerate(bar):
             images = batch["image"].to(dist.device, non_blocking=True)
@@ -335,21 +330,20 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
                 if board is not None:
                     board.add_scalar("train/loss", loss.item(), scheduler.last_epoch)
                     board.add_scalar("train/lr", scheduler.get_last_lr()[0], scheduler.last_epoch)
-            loss_sum += torch.stack(
-                (loss.detach() * len(images), torch.tensor(len(images), device=dist.device))
-            )
+            loss_sum += loss.detach() * len(images)  # stays on the device: no sync per step
             seen += len(images)
             if show:  # .item() waits for the GPU: only when someone is watching
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        totals = torch.stack((loss_sum, torch.tensor(float(seen), device=dist.device)))
         if dist.enabled:
-            torch_dist.all_reduce(loss_sum)
+            torch_dist.all_reduce(totals)
         seconds = time.perf_counter() - started
         record: dict[str, Any] = {
             "epoch": epoch + 1,
-            "loss": (loss_sum[0] / loss_sum[1]).item(),
+            "loss": (totals[0] / totals[1]).item(),
             "lr": scheduler.get_last_lr()[0],
             "seconds": round(seconds, 2),
-            "images_per_second": round(seen * dist.world_size / seconds, 2),
+            "images_per_second": round(totals[1].item() / seconds, 2),
         }
         if dist.device.type == "cuda":  # the peak since the run started, this process
             record["peak_memory_mib"] = round(
@@ -410,7 +404,7 @@ def _save_state(run, model, optimizer, scheduler, base, record, best_dice) -> No
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
     }
-    _write_atomic(run / "state.pt", lambda p: torch.save(state, p))
+    write_atomic(run / "state.pt", lambda p: torch.save(state, p))
     with open(run / "metrics.jsonl", "a") as f:  # a line per finished epoch
         f.write(json.dumps(record) + "\n")
 

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import CadsamError
+from .files import write_atomic
 from .methods import AdaptedSam, build_model
 from .sam.checkpoint import file_sha256, resolve_checkpoint
 
@@ -52,14 +53,10 @@ def save_weights(
         "base_checkpoint": base,
         "includes_base": includes_base,
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"cadsam": json.dumps(meta)},
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomic(
+        path, lambda tmp: save_file(tensors, str(tmp), metadata={"cadsam": json.dumps(meta)})
     )
-    os.replace(tmp, path)
 
 
 def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:

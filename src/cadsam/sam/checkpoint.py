@@ -116,12 +116,32 @@ def download_file(url: str, dest: Path, digest: str, progress: bool = True) -> N
         tmp.unlink(missing_ok=True)
 
 
+_SHA256_SEEN: dict[tuple[str, int, int], str] = {}
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            hasher.update(chunk)
-    return hasher.hexdigest()
+    """The file's sha256, computed once per process for each (path, size, mtime): training,
+    caching and loading weights all identify the same multi-GB checkpoint by it."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_SEEN:
+        hasher = hashlib.sha256()
+        with (
+            open(path, "rb") as f,
+            tqdm(
+                total=stat.st_size,
+                unit="B",
+                unit_scale=True,
+                desc=f"sha256 {Path(path).name}",
+                disable=stat.st_size < 2**28,
+                leave=False,
+            ) as bar,
+        ):
+            while chunk := f.read(1 << 24):
+                hasher.update(chunk)
+                bar.update(len(chunk))
+        _SHA256_SEEN[key] = hasher.hexdigest()
+    return _SHA256_SEEN[key]
 
 
 def read_sam_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
