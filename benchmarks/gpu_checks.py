@@ -13,6 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cadsam import build_model
+from cadsam.methods.cad import ConvAdapter
 from cadsam.sam.image_encoder import Attention
 
 
@@ -58,27 +59,39 @@ def attention_check(dtype: torch.dtype) -> dict:
     return out
 
 
-def cad_checkpoint_check() -> dict:
+def cad_adapter_check(precision: str, **options) -> dict:
+    """CAD's adapter at the bench's size (batch 4, 512 x 512) with a memory-saving path
+    against the plain one; fp32 with TF32 off, so only the arithmetic's order differs."""
     torch.manual_seed(1)
-    plain = build_model("cad", "vit_b").cuda()
-    ckpt = build_model("cad", "vit_b", checkpoint_adapter=True).cuda()
-    ckpt.load_state_dict(plain.state_dict())
-    images = torch.rand(2, 3, 512, 512, device="cuda") * 255
-    target = (images.mean(1, keepdim=True) > 127).float()
-    for model in (plain, ckpt):
-        torch.nn.functional.binary_cross_entropy_with_logits(model(images), target).backward()
+    plain = ConvAdapter(64, tile_mib=0).cuda()
+    saving = ConvAdapter(64, **options).cuda()
+    saving.load_state_dict(plain.state_dict())
+    images = torch.rand(4, 3, 512, 512, device="cuda") * 255
+    upstream = torch.randn(4, 256, 64, 64, device="cuda")
+    outputs = []
+    torch.backends.cudnn.allow_tf32 = False
+    for adapter in (plain, saving):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = adapter(images)
+        out.float().backward(upstream)
+        outputs.append(out.float())
+    torch.backends.cudnn.allow_tf32 = True
     # Over the whole gradient vector: some entries are zero in exact arithmetic (a conv bias
     # right before BatchNorm), so per-tensor relative errors would compare noise with noise.
     grads = rel_err(
-        torch.cat([p.grad.flatten() for p in ckpt.adapter.parameters()]),
-        torch.cat([p.grad.flatten() for p in plain.adapter.parameters()]),
+        torch.cat([p.grad.flatten() for p in saving.parameters()]),
+        torch.cat([p.grad.flatten() for p in plain.parameters()]),
     )
     stats = max(
         rel_err(b, a)
-        for a, b in zip(plain.adapter.buffers(), ckpt.adapter.buffers(), strict=True)
+        for a, b in zip(plain.buffers(), saving.buffers(), strict=True)
         if a.is_floating_point()
     )
-    return {"adapter_grad_rel_err": grads, "running_stats_rel_err": stats}
+    return {
+        "output_rel_err": rel_err(outputs[1], outputs[0]),
+        "adapter_grad_rel_err": grads,
+        "running_stats_rel_err": stats,
+    }
 
 
 @torch.no_grad()
@@ -102,7 +115,9 @@ if __name__ == "__main__":
         "torch": torch.__version__,
         "attention_fp32": attention_check(torch.float32),
         "attention_bf16": attention_check(torch.bfloat16),
-        "cad_checkpoint_fp32": cad_checkpoint_check(),
+        "cad_checkpoint_fp32": cad_adapter_check("fp32", tile_mib=0, checkpoint_blocks=True),
+        "cad_banded_fp32": cad_adapter_check("fp32", tile_mib=64),
+        "cad_banded_bf16": cad_adapter_check("bf16", tile_mib=64),
     }
     print(json.dumps(report, indent=2))
     ok = (
@@ -110,5 +125,7 @@ if __name__ == "__main__":
         and report["attention_fp32"]["input_grad_rel_err"] < 1e-3
         and report["attention_bf16"]["forward_rel_err"] < 5e-2
         and report["cad_checkpoint_fp32"]["adapter_grad_rel_err"] < 1e-3
+        and report["cad_banded_fp32"]["adapter_grad_rel_err"] < 1e-3
+        and report["cad_banded_fp32"]["running_stats_rel_err"] < 1e-5
     )
     sys.exit(0 if ok else 1)

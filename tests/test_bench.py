@@ -27,3 +27,21 @@ def test_paper_figures_stand_beside_their_methods_only():
     assert rows["cad"][5] == "17697" and rows["cad"][6] == "15775"
     assert rows["cad-cache"][5] == "" and rows["sam-adapter-paper-ckpt"][5] == ""
     assert rows["decoder"][7] == "910"  # peak allocated, from the JSON
+
+
+def test_bench_set_checks_options_against_each_method_before_running(capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["bench", "--methods", "decoder", "--set", "adapter_tile_mib=8"]) == 1
+    assert "method decoder does not take adapter_tile_mib" in capsys.readouterr().err
+    assert main(["bench", "--methods", "cad", "--set", "adapter_tile_mib"]) == 1
+    assert "--set takes OPTION=VALUE" in capsys.readouterr().err
+    # a valid option gets as far as the GPU check
+    assert main(["bench", "--methods", "cad-cache", "--set", "adapter-tile-mib=8"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_overridden_options_appear_in_the_report():
+    report = json.loads(RESULTS.read_text())
+    row = {**report["results"][0], "overrides": {"adapter_tile_mib": 32}}
+    table = markdown_table({**report, "results": [row]})
+    assert f"| {row['variant']} adapter_tile_mib=32 |" in table

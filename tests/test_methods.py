@@ -293,17 +293,3 @@ def test_channels_last_adapter_equals_nchw():
     assert torch.allclose(loss_a, loss_b, rtol=1e-5)
     grads = [torch.cat([p.grad.flatten() for p in m.adapter.parameters()]) for m in (nhwc, nchw)]
     assert rel_err(grads[0], grads[1]) < 1e-4
-
-
-@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 9, 7)])
-def test_pool2x2_is_avg_pool2d_values_and_gradients(shape):
-    from cadsam.methods.cad import pool2x2
-
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    y = x.detach().clone().requires_grad_()
-    a, b = pool2x2(x), torch.nn.functional.avg_pool2d(y, 2)
-    assert torch.allclose(a, b)
-    upstream = torch.randn_like(a)
-    a.backward(upstream)
-    b.backward(upstream)
-    assert torch.allclose(x.grad, y.grad)

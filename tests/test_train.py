@@ -424,3 +424,17 @@ def test_predict_feeds_the_model_what_training_and_eval_feed_it():
         from_dataset, image.shape[:2], mode="bilinear", align_corners=False
     )[0, 0]
     assert torch.equal(predict_logits(model, image, 64, torch.device("cpu")), expected)
+
+
+def test_memory_flags_reach_the_method_options(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("cadsam.train.train", lambda config: seen.setdefault("config", config))
+    args = ["train", "--method", "cad", "--backbone", "vit_tiny", "--out", str(tmp_path)]
+    args += ["--images", "i", "--masks", "m"]
+    flags = ["--adapter-tile-mib", "16", "--checkpoint-adapter", "--encoder-chunk", "2"]
+    assert main([*args, *flags]) == 0
+    assert seen["config"].method_options == {
+        "adapter_tile_mib": 16.0,
+        "checkpoint_adapter": True,
+        "encoder_chunk": 2,
+    }

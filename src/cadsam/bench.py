@@ -25,6 +25,7 @@ import torch
 
 from .errors import CadsamError
 from .figures import pyplot
+from .methods import build_model, resolve_options
 from .paper import AUTHORS_CODE_H100_MIB, MEMORY_TABLES
 
 # variant -> (method, options). "plain" variants are the reference formulation (explicit
@@ -34,8 +35,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "decoder": ("decoder", {}),
     "cad-plain": ("cad", {"fused_attention": False, "encoder_chunk": 0}),
     "cad": ("cad", {}),
+    "cad-untiled": ("cad", {"adapter_tile_mib": 0}),
     "cad-ckpt": ("cad", {"checkpoint_adapter": True}),
     "cad-cache": ("cad", {"checkpoint_adapter": True, "_cache": True}),
+    "cad-cache-untiled": (
+        "cad",
+        {"adapter_tile_mib": 0, "checkpoint_adapter": True, "_cache": True},
+    ),
     "cad-fast": ("cad", {"encoder_chunk": 0, "compile_encoder": True}),
     "sam-adapter-paper-plain": ("sam-adapter-paper", {"fused_attention": False}),
     "sam-adapter-paper": ("sam-adapter-paper", {}),
@@ -70,15 +76,20 @@ def _nvml_mib() -> dict[str, float | None]:
 
 
 def measure_training(
-    backbone: str, variant: str, precision: str, warmup: int = 3, steps: int = 10
+    backbone: str,
+    variant: str,
+    precision: str,
+    warmup: int = 3,
+    steps: int = 10,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One variant's training step on the current CUDA device: peak memory and images/s."""
-    from .methods import build_model
+    """One variant's training step on the current CUDA device: peak memory and images/s.
+    ``overrides``: method options that replace the variant's."""
     from .precision import autocast
     from .train import segmentation_loss
 
     method, options = VARIANTS[variant]
-    options = dict(options)
+    options = {**options, **(overrides or {})}
     from_cache = options.pop("_cache", False)
     batch = PAPER_BATCH[backbone]
     device = torch.device("cuda")
@@ -121,6 +132,7 @@ def measure_training(
         "variant": variant,
         "method": method,
         "options": options,
+        "overrides": overrides or {},
         "from_cache": from_cache,
         "precision": precision,
         "batch": batch,
@@ -186,6 +198,17 @@ def environment() -> dict[str, Any]:
     return info
 
 
+def _model_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A variant's options without the bench's own (``_cache``)."""
+    return {k: v for k, v in options.items() if not k.startswith("_")}
+
+
+def _label(r: dict[str, Any]) -> str:
+    """The variant's name, with any options set by ``--set``."""
+    overrides = r.get("overrides") or {}
+    return " ".join([r["variant"], *(f"{k}={v}" for k, v in overrides.items())])
+
+
 def _run_isolated(job: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, "-m", "cadsam.bench", json.dumps(job)], capture_output=True, text=True
@@ -205,17 +228,25 @@ def run_bench(
     out: Path,
     steps: int = 10,
     progress: bool = True,
+    overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    if not torch.cuda.is_available():
-        raise CadsamError("cadsam bench measures GPU memory and needs a CUDA GPU; none is visible")
+    """Each (backbone, variant, precision) in a fresh process; ``overrides``: method options
+    set in every variant (each variant's method must take them)."""
     unknown = sorted(set(variants) - set(VARIANTS) - {"encoder-forward"})
     if unknown:
         raise CadsamError(
             f"unknown bench variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}, encoder-forward"
         )
+    overrides = overrides or {}
+    for variant in variants:
+        if overrides and variant != "encoder-forward":
+            method, options = VARIANTS[variant]
+            resolve_options(method, {**_model_options(options), **overrides})
+    if not torch.cuda.is_available():
+        raise CadsamError("cadsam bench measures GPU memory and needs a CUDA GPU; none is visible")
     out.mkdir(parents=True, exist_ok=True)
     jobs = [
-        {"backbone": b, "variant": v, "precision": p, "steps": steps}
+        {"backbone": b, "variant": v, "precision": p, "steps": steps, "overrides": overrides}
         for b in backbones
         for p in precisions
         for v in variants
@@ -230,7 +261,7 @@ def run_bench(
                 f"{result.get('peak_allocated_mib', '-')} MiB, {result['images_per_second']} images/s"
             )
             print(
-                f"{job['backbone']:>8} {job['variant']:<24} {job['precision']:<5} {shown}",
+                f"{job['backbone']:>8} {_label(job):<24} {job['precision']:<5} {shown}",
                 flush=True,
             )
         # Rewritten after every run, so an interrupted bench still leaves what it measured.
@@ -258,12 +289,12 @@ def markdown_table(report: dict[str, Any]) -> str:
         authors = AUTHORS_CODE_H100_MIB.get(key, "") if paper != "" else ""
         if "error" in r:
             lines.append(
-                f"| {r['backbone']} | {r['variant']} | {r['precision']} | | | {paper} | {authors} | {r['error']} | | | |"
+                f"| {r['backbone']} | {_label(r)} | {r['precision']} | | | {paper} | {authors} | {r['error']} | | | |"
             )
             continue
         nvml = r.get("nvml_process_mib") or ""
         lines.append(
-            f"| {r['backbone']} | {r['variant']} | {r['precision']} | {r['batch']} | {r['trainable']:,} | {paper} "
+            f"| {r['backbone']} | {_label(r)} | {r['precision']} | {r['batch']} | {r['trainable']:,} | {paper} "
             f"| {authors} | {r['peak_allocated_mib']:,.0f} | {r['peak_reserved_mib']:,.0f} | {nvml} | {r['images_per_second']} |"
         )
     encoder = [
@@ -295,7 +326,7 @@ def plot_memory(results: list[dict[str, Any]], path: Path) -> None:
     ]
     if not rows:
         return
-    labels = [f"{r['backbone']} {r['variant']} {r['precision']}" for r in rows]
+    labels = [f"{r['backbone']} {_label(r)} {r['precision']}" for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.5))
     ax.barh(labels, [r["peak_allocated_mib"] for r in rows], color="tab:blue")
     ax.invert_yaxis()
@@ -311,7 +342,11 @@ def _child(job: dict[str, Any]) -> None:
         result = measure_encoder(job["backbone"], job["precision"])
     else:
         result = measure_training(
-            job["backbone"], job["variant"], job["precision"], steps=job["steps"]
+            job["backbone"],
+            job["variant"],
+            job["precision"],
+            steps=job["steps"],
+            overrides=job.get("overrides"),
         )
     print(json.dumps(result), flush=True)
 
@@ -330,6 +365,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"]
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps after 3 warm-up steps")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="OPTION=VALUE",
+        help="set a method option in every variant, e.g. --set adapter_tile_mib=32 (repeatable)",
+    )
     parser.add_argument(
         "--out", default="bench", help="folder for bench.json, bench.md, bench_memory.png"
     )

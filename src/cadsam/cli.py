@@ -24,6 +24,7 @@ METHOD_OPTION_FLAGS = (
     "cad_layout",
     "checkpoint_blocks",
     "checkpoint_adapter",
+    "adapter_tile_mib",
     "encoder_chunk",
 )
 
@@ -181,10 +182,23 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} mask(s) to {args.output}")
 
 
+def _option_value(text: str) -> tuple[str, object]:
+    """``--set OPTION=VALUE``: the value read as YAML (numbers, true/false, strings)."""
+    import yaml
+
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise CadsamError(f"--set takes OPTION=VALUE, got {text!r}")
+    return name.replace("-", "_"), yaml.safe_load(value)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
 
-    run_bench(args.backbones, args.variants, args.precision, Path(args.out), args.steps)
+    overrides = dict(_option_value(text) for text in args.overrides)
+    run_bench(
+        args.backbones, args.variants, args.precision, Path(args.out), args.steps, True, overrides
+    )
     print(f"wrote {args.out}/bench.json, bench.md, bench_memory.png")
 
 
@@ -326,6 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="sam-adapter*: recompute each encoder block in backward to save memory",
+    )
+    meth.add_argument(
+        "--checkpoint-adapter",
+        action="store_true",
+        default=None,
+        help="cad: recompute each adapter block that runs whole in backward to save memory",
+    )
+    meth.add_argument(
+        "--adapter-tile-mib",
+        type=float,
+        help="cad: run an adapter block band by band when its activation exceeds this many MiB "
+        "(default 64; 0: never), keeping only its input: the same values, far less memory",
+    )
+    meth.add_argument(
+        "--encoder-chunk",
+        type=int,
+        help="images per frozen-encoder call (default 1; 0: the whole batch, faster, more memory)",
     )
     train.add_argument(
         "--cache", help="train from this embedding cache (cadsam cache): no image encoder in memory"

@@ -21,6 +21,8 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
         "encoder_chunk": 1,
         "compile_encoder": False,
         "checkpoint_adapter": False,
+        "adapter_tile_mib": 64,
+        "compile_tiles": "auto",
         "channels_last": True,
     },
     "sam-adapter": {"checkpoint_blocks": False},
@@ -32,6 +34,9 @@ METHODS = tuple(METHOD_OPTIONS)
 # encoder_chunk: images per frozen-encoder call without autograd (0: the whole batch);
 # compile_encoder: run the frozen encoder through torch.compile (faster after a warm-up);
 # checkpoint_adapter / checkpoint_blocks: recompute adapter / encoder blocks in backward;
+# adapter_tile_mib: run an adapter block band by band, keeping only its input, when its float32
+# activation exceeds this many MiB (0: never); compile_tiles: fuse the banded blocks'
+# elementwise arithmetic with torch.compile ("auto": on CUDA, True, False);
 # channels_last: the adapter's activations in NHWC, cuDNN's fast layout (False: NCHW).
 COMMON_OPTIONS = {"fused_attention": True}
 # Methods whose encoder runs frozen, outside autograd: they can train from cached embeddings.
@@ -83,6 +88,8 @@ def build_model(
             layout=options["cad_layout"],
             checkpoint_blocks=options["checkpoint_adapter"],
             channels_last=options["channels_last"],
+            tile_mib=options["adapter_tile_mib"],
+            compile_tiles=options["compile_tiles"],
         )
         return AdaptedSam(**common, adapter=adapter)
     if method in ("sam-adapter", "sam-adapter-paper"):

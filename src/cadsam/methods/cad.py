@@ -9,6 +9,12 @@ embedding. Two block layouts share the parameter count:
   to the embedding size and the three are summed before tanh.
 * ``paper``: the paper's text: 3x3 conv -> LeakyReLU -> BatchNorm -> AvgPool 2, no residual,
   no dilation, only the last block pooled to the embedding size.
+
+Memory: with ``tile_mib > 0`` an official block whose float32 activation exceeds that many MiB
+(the first at 512 x 512, ``conv_up`` included, and the second at batch 4) runs band by band
+(:mod:`.tiling`), its elementwise arithmetic compiled into fused kernels with
+``compile_tiles`` ("auto": on CUDA); the others run plainly, or recomputed in backward with
+``checkpoint_blocks``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..frequency import high_pass
+from .tiling import band_rows, pool2x2, tiled_residual_block
 
 CAD_LAYOUTS = ("official", "paper")
 
@@ -36,9 +43,13 @@ class ConvAdapter(nn.Module):
         high_pass_area: float = 0.25,
         checkpoint_blocks: bool = False,
         channels_last: bool = True,
+        tile_mib: float = 0,
+        compile_tiles: bool | str = "auto",
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
+        self.tile_mib = tile_mib
+        self.compile_tiles = compile_tiles
         if layout not in CAD_LAYOUTS:
             raise ValueError(f"unknown CAD layout {layout!r}: choose from {CAD_LAYOUTS}")
         self.embedding_size = embedding_size
@@ -57,21 +68,39 @@ class ConvAdapter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x S x S RGB in 0..255 -> B x C x E x E tanh map (before the 0.1 scale)."""
-        x = self.adapter_input(images)
+        return self.forward_from_input(self.adapter_input(images))
+
+    def forward_from_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter after :meth:`adapter_input` (B x 6 x S x S)."""
         if self.channels_last:  # cuDNN's fast convolution layout; the same function
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.conv_up(x)
         size = (self.embedding_size, self.embedding_size)
         if self.layout == "paper":
+            x = self.conv_up(x)
             for block in self.blocks:
                 x = self._run(block, x)
             return torch.tanh(F.adaptive_avg_pool2d(x, size)).contiguous()
         summed = None
-        for block in self.blocks:
-            x = self._run(block, x)
+        for index, block in enumerate(self.blocks):
+            conv_up = self.conv_up if index == 0 else None
+            rows = self._band_rows(block, x)
+            if rows:
+                compiled = x.is_cuda if self.compile_tiles == "auto" else self.compile_tiles
+                x = tiled_residual_block(x, block, conv_up, rows, bool(compiled))
+            else:
+                x = self._run(block, conv_up(x) if conv_up is not None else x)
             pooled = F.adaptive_avg_pool2d(x, size)
             summed = pooled if summed is None else summed + pooled
         return torch.tanh(summed).contiguous()
+
+    def _band_rows(self, block: nn.Module, x: torch.Tensor) -> int:
+        """Rows per band if ``block`` should run band by band on ``x``, else 0: when its
+        float32 activation exceeds ``tile_mib`` (and its BatchNorm is not synchronised)."""
+        if self.tile_mib <= 0 or isinstance(block.bn, nn.SyncBatchNorm):
+            return 0
+        batch, _, height, width = x.shape
+        rows = band_rows(batch, block.conv.out_channels, width, int(self.tile_mib * 2**20))
+        return rows if rows < height else 0
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The block, or with ``checkpoint_blocks`` the block recomputed in backward (keeping
@@ -125,11 +154,3 @@ class PaperBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pool2x2(self.bn(F.leaky_relu(self.conv(x), 0.1)))
-
-
-def pool2x2(x: torch.Tensor) -> torch.Tensor:
-    """``AvgPool2d(2)`` as a mean over 2 x 2 cells: the same values, but autograd keeps only
-    the shape instead of the full-resolution input (256 MiB per image in the first block)."""
-    h, w = x.shape[-2:]
-    x = x[..., : h - h % 2, : w - w % 2]
-    return x.unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2)).mean((3, 5))

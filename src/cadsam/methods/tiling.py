@@ -1,0 +1,399 @@
+"""CAD's full-resolution block at its memory floor: recomputed band by band, never stored.
+
+The official block is ``pool2x2(leaky_relu(bn(conv(a))) + a)``, a 3 x 3 convolution of
+dilation 2 at the adapter's full resolution; in the first block ``a = conv_up(x)`` lifts the
+6-channel input to 256 channels. Autograd would keep several B x 256 x H x W tensors for it
+(1 GiB each at batch 4, 512 x 512, float32). :func:`tiled_residual_block` keeps only its input
+and BatchNorm's batch statistics, and recomputes the rest in bands of rows with the 2-row halo
+the dilated convolution reads (4 rows where the input gradient is needed):
+
+* forward, pass 1: the convolution band by band -> BatchNorm's batch mean and variance
+  (combined in float64), running statistics updated exactly as ``nn.BatchNorm2d`` does;
+* forward, pass 2: normalise, LeakyReLU, add the input, pool -> the output band;
+* backward, pass 1: the two per-channel sums BatchNorm's gradient needs (they are the
+  gradients of its weight and bias); pass 2: the gradient of the convolution's output, then
+  the input and weight gradients, accumulated over bands.
+
+The convolutions run in the autocast dtype when autocast is on, everything else in float32
+(float64 for float64 inputs), so the result equals the plain block's to rounding. The
+elementwise arithmetic between convolutions is a handful of small functions; ``compiled=True``
+runs them through ``torch.compile``, which fuses each into one kernel (eager, they would make
+a dozen passes over every band, and cost more than the recomputed convolutions). ``nn.SyncBatchNorm``'s
+statistics span processes; callers keep the plain block for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+NEGATIVE_SLOPE = 0.1  # the block's LeakyReLU
+HALO = 2  # rows the dilated 3 x 3 convolution reads on each side of an output row
+BYTES_PER_VALUE = 4  # band arithmetic runs in float32
+
+
+def pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """``AvgPool2d(2)`` as a mean over 2 x 2 cells: the same values, but autograd keeps only
+    the shape instead of the full-resolution input (256 MiB per image in the first block)."""
+    h, w = x.shape[-2:]
+    x = x[..., : h - h % 2, : w - w % 2]
+    return x.unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2)).mean((3, 5))
+
+
+def band_rows(batch: int, channels: int, width: int, budget_bytes: int) -> int:
+    """Rows per band so that one band's float32 activation fits in ``budget_bytes``; even, so
+    that no 2 x 2 pooling cell straddles two bands."""
+    rows = budget_bytes // (batch * channels * width * BYTES_PER_VALUE)
+    return max(2, rows - rows % 2)
+
+
+def tiled_residual_block(
+    x: torch.Tensor,
+    block: nn.Module,
+    conv_up: nn.Conv2d | None,
+    rows: int,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """``block(conv_up(x))`` (or ``block(x)`` without ``conv_up``) for CAD's official block
+    (``conv``, ``bn``), computed in bands of ``rows`` rows: the same values and gradients,
+    and the block's BatchNorm running statistics updated once, as the module would."""
+    assert rows >= 2 and rows % 2 == 0, "bands start on even rows"
+    assert not isinstance(block.bn, nn.SyncBatchNorm), "SyncBatchNorm takes the plain path"
+    up_weight, up_bias = (conv_up.weight, conv_up.bias) if conv_up is not None else (None, None)
+    conv, bn = block.conv, block.bn
+    return _TiledResidualBlock.apply(
+        x, up_weight, up_bias, conv.weight, conv.bias, bn.weight, bn.bias, bn, rows, compiled
+    )
+
+
+class _TiledResidualBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        up_weight: torch.Tensor | None,
+        up_bias: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        bn: nn.BatchNorm2d,
+        rows: int,
+        compiled: bool,
+    ) -> torch.Tensor:
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        batch_statistics = bn.training or bn.running_mean is None
+        with torch.autocast(device_type, enabled=False):
+            block = _Bands(x, up_weight, up_bias, weight, bias, dtype, rows, compiled)
+            if batch_statistics:
+                mean, var = block.batch_statistics()
+                _update_running_statistics(bn, mean, var, block.count)
+            else:
+                mean, var = bn.running_mean.double(), bn.running_var.double()
+            mean, invstd = block.per_channel(mean), block.per_channel((var + bn.eps).rsqrt())
+            out = block.forward(mean, invstd, block.per_channel(gamma), block.per_channel(beta))
+        ctx.save_for_backward(x, up_weight, up_bias, weight, bias, gamma, beta, mean, invstd)
+        ctx.settings = (dtype, rows, compiled, batch_statistics)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, up_weight, up_bias, weight, bias, gamma, beta, mean, invstd = ctx.saved_tensors
+        dtype, rows, compiled, batch_statistics = ctx.settings
+        with torch.autocast(x.device.type, enabled=False):
+            block = _Bands(x, up_weight, up_bias, weight, bias, dtype, rows, compiled)
+            grads = block.backward(
+                grad_out,
+                mean,
+                invstd,
+                block.per_channel(gamma),
+                block.per_channel(beta),
+                batch_statistics,
+                ctx.needs_input_grad,
+            )
+        inputs = (x, up_weight, up_bias, weight, bias, gamma, beta)
+        grads = [
+            g.to(t.dtype) if g is not None else None for g, t in zip(grads, inputs, strict=True)
+        ]
+        return (*grads, None, None, None)
+
+
+class _Bands:
+    """The block's arithmetic over bands of rows, shared by the forward and backward passes."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        up_weight: torch.Tensor | None,
+        up_bias: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        dtype: torch.dtype,
+        rows: int,
+        compiled: bool,
+    ) -> None:
+        self.x, self.dtype, self.rows = x, dtype, rows
+        self.work = torch.promote_types(dtype, torch.float32)  # all but the convolutions
+        self.up_weight = up_weight.to(dtype) if up_weight is not None else None
+        self.up_bias = up_bias.to(dtype) if up_bias is not None else None
+        self.weight, self.bias = weight.to(dtype), bias.to(dtype)
+        self.batch, _, self.height, self.width = x.shape
+        self.channels = weight.shape[0]
+        self.count = self.batch * self.height * self.width  # values per channel
+        self.f = _band_functions(compiled)
+
+    def per_channel(self, values: torch.Tensor) -> torch.Tensor:
+        """A per-channel vector in the working dtype, shaped to broadcast over B x C x H x W."""
+        return values.to(self.work)[:, None, None]
+
+    def bands(self) -> Iterator[tuple[int, int]]:
+        for start in range(0, self.height, self.rows):
+            yield start, min(start + self.rows, self.height)
+
+    def activation(self, lo: int, hi: int) -> torch.Tensor:
+        """The block's input ``a`` on rows [lo, hi), zero outside the image (the padding)."""
+        part = self.x[:, :, max(lo, 0) : min(hi, self.height)].to(self.dtype)
+        if self.up_weight is not None:
+            part = F.conv2d(part, self.up_weight, self.up_bias)
+        top, bottom = max(-lo, 0), max(hi - self.height, 0)
+        return F.pad(part, (0, 0, top, bottom)) if top or bottom else part
+
+    def conv(self, a: torch.Tensor) -> torch.Tensor:
+        """``a`` on rows [lo - HALO, hi + HALO) -> the convolution on rows [lo, hi)."""
+        return F.conv2d(a, self.weight, self.bias, padding=(0, HALO), dilation=HALO)
+
+    def batch_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (biased) variance per channel over the whole batch, in float64."""
+        mean = torch.zeros(self.channels, dtype=torch.float64, device=self.x.device)
+        m2 = torch.zeros_like(mean)
+        seen = 0
+        for lo, hi in self.bands():
+            band_mean, band_var = self.f.moments(self.conv(self.activation(lo - HALO, hi + HALO)))
+            n = self.batch * (hi - lo) * self.width
+            delta = band_mean.double() - mean
+            total = seen + n
+            mean += delta * (n / total)  # Chan et al.'s pairwise combination
+            m2 += band_var.double() * n + delta.square() * (seen * n / total)
+            seen = total
+        return mean, m2 / seen
+
+    def forward(
+        self, mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
+    ) -> torch.Tensor:
+        channels_last = self.x.is_contiguous(memory_format=torch.channels_last)
+        out = torch.empty(
+            (self.batch, self.channels, self.height // 2, self.width // 2),
+            dtype=self.dtype,
+            device=self.x.device,
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+        )
+        for lo, hi in self.bands():
+            a = self.activation(lo - HALO, hi + HALO)
+            z = self.conv(a)
+            out[:, :, lo // 2 : hi // 2] = self.f.output(
+                z, a[:, :, HALO:-HALO], mean, invstd, gamma, beta
+            )
+        return out
+
+    def backward(
+        self,
+        grad_out: torch.Tensor,
+        mean: torch.Tensor,
+        invstd: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        batch_statistics: bool,
+        needs: tuple[bool, ...],
+    ) -> tuple[torch.Tensor | None, ...]:
+        """Gradients for (x, up_weight, up_bias, weight, bias, gamma, beta)."""
+        fused = self.up_weight is not None
+        needs_a = needs[0] or (fused and (needs[1] or needs[2]))
+        work = dict(dtype=self.work, device=self.x.device)
+        grad_weight = torch.zeros(self.weight.shape, **work)
+        grad_bias = torch.zeros(self.channels, **work)
+        grad_x = torch.empty_like(self.x) if needs[0] else None
+        grad_up_weight = torch.zeros(self.up_weight.shape, **work) if fused else None
+        grad_up_bias = torch.zeros(self.channels, **work) if fused else None
+
+        # pass 1: the sums over the batch that BatchNorm's gradient needs (its own gradients)
+        sum_g = torch.zeros(self.channels, dtype=torch.float64, device=self.x.device)
+        sum_g_zhat = torch.zeros_like(sum_g)
+        for lo, hi in self.bands():
+            z = self.conv(self.activation(lo - HALO, hi + HALO))
+            band_g, band_g_zhat = self.f.grad_sums(
+                z, grad_out[:, :, lo // 2 : hi // 2], mean, invstd, gamma, beta
+            )
+            sum_g += band_g
+            sum_g_zhat += band_g_zhat
+        # with fixed statistics the batch's mean and variance carry no gradient
+        scale = 1 / self.count if batch_statistics else 0.0
+        mean_g, mean_g_zhat = self.per_channel(sum_g * scale), self.per_channel(sum_g_zhat * scale)
+
+        # pass 2: conv rows [lo - HALO, hi + HALO) feed the input gradient of rows [lo, hi)
+        for lo, hi in self.bands():
+            top, bottom = max(lo - HALO, 0), min(hi + HALO, self.height)
+            inner = slice(lo - top, hi - top)
+            a = self.activation(top - HALO, bottom + HALO)
+            grad_z = self.f.grad_z(
+                self.conv(a),
+                grad_out[:, :, top // 2 : bottom // 2],
+                mean,
+                invstd,
+                gamma,
+                beta,
+                mean_g,
+                mean_g_zhat,
+            )
+            grad_bias += grad_z[:, :, inner].sum((0, 2, 3))
+            grad_z = grad_z.to(self.dtype)
+            grad_weight += conv2d_weight(
+                a[:, :, inner.start : inner.stop + 2 * HALO],
+                self.weight.shape,
+                grad_z[:, :, inner],
+                padding=(0, HALO),
+                dilation=HALO,
+            )
+            if not needs_a:
+                continue
+            grad_a = conv2d_input(a.shape, self.weight, grad_z, padding=(0, HALO), dilation=HALO)
+            grad_a = self.f.plus_unpooled(
+                grad_a[:, :, inner.start + HALO : inner.stop + HALO],
+                grad_out[:, :, lo // 2 : hi // 2],
+            )  # the residual passes the block's gradient to ``a`` unchanged
+            if not fused:
+                grad_x[:, :, lo:hi] = grad_a
+                continue
+            grad_up_bias += grad_a.sum((0, 2, 3))
+            x_band, grad_a = self.x[:, :, lo:hi].to(self.dtype), grad_a.to(self.dtype)
+            grad_up_weight += conv2d_weight(x_band, self.up_weight.shape, grad_a)
+            if grad_x is not None:
+                grad_x[:, :, lo:hi] = conv2d_input(x_band.shape, self.up_weight, grad_a)
+        return (
+            grad_x,
+            grad_up_weight,
+            grad_up_bias,
+            grad_weight,
+            grad_bias,
+            sum_g_zhat,
+            sum_g,
+        )
+
+
+# -- the elementwise arithmetic of one band -------------------------------------------------
+# z: the convolution on the band's rows (cast to the working dtype, that of the per-channel
+# statistics, which arrive shaped C x 1 x 1); grad_out: the pooled gradient of those rows.
+
+
+def _moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance per channel of one band."""
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def _output(
+    z: torch.Tensor,
+    a: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+) -> torch.Tensor:
+    """The block's output rows: pool(LeakyReLU(BatchNorm(z)) + a), in the convolution dtype."""
+    bn = (z.to(mean.dtype) - mean) * invstd * gamma + beta
+    return pool2x2(F.leaky_relu(bn, NEGATIVE_SLOPE) + a.to(mean.dtype)).to(z.dtype)
+
+
+def _grad_bn(
+    z: torch.Tensor,
+    grad_out: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """zhat, and the gradient at BatchNorm's output (through the LeakyReLU)."""
+    zhat = (z.to(mean.dtype) - mean) * invstd
+    grad_sum = _unpool(grad_out.to(mean.dtype), z.shape[-2], z.shape[-1])
+    return zhat, torch.where(zhat * gamma + beta > 0, grad_sum, grad_sum * NEGATIVE_SLOPE)
+
+
+def _grad_sums(
+    z: torch.Tensor,
+    grad_out: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel: sum of the gradient at BatchNorm's output, and of it times zhat."""
+    zhat, grad_bn = _grad_bn(z, grad_out, mean, invstd, gamma, beta)
+    return grad_bn.sum((0, 2, 3)), (grad_bn * zhat).sum((0, 2, 3))
+
+
+def _grad_z(
+    z: torch.Tensor,
+    grad_out: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    mean_g: torch.Tensor,
+    mean_g_zhat: torch.Tensor,
+) -> torch.Tensor:
+    """The gradient at the convolution's output: BatchNorm's backward, given the batch means
+    of the gradient at its output and of that times zhat."""
+    zhat, grad_bn = _grad_bn(z, grad_out, mean, invstd, gamma, beta)
+    return (grad_bn - mean_g - zhat * mean_g_zhat) * (gamma * invstd)
+
+
+def _plus_unpooled(grad_a: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    work = torch.promote_types(grad_a.dtype, torch.float32)
+    return grad_a.to(work) + _unpool(grad_out.to(work), grad_a.shape[-2], grad_a.shape[-1])
+
+
+def _unpool(grad_out: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """What ``pool2x2`` passes back to its height x width input: a quarter of each cell's
+    gradient on its four pixels, zero on a cropped last row or column."""
+    b, c, h, w = grad_out.shape
+    g = grad_out[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+    return F.pad(g * 0.25, (0, width - 2 * w, 0, height - 2 * h))
+
+
+@functools.cache
+def _band_functions(compiled: bool) -> types.SimpleNamespace:
+    functions = {
+        "moments": _moments,
+        "output": _output,
+        "grad_sums": _grad_sums,
+        "grad_z": _grad_z,
+        "plus_unpooled": _plus_unpooled,
+    }
+    if compiled:  # one fused kernel each; dynamic: bands differ in height
+        functions = {k: torch.compile(f, dynamic=True) for k, f in functions.items()}
+    return types.SimpleNamespace(**functions)
+
+
+@torch.no_grad()
+def _update_running_statistics(
+    bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int
+) -> None:
+    """What ``nn.BatchNorm2d`` does to its buffers in a training step (unbiased variance)."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
+    unbiased = var * (count / max(count - 1, 1))
+    bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+    bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)

@@ -1,0 +1,158 @@
+"""CAD's banded block against the plain module: values, every gradient, BatchNorm's buffers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import rel_err
+
+from cadsam import build_model
+from cadsam.methods.cad import ResidualDilatedBlock
+from cadsam.methods.tiling import band_rows, pool2x2, tiled_residual_block
+
+CHANNELS = 8
+
+
+def _block_pair(training: bool, momentum: float | None = 0.1, seed: int = 0):
+    torch.manual_seed(seed)
+    block, conv_up = ResidualDilatedBlock(CHANNELS), torch.nn.Conv2d(6, CHANNELS, 1)
+    block.bn.momentum = momentum
+    with torch.no_grad():  # BatchNorm away from its identity start, so every term matters
+        block.bn.weight.uniform_(0.5, 1.5)
+        block.bn.bias.uniform_(-0.5, 0.5)
+        block.bn.running_mean.uniform_(-1, 1)
+        block.bn.running_var.uniform_(0.5, 2)
+    block.train(training)
+    return (block, conv_up), copy.deepcopy((block, conv_up))
+
+
+# (batch, height, width, rows per band, conv_up fused, BatchNorm in training mode)
+CASES = [
+    (3, 13, 11, 4, True, True),  # odd sizes, bands that do not divide the height
+    (1, 10, 9, 2, False, True),  # batch 1, the smallest band
+    (3, 17, 8, 6, False, True),
+    (1, 9, 12, 4, True, True),
+    (2, 12, 12, 6, True, False),  # running statistics: one forward pass, no BatchNorm sums
+    (3, 11, 7, 4, False, False),
+]
+
+
+@pytest.mark.parametrize(("batch", "height", "width", "rows", "fused", "training"), CASES)
+def test_banded_block_equals_the_plain_block(batch, height, width, rows, fused, training):
+    (block, conv_up), (plain_block, plain_up) = _block_pair(training)
+    x = torch.randn(batch, 6 if fused else CHANNELS, height, width) * 3 + 1
+    x_plain, x_banded = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for scale in (1.0, 0.5):  # two steps: running statistics advance twice, gradients add up
+        expected = plain_block(plain_up(x_plain * scale) if fused else x_plain * scale)
+        actual = tiled_residual_block(x_banded * scale, block, conv_up if fused else None, rows)
+        assert actual.shape == expected.shape == (batch, CHANNELS, height // 2, width // 2)
+        assert rel_err(actual, expected) < 1e-5
+        # only some output pixels receive gradient, as with a masked loss
+        upstream = torch.randn_like(expected) * (torch.rand_like(expected) > 0.3)
+        expected.backward(upstream)
+        actual.backward(upstream)
+    assert rel_err(x_banded.grad, x_plain.grad) < 1e-5
+    pairs = [*zip(block.named_parameters(), plain_block.parameters(), strict=True)]
+    if fused:
+        pairs += [*zip(conv_up.named_parameters(), plain_up.parameters(), strict=True)]
+    for (name, banded), plain in pairs:
+        if training and name == "conv.bias":  # BatchNorm removes the mean: zero in exact math
+            assert banded.grad.abs().max() < 1e-5 * block.conv.weight.grad.abs().max()
+            continue
+        assert rel_err(banded.grad, plain.grad) < 1e-5, name
+    for (name, banded), plain in zip(block.named_buffers(), plain_block.buffers(), strict=True):
+        assert torch.allclose(banded.float(), plain.float(), rtol=1e-6, atol=1e-7), name
+    assert block.bn.num_batches_tracked.item() == (2 if training else 0)
+
+
+def test_cumulative_running_statistics_match_momentum_none():
+    (block, _), (plain_block, _) = _block_pair(training=True, momentum=None)
+    for seed in range(3):
+        x = torch.randn(2, CHANNELS, 10, 10, generator=torch.Generator().manual_seed(seed))
+        plain_block(x)
+        tiled_residual_block(x, block, None, rows=4)
+    assert torch.allclose(block.bn.running_mean, plain_block.bn.running_mean, rtol=1e-6)
+    assert torch.allclose(block.bn.running_var, plain_block.bn.running_var, rtol=1e-6)
+
+
+def test_input_without_gradient_still_trains_conv_up():
+    (block, conv_up), (plain_block, plain_up) = _block_pair(training=True)
+    x = torch.rand(2, 6, 12, 10)  # the adapter's input: no gradient wanted
+    plain_block(plain_up(x)).square().sum().backward()
+    tiled_residual_block(x, block, conv_up, rows=4).square().sum().backward()
+    assert rel_err(conv_up.weight.grad, plain_up.weight.grad) < 1e-5
+    assert rel_err(conv_up.bias.grad, plain_up.bias.grad) < 1e-5
+
+
+def test_bf16_autocast_stays_close_to_the_plain_block():
+    (block, conv_up), (plain_block, plain_up) = _block_pair(training=True)
+    x = torch.rand(2, 6, 16, 16) * 255
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain_block(plain_up(x))
+        actual = tiled_residual_block(x, block, conv_up, rows=4)
+    assert actual.dtype == expected.dtype == torch.bfloat16
+    assert rel_err(actual.float(), expected.float()) < 3e-2
+    upstream = torch.randn_like(expected.float())
+    expected.float().backward(upstream)
+    actual.float().backward(upstream)
+    assert rel_err(block.conv.weight.grad, plain_block.conv.weight.grad) < 5e-2
+
+
+def test_band_rows_fit_the_budget_and_stay_even():
+    assert band_rows(4, 256, 512, 64 * 2**20) == 32  # 4 x 256 x 512 x 4 B = 2 MiB a row
+    assert band_rows(1, 256, 512, 3 * 2**20) == 6  # 1 MiB a row: 3 rows, rounded down to even
+    assert band_rows(4, 256, 512, 1) == 2  # never below one pooling cell
+
+
+def test_adapter_bands_only_what_exceeds_the_budget():
+    torch.manual_seed(1)
+    adapter = build_model("cad", "vit_tiny", adapter_size=64, adapter_tile_mib=1).adapter
+    x = torch.rand(2, 6, 64, 64)  # block 1: 2 x 256 x 64 x 64 x 4 B = 8 MiB
+    assert adapter._band_rows(adapter.blocks[0], x) == 8
+    assert adapter._band_rows(adapter.blocks[2], torch.rand(2, 256, 16, 16)) == 0  # 0.5 MiB
+    adapter.tile_mib = 0
+    assert adapter._band_rows(adapter.blocks[0], x) == 0
+    adapter.tile_mib = 1
+    adapter.blocks[0].bn = torch.nn.SyncBatchNorm(256)  # statistics across processes: plain
+    assert adapter._band_rows(adapter.blocks[0], x) == 0
+
+
+def test_banded_adapter_equals_the_plain_adapter_in_float64():
+    """The whole adapter, banded blocks against plain ones, both in float64: in float32 the
+    LeakyReLU's kinks and BatchNorm's sums amplify rounding (the plain float32 path itself
+    drifts from float64 by up to 1e-2 in some gradients here), so this checks the algebra."""
+    torch.manual_seed(2)
+    banded = build_model("cad", "vit_tiny", adapter_size=64, adapter_tile_mib=1).adapter
+    plain = build_model("cad", "vit_tiny", adapter_size=64, adapter_tile_mib=0).adapter
+    plain.load_state_dict(banded.state_dict())
+    banded.double(), plain.double()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 255
+    x = banded.adapter_input(images).double()
+    assert banded._band_rows(banded.blocks[1], torch.empty(2, 256, 32, 32)) == 16  # two banded
+    expected, actual = plain.forward_from_input(x), banded.forward_from_input(x)
+    assert rel_err(actual, expected) < 1e-10
+    upstream = torch.randn_like(expected)
+    expected.backward(upstream)
+    actual.backward(upstream)
+    scale = banded.conv_up.weight.grad.abs().max()
+    for (name, a), b in zip(banded.named_parameters(), plain.parameters(), strict=True):
+        if name.endswith("conv.bias"):  # zero in exact math, before BatchNorm
+            assert a.grad.abs().max() < 1e-10 * scale
+        else:
+            assert rel_err(a.grad, b.grad) < 1e-10, name
+    for a, b in zip(banded.buffers(), plain.buffers(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 9, 7)])
+def test_pool2x2_is_avg_pool2d_values_and_gradients(shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    a, b = pool2x2(x), torch.nn.functional.avg_pool2d(y, 2)
+    assert torch.allclose(a, b)
+    upstream = torch.randn_like(a)
+    a.backward(upstream)
+    b.backward(upstream)
+    assert torch.allclose(x.grad, y.grad)
