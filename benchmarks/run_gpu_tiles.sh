@@ -6,12 +6,15 @@ out=${1:?output folder}; backbone=${2:?backbone}; shift 2
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-if [ "$backbone" = vit_b ]; then python3 benchmarks/gpu_checks.py > "$out/gpu_checks.json"; echo "checks: rc $?"; fi
+if [ "$backbone" = vit_b ]; then
+    python3 benchmarks/gpu_checks.py > "$out/gpu_checks.json"; echo "checks: rc $?"
+    python3 benchmarks/tiles_speed.py 2>&1 | grep -v -i warn > "$out/tiles_speed.txt"
+fi
 export PYTHONUNBUFFERED=1
 cadsam bench --backbones "$backbone" --methods cad-untiled cad cad-cache-untiled cad-cache \
     --precision fp32 bf16 --steps 8 --out /tmp/bench-main
 cp /tmp/bench-main/bench.json "$out/${backbone}_tiles.json"
-for mib in "$@"; do
+for mib in "$@"; do  # band budgets to sweep
     cadsam bench --backbones "$backbone" --methods cad cad-cache --precision fp32 --steps 8 \
         --set adapter_tile_mib="$mib" --out "/tmp/bench-$mib"
     cp "/tmp/bench-$mib/bench.json" "$out/${backbone}_tiles_${mib}mib.json"

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..frequency import high_pass
-from .tiling import band_rows, pool2x2, tiled_residual_block
+from .tiling import BYTES_PER_VALUE, band_rows, pool2x2, tiled_residual_block
 
 CAD_LAYOUTS = ("official", "paper")
 
@@ -95,12 +95,15 @@ class ConvAdapter(nn.Module):
 
     def _band_rows(self, block: nn.Module, x: torch.Tensor) -> int:
         """Rows per band if ``block`` should run band by band on ``x``, else 0: when its
-        float32 activation exceeds ``tile_mib`` (and its BatchNorm is not synchronised)."""
+        float32 activation over the batch exceeds ``tile_mib`` (and its BatchNorm is not
+        synchronised); a band then holds at most ``tile_mib`` of one image."""
         if self.tile_mib <= 0 or isinstance(block.bn, nn.SyncBatchNorm):
             return 0
-        batch, _, height, width = x.shape
-        rows = band_rows(batch, block.conv.out_channels, width, int(self.tile_mib * 2**20))
-        return rows if rows < height else 0
+        budget = int(self.tile_mib * 2**20)
+        channels = block.conv.out_channels
+        if x[:, :1].numel() * channels * BYTES_PER_VALUE <= budget:
+            return 0
+        return band_rows(channels, x.shape[-1], budget)
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The block, or with ``checkpoint_blocks`` the block recomputed in backward (keeping

@@ -48,10 +48,10 @@ def pool2x2(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2)).mean((3, 5))
 
 
-def band_rows(batch: int, channels: int, width: int, budget_bytes: int) -> int:
-    """Rows per band so that one band's float32 activation fits in ``budget_bytes``; even, so
-    that no 2 x 2 pooling cell straddles two bands."""
-    rows = budget_bytes // (batch * channels * width * BYTES_PER_VALUE)
+def band_rows(channels: int, width: int, budget_bytes: int) -> int:
+    """Rows per band (of one image) so that its float32 activation fits in ``budget_bytes``;
+    even, so that no 2 x 2 pooling cell straddles two bands."""
+    rows = budget_bytes // (channels * width * BYTES_PER_VALUE)
     return max(2, rows - rows % 2)
 
 
@@ -63,8 +63,9 @@ def tiled_residual_block(
     compiled: bool = False,
 ) -> torch.Tensor:
     """``block(conv_up(x))`` (or ``block(x)`` without ``conv_up``) for CAD's official block
-    (``conv``, ``bn``), computed in bands of ``rows`` rows: the same values and gradients,
-    and the block's BatchNorm running statistics updated once, as the module would."""
+    (``conv``, ``bn``), computed image by image in bands of ``rows`` rows: the same values
+    and gradients, and the block's BatchNorm running statistics updated once, as the module
+    would."""
     assert rows >= 2 and rows % 2 == 0, "bands start on even rows"
     assert not isinstance(block.bn, nn.SyncBatchNorm), "SyncBatchNorm takes the plain path"
     up_weight, up_bias = (conv_up.weight, conv_up.bias) if conv_up is not None else (None, None)
@@ -95,27 +96,29 @@ class _TiledResidualBlock(torch.autograd.Function):
         batch_statistics = bn.training or bn.running_mean is None
         with torch.autocast(device_type, enabled=False):
             block = _Bands(x, up_weight, up_bias, weight, bias, dtype, rows, compiled)
+            # the convolutions run without their bias: BatchNorm subtracts it again, so the
+            # bands work with ``center`` = mean - bias instead
             if batch_statistics:
-                mean, var = block.batch_statistics()
-                _update_running_statistics(bn, mean, var, block.count)
+                center, var = block.batch_statistics()
+                _update_running_statistics(bn, center + bias.double(), var, block.count)
             else:
-                mean, var = bn.running_mean.double(), bn.running_var.double()
-            mean, invstd = block.per_channel(mean), block.per_channel((var + bn.eps).rsqrt())
-            out = block.forward(mean, invstd, block.per_channel(gamma), block.per_channel(beta))
-        ctx.save_for_backward(x, up_weight, up_bias, weight, bias, gamma, beta, mean, invstd)
+                center, var = bn.running_mean.double() - bias.double(), bn.running_var.double()
+            center, invstd = block.per_channel(center), block.per_channel((var + bn.eps).rsqrt())
+            out = block.forward(center, invstd, block.per_channel(gamma), block.per_channel(beta))
+        ctx.save_for_backward(x, up_weight, up_bias, weight, bias, gamma, beta, center, invstd)
         ctx.settings = (dtype, rows, compiled, batch_statistics)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, up_weight, up_bias, weight, bias, gamma, beta, mean, invstd = ctx.saved_tensors
+        x, up_weight, up_bias, weight, bias, gamma, beta, center, invstd = ctx.saved_tensors
         dtype, rows, compiled, batch_statistics = ctx.settings
         with torch.autocast(x.device.type, enabled=False):
             block = _Bands(x, up_weight, up_bias, weight, bias, dtype, rows, compiled)
             grads = block.backward(
                 grad_out,
-                mean,
+                center,
                 invstd,
                 block.per_channel(gamma),
                 block.per_channel(beta),
@@ -147,7 +150,7 @@ class _Bands:
         self.work = torch.promote_types(dtype, torch.float32)  # all but the convolutions
         self.up_weight = up_weight.to(dtype) if up_weight is not None else None
         self.up_bias = up_bias.to(dtype) if up_bias is not None else None
-        self.weight, self.bias = weight.to(dtype), bias.to(dtype)
+        self.weight = weight.to(dtype)
         self.batch, _, self.height, self.width = x.shape
         self.channels = weight.shape[0]
         self.count = self.batch * self.height * self.width  # values per channel
@@ -157,30 +160,36 @@ class _Bands:
         """A per-channel vector in the working dtype, shaped to broadcast over B x C x H x W."""
         return values.to(self.work)[:, None, None]
 
-    def bands(self) -> Iterator[tuple[int, int]]:
-        for start in range(0, self.height, self.rows):
-            yield start, min(start + self.rows, self.height)
+    def bands(self) -> Iterator[tuple[slice, int, int]]:
+        """(image, first row, end row) of each band: one image at a time, so that a band of a
+        channels_last tensor is contiguous."""
+        for i in range(self.batch):
+            for start in range(0, self.height, self.rows):
+                yield slice(i, i + 1), start, min(start + self.rows, self.height)
 
-    def activation(self, lo: int, hi: int) -> torch.Tensor:
+    def activation(self, image: slice, lo: int, hi: int) -> torch.Tensor:
         """The block's input ``a`` on rows [lo, hi), zero outside the image (the padding)."""
-        part = self.x[:, :, max(lo, 0) : min(hi, self.height)].to(self.dtype)
-        if self.up_weight is not None:
-            part = F.conv2d(part, self.up_weight, self.up_bias)
+        part = self.x[image, :, max(lo, 0) : min(hi, self.height)].to(self.dtype)
+        if self.up_weight is not None:  # the 1 x 1 conv_up as a matmul, its bias fused in
+            weight = self.up_weight.flatten(1)
+            part = F.linear(part.permute(0, 2, 3, 1), weight, self.up_bias).permute(0, 3, 1, 2)
         top, bottom = max(-lo, 0), max(hi - self.height, 0)
         return F.pad(part, (0, 0, top, bottom)) if top or bottom else part
 
     def conv(self, a: torch.Tensor) -> torch.Tensor:
-        """``a`` on rows [lo - HALO, hi + HALO) -> the convolution on rows [lo, hi)."""
-        return F.conv2d(a, self.weight, self.bias, padding=(0, HALO), dilation=HALO)
+        """``a`` on rows [lo - HALO, hi + HALO) -> the convolution (no bias) on rows [lo, hi)."""
+        return F.conv2d(a, self.weight, padding=(0, HALO), dilation=HALO)
 
     def batch_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and (biased) variance per channel over the whole batch, in float64."""
+        """Mean and (biased) variance per channel of the bias-free convolution over the whole
+        batch, in float64."""
         mean = torch.zeros(self.channels, dtype=torch.float64, device=self.x.device)
         m2 = torch.zeros_like(mean)
         seen = 0
-        for lo, hi in self.bands():
-            band_mean, band_var = self.f.moments(self.conv(self.activation(lo - HALO, hi + HALO)))
-            n = self.batch * (hi - lo) * self.width
+        for image, lo, hi in self.bands():
+            z = self.conv(self.activation(image, lo - HALO, hi + HALO))
+            band_mean, band_var = self.f.moments(z)
+            n = z.numel() // self.channels
             delta = band_mean.double() - mean
             total = seen + n
             mean += delta * (n / total)  # Chan et al.'s pairwise combination
@@ -189,7 +198,7 @@ class _Bands:
         return mean, m2 / seen
 
     def forward(
-        self, mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
+        self, center: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
     ) -> torch.Tensor:
         channels_last = self.x.is_contiguous(memory_format=torch.channels_last)
         out = torch.empty(
@@ -198,18 +207,18 @@ class _Bands:
             device=self.x.device,
             memory_format=torch.channels_last if channels_last else torch.contiguous_format,
         )
-        for lo, hi in self.bands():
-            a = self.activation(lo - HALO, hi + HALO)
+        for image, lo, hi in self.bands():
+            a = self.activation(image, lo - HALO, hi + HALO)
             z = self.conv(a)
-            out[:, :, lo // 2 : hi // 2] = self.f.output(
-                z, a[:, :, HALO:-HALO], mean, invstd, gamma, beta
+            out[image, :, lo // 2 : hi // 2] = self.f.output(
+                z, a[:, :, HALO:-HALO], center, invstd, gamma, beta
             )
         return out
 
     def backward(
         self,
         grad_out: torch.Tensor,
-        mean: torch.Tensor,
+        center: torch.Tensor,
         invstd: torch.Tensor,
         gamma: torch.Tensor,
         beta: torch.Tensor,
@@ -221,7 +230,6 @@ class _Bands:
         needs_a = needs[0] or (fused and (needs[1] or needs[2]))
         work = dict(dtype=self.work, device=self.x.device)
         grad_weight = torch.zeros(self.weight.shape, **work)
-        grad_bias = torch.zeros(self.channels, **work)
         grad_x = torch.empty_like(self.x) if needs[0] else None
         grad_up_weight = torch.zeros(self.up_weight.shape, **work) if fused else None
         grad_up_bias = torch.zeros(self.channels, **work) if fused else None
@@ -229,33 +237,34 @@ class _Bands:
         # pass 1: the sums over the batch that BatchNorm's gradient needs (its own gradients)
         sum_g = torch.zeros(self.channels, dtype=torch.float64, device=self.x.device)
         sum_g_zhat = torch.zeros_like(sum_g)
-        for lo, hi in self.bands():
-            z = self.conv(self.activation(lo - HALO, hi + HALO))
+        for image, lo, hi in self.bands():
+            z = self.conv(self.activation(image, lo - HALO, hi + HALO))
             band_g, band_g_zhat = self.f.grad_sums(
-                z, grad_out[:, :, lo // 2 : hi // 2], mean, invstd, gamma, beta
+                z, grad_out[image, :, lo // 2 : hi // 2], center, invstd, gamma, beta
             )
             sum_g += band_g
             sum_g_zhat += band_g_zhat
-        # with fixed statistics the batch's mean and variance carry no gradient
+        # with fixed statistics the batch's center and variance carry no gradient
         scale = 1 / self.count if batch_statistics else 0.0
         mean_g, mean_g_zhat = self.per_channel(sum_g * scale), self.per_channel(sum_g_zhat * scale)
+        # the conv bias's gradient, sum(grad_z), is zero when BatchNorm subtracts the batch mean
+        grad_bias = (gamma * invstd).flatten() * sum_g.to(self.work) * (not batch_statistics)
 
         # pass 2: conv rows [lo - HALO, hi + HALO) feed the input gradient of rows [lo, hi)
-        for lo, hi in self.bands():
+        for image, lo, hi in self.bands():
             top, bottom = max(lo - HALO, 0), min(hi + HALO, self.height)
             inner = slice(lo - top, hi - top)
-            a = self.activation(top - HALO, bottom + HALO)
+            a = self.activation(image, top - HALO, bottom + HALO)
             grad_z = self.f.grad_z(
                 self.conv(a),
-                grad_out[:, :, top // 2 : bottom // 2],
-                mean,
+                grad_out[image, :, top // 2 : bottom // 2],
+                center,
                 invstd,
                 gamma,
                 beta,
                 mean_g,
                 mean_g_zhat,
             )
-            grad_bias += grad_z[:, :, inner].sum((0, 2, 3))
             grad_z = grad_z.to(self.dtype)
             grad_weight += conv2d_weight(
                 a[:, :, inner.start : inner.stop + 2 * HALO],
@@ -269,16 +278,16 @@ class _Bands:
             grad_a = conv2d_input(a.shape, self.weight, grad_z, padding=(0, HALO), dilation=HALO)
             grad_a = self.f.plus_unpooled(
                 grad_a[:, :, inner.start + HALO : inner.stop + HALO],
-                grad_out[:, :, lo // 2 : hi // 2],
+                grad_out[image, :, lo // 2 : hi // 2],
             )  # the residual passes the block's gradient to ``a`` unchanged
             if not fused:
-                grad_x[:, :, lo:hi] = grad_a
+                grad_x[image, :, lo:hi] = grad_a
                 continue
             grad_up_bias += grad_a.sum((0, 2, 3))
-            x_band, grad_a = self.x[:, :, lo:hi].to(self.dtype), grad_a.to(self.dtype)
+            x_band, grad_a = self.x[image, :, lo:hi].to(self.dtype), grad_a.to(self.dtype)
             grad_up_weight += conv2d_weight(x_band, self.up_weight.shape, grad_a)
             if grad_x is not None:
-                grad_x[:, :, lo:hi] = conv2d_input(x_band.shape, self.up_weight, grad_a)
+                grad_x[image, :, lo:hi] = conv2d_input(x_band.shape, self.up_weight, grad_a)
         return (
             grad_x,
             grad_up_weight,
@@ -305,47 +314,47 @@ def _moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _output(
     z: torch.Tensor,
     a: torch.Tensor,
-    mean: torch.Tensor,
+    center: torch.Tensor,
     invstd: torch.Tensor,
     gamma: torch.Tensor,
     beta: torch.Tensor,
 ) -> torch.Tensor:
     """The block's output rows: pool(LeakyReLU(BatchNorm(z)) + a), in the convolution dtype."""
-    bn = (z.to(mean.dtype) - mean) * invstd * gamma + beta
-    return pool2x2(F.leaky_relu(bn, NEGATIVE_SLOPE) + a.to(mean.dtype)).to(z.dtype)
+    bn = (z.to(center.dtype) - center) * invstd * gamma + beta
+    return pool2x2(F.leaky_relu(bn, NEGATIVE_SLOPE) + a.to(center.dtype)).to(z.dtype)
 
 
 def _grad_bn(
     z: torch.Tensor,
     grad_out: torch.Tensor,
-    mean: torch.Tensor,
+    center: torch.Tensor,
     invstd: torch.Tensor,
     gamma: torch.Tensor,
     beta: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """zhat, and the gradient at BatchNorm's output (through the LeakyReLU)."""
-    zhat = (z.to(mean.dtype) - mean) * invstd
-    grad_sum = _unpool(grad_out.to(mean.dtype), z.shape[-2], z.shape[-1])
+    zhat = (z.to(center.dtype) - center) * invstd
+    grad_sum = _unpool(grad_out.to(center.dtype), z.shape[-2], z.shape[-1])
     return zhat, torch.where(zhat * gamma + beta > 0, grad_sum, grad_sum * NEGATIVE_SLOPE)
 
 
 def _grad_sums(
     z: torch.Tensor,
     grad_out: torch.Tensor,
-    mean: torch.Tensor,
+    center: torch.Tensor,
     invstd: torch.Tensor,
     gamma: torch.Tensor,
     beta: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel: sum of the gradient at BatchNorm's output, and of it times zhat."""
-    zhat, grad_bn = _grad_bn(z, grad_out, mean, invstd, gamma, beta)
+    zhat, grad_bn = _grad_bn(z, grad_out, center, invstd, gamma, beta)
     return grad_bn.sum((0, 2, 3)), (grad_bn * zhat).sum((0, 2, 3))
 
 
 def _grad_z(
     z: torch.Tensor,
     grad_out: torch.Tensor,
-    mean: torch.Tensor,
+    center: torch.Tensor,
     invstd: torch.Tensor,
     gamma: torch.Tensor,
     beta: torch.Tensor,
@@ -354,7 +363,7 @@ def _grad_z(
 ) -> torch.Tensor:
     """The gradient at the convolution's output: BatchNorm's backward, given the batch means
     of the gradient at its output and of that times zhat."""
-    zhat, grad_bn = _grad_bn(z, grad_out, mean, invstd, gamma, beta)
+    zhat, grad_bn = _grad_bn(z, grad_out, center, invstd, gamma, beta)
     return (grad_bn - mean_g - zhat * mean_g_zhat) * (gamma * invstd)
 
 
