@@ -74,6 +74,31 @@ def speed(backbone: str) -> str:
     return "\n".join(lines)
 
 
+def banded() -> str:
+    """The banded adapter against the whole-block one, from the same runs (h100_*_tiles*.json)."""
+    lines = [
+        "| backbone | variant | precision | band budget (MiB) | whole blocks: MiB | banded: MiB "
+        "| whole blocks: images/s | banded: images/s | speed, banded / whole |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("h100_vit_b_tiles.json", "h100_vit_b_tiles_32mib.json", "h100_vit_h_tiles.json"):
+        results = json.loads((HERE / name).read_text())["results"]
+        base = json.loads((HERE / name.replace("_32mib", "")).read_text())["results"]
+        whole = {(r["variant"], r["precision"]): r for r in base}
+        for r in results:
+            if r["variant"] not in ("cad", "cad-cache"):
+                continue
+            w = whole[(r["variant"] + "-untiled", r["precision"])]
+            budget = r["options"].get("adapter_tile_mib", 64)
+            lines.append(
+                f"| {r['backbone']} | {r['variant']} | {r['precision']} | {budget} "
+                f"| {w['peak_allocated_mib']:,.0f} | {r['peak_allocated_mib']:,.0f} "
+                f"| {w['images_per_second']} | {r['images_per_second']} "
+                f"| {r['images_per_second'] / w['images_per_second']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(table("vit_b", 4))
     print()
@@ -85,3 +110,5 @@ if __name__ == "__main__":
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     print(speed("vit_b"))
     print(speed("vit_h"))
+    print()
+    print(banded())
