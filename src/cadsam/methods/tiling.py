@@ -265,7 +265,6 @@ class _Bands:
                 mean_g,
                 mean_g_zhat,
             )
-            grad_z = grad_z.to(self.dtype)
             grad_weight += conv2d_weight(
                 a[:, :, inner.start : inner.stop + 2 * HALO],
                 self.weight.shape,
@@ -273,9 +272,12 @@ class _Bands:
                 padding=(0, HALO),
                 dilation=HALO,
             )
+            shape = a.shape
+            del a  # band tensors go once used: at most two of them are alive at a time
             if not needs_a:
                 continue
-            grad_a = conv2d_input(a.shape, self.weight, grad_z, padding=(0, HALO), dilation=HALO)
+            grad_a = conv2d_input(shape, self.weight, grad_z, padding=(0, HALO), dilation=HALO)
+            del grad_z
             grad_a = self.f.plus_unpooled(
                 grad_a[:, :, inner.start + HALO : inner.stop + HALO],
                 grad_out[image, :, lo // 2 : hi // 2],
@@ -361,10 +363,10 @@ def _grad_z(
     mean_g: torch.Tensor,
     mean_g_zhat: torch.Tensor,
 ) -> torch.Tensor:
-    """The gradient at the convolution's output: BatchNorm's backward, given the batch means
-    of the gradient at its output and of that times zhat."""
+    """The gradient at the convolution's output, in its dtype: BatchNorm's backward, given the
+    batch means of the gradient at its output and of that times zhat."""
     zhat, grad_bn = _grad_bn(z, grad_out, center, invstd, gamma, beta)
-    return (grad_bn - mean_g - zhat * mean_g_zhat) * (gamma * invstd)
+    return ((grad_bn - mean_g - zhat * mean_g_zhat) * (gamma * invstd)).to(z.dtype)
 
 
 def _plus_unpooled(grad_a: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
