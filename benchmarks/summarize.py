@@ -88,6 +88,8 @@ def banded() -> str:
         ("h100_vit_h_tiles.json", "h100_vit_h_tiles.json"),
         ("h100_vit_b_tiles_freed.json", "h100_vit_b_tiles.json"),
         ("h100_vit_h_tiles_freed.json", "h100_vit_h_tiles.json"),
+        ("h100_vit_b_tiles_freed_48mib.json", "h100_vit_b_tiles.json"),
+        ("h100_vit_b_tiles_freed_40mib.json", "h100_vit_b_tiles.json"),
     ]
     for name, base_name in runs:
         results = json.loads((HERE / name).read_text())["results"]
