@@ -219,6 +219,8 @@ def test_bad_method_and_options_are_user_errors():
         build_model("decoder", "vit_tiny", adapter_size=256)
     with pytest.raises(CadsamError, match="cad_layout must be one of"):
         build_model("cad", "vit_tiny", cad_layout="fancy")
+    with pytest.raises(CadsamError, match="compile_tiles must be auto, true or false"):
+        build_model("cad", "vit_tiny", compile_tiles="yes")
 
 
 def test_encoder_chunks_equal_the_whole_batch():

@@ -57,6 +57,8 @@ def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     resolved = {**accepted, **options}
     if method == "cad" and resolved["cad_layout"] not in CAD_LAYOUTS:
         raise CadsamError(f"cad_layout must be one of {', '.join(CAD_LAYOUTS)}")
+    if method == "cad" and resolved["compile_tiles"] not in ("auto", True, False):
+        raise CadsamError("compile_tiles must be auto, true or false")
     return resolved
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import types
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,16 @@ def band_rows(channels: int, width: int, budget_bytes: int) -> int:
     even, so that no 2 x 2 pooling cell straddles two bands."""
     rows = budget_bytes // (channels * width * BYTES_PER_VALUE)
     return max(2, rows - rows % 2)
+
+
+class _Norm(NamedTuple):
+    """BatchNorm's per-channel terms, shaped C x 1 x 1 in the working dtype; ``center`` is the
+    mean minus the convolution's bias (the bands convolve without it)."""
+
+    center: torch.Tensor
+    invstd: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
 
 
 def tiled_residual_block(
@@ -103,9 +113,10 @@ class _TiledResidualBlock(torch.autograd.Function):
                 _update_running_statistics(bn, center + bias.double(), var, block.count)
             else:
                 center, var = bn.running_mean.double() - bias.double(), bn.running_var.double()
-            center, invstd = block.per_channel(center), block.per_channel((var + bn.eps).rsqrt())
-            out = block.forward(center, invstd, block.per_channel(gamma), block.per_channel(beta))
-        ctx.save_for_backward(x, up_weight, up_bias, weight, bias, gamma, beta, center, invstd)
+            invstd = (var + bn.eps).rsqrt()
+            norm = _Norm(*(block.per_channel(v) for v in (center, invstd, gamma, beta)))
+            out = block.forward(norm)
+        ctx.save_for_backward(x, up_weight, up_bias, weight, bias, gamma, beta, *norm[:2])
         ctx.settings = (dtype, rows, compiled, batch_statistics)
         return out
 
@@ -116,15 +127,8 @@ class _TiledResidualBlock(torch.autograd.Function):
         dtype, rows, compiled, batch_statistics = ctx.settings
         with torch.autocast(x.device.type, enabled=False):
             block = _Bands(x, up_weight, up_bias, weight, bias, dtype, rows, compiled)
-            grads = block.backward(
-                grad_out,
-                center,
-                invstd,
-                block.per_channel(gamma),
-                block.per_channel(beta),
-                batch_statistics,
-                ctx.needs_input_grad,
-            )
+            norm = _Norm(center, invstd, block.per_channel(gamma), block.per_channel(beta))
+            grads = block.backward(grad_out, norm, batch_statistics, ctx.needs_input_grad)
         inputs = (x, up_weight, up_bias, weight, bias, gamma, beta)
         grads = [
             g.to(t.dtype) if g is not None else None for g, t in zip(grads, inputs, strict=True)
@@ -197,9 +201,7 @@ class _Bands:
             seen = total
         return mean, m2 / seen
 
-    def forward(
-        self, center: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, norm: _Norm) -> torch.Tensor:
         channels_last = self.x.is_contiguous(memory_format=torch.channels_last)
         out = torch.empty(
             (self.batch, self.channels, self.height // 2, self.width // 2),
@@ -210,18 +212,13 @@ class _Bands:
         for image, lo, hi in self.bands():
             a = self.activation(image, lo - HALO, hi + HALO)
             z = self.conv(a)
-            out[image, :, lo // 2 : hi // 2] = self.f.output(
-                z, a[:, :, HALO:-HALO], center, invstd, gamma, beta
-            )
+            out[image, :, lo // 2 : hi // 2] = self.f.output(z, a[:, :, HALO:-HALO], norm)
         return out
 
     def backward(
         self,
         grad_out: torch.Tensor,
-        center: torch.Tensor,
-        invstd: torch.Tensor,
-        gamma: torch.Tensor,
-        beta: torch.Tensor,
+        norm: _Norm,
         batch_statistics: bool,
         needs: tuple[bool, ...],
     ) -> tuple[torch.Tensor | None, ...]:
@@ -239,16 +236,15 @@ class _Bands:
         sum_g_zhat = torch.zeros_like(sum_g)
         for image, lo, hi in self.bands():
             z = self.conv(self.activation(image, lo - HALO, hi + HALO))
-            band_g, band_g_zhat = self.f.grad_sums(
-                z, grad_out[image, :, lo // 2 : hi // 2], center, invstd, gamma, beta
-            )
+            band_g, band_g_zhat = self.f.grad_sums(z, grad_out[image, :, lo // 2 : hi // 2], norm)
             sum_g += band_g
             sum_g_zhat += band_g_zhat
-        # with fixed statistics the batch's center and variance carry no gradient
+        # with fixed statistics the batch's mean and variance carry no gradient
         scale = 1 / self.count if batch_statistics else 0.0
         mean_g, mean_g_zhat = self.per_channel(sum_g * scale), self.per_channel(sum_g_zhat * scale)
         # the conv bias's gradient, sum(grad_z), is zero when BatchNorm subtracts the batch mean
-        grad_bias = (gamma * invstd).flatten() * sum_g.to(self.work) * (not batch_statistics)
+        grad_bias = (norm.gamma * norm.invstd).flatten() * sum_g.to(self.work)
+        grad_bias *= not batch_statistics
 
         # pass 2: conv rows [lo - HALO, hi + HALO) feed the input gradient of rows [lo, hi)
         for image, lo, hi in self.bands():
@@ -258,10 +254,7 @@ class _Bands:
             grad_z = self.f.grad_z(
                 self.conv(a),
                 grad_out[image, :, top // 2 : bottom // 2],
-                center,
-                invstd,
-                gamma,
-                beta,
+                norm,
                 mean_g,
                 mean_g_zhat,
             )
@@ -313,60 +306,42 @@ def _moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def _output(
-    z: torch.Tensor,
-    a: torch.Tensor,
-    center: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-) -> torch.Tensor:
+def _output(z: torch.Tensor, a: torch.Tensor, norm: _Norm) -> torch.Tensor:
     """The block's output rows: pool(LeakyReLU(BatchNorm(z)) + a), in the convolution dtype."""
+    center, invstd, gamma, beta = norm
     bn = (z.to(center.dtype) - center) * invstd * gamma + beta
     return pool2x2(F.leaky_relu(bn, NEGATIVE_SLOPE) + a.to(center.dtype)).to(z.dtype)
 
 
 def _grad_bn(
-    z: torch.Tensor,
-    grad_out: torch.Tensor,
-    center: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
+    z: torch.Tensor, grad_out: torch.Tensor, norm: _Norm
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """zhat, and the gradient at BatchNorm's output (through the LeakyReLU)."""
+    center, invstd, gamma, beta = norm
     zhat = (z.to(center.dtype) - center) * invstd
     grad_sum = _unpool(grad_out.to(center.dtype), z.shape[-2], z.shape[-1])
     return zhat, torch.where(zhat * gamma + beta > 0, grad_sum, grad_sum * NEGATIVE_SLOPE)
 
 
 def _grad_sums(
-    z: torch.Tensor,
-    grad_out: torch.Tensor,
-    center: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
+    z: torch.Tensor, grad_out: torch.Tensor, norm: _Norm
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel: sum of the gradient at BatchNorm's output, and of it times zhat."""
-    zhat, grad_bn = _grad_bn(z, grad_out, center, invstd, gamma, beta)
+    zhat, grad_bn = _grad_bn(z, grad_out, norm)
     return grad_bn.sum((0, 2, 3)), (grad_bn * zhat).sum((0, 2, 3))
 
 
 def _grad_z(
     z: torch.Tensor,
     grad_out: torch.Tensor,
-    center: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
+    norm: _Norm,
     mean_g: torch.Tensor,
     mean_g_zhat: torch.Tensor,
 ) -> torch.Tensor:
     """The gradient at the convolution's output, in its dtype: BatchNorm's backward, given the
     batch means of the gradient at its output and of that times zhat."""
-    zhat, grad_bn = _grad_bn(z, grad_out, center, invstd, gamma, beta)
-    return ((grad_bn - mean_g - zhat * mean_g_zhat) * (gamma * invstd)).to(z.dtype)
+    zhat, grad_bn = _grad_bn(z, grad_out, norm)
+    return ((grad_bn - mean_g - zhat * mean_g_zhat) * (norm.gamma * norm.invstd)).to(z.dtype)
 
 
 def _plus_unpooled(grad_a: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
