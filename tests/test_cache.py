@@ -72,9 +72,13 @@ def test_a_step_from_the_cache_equals_a_step_with_the_encoder(data, tmp_path, sa
         loss.backward()
         losses.append(loss)
     assert abs(losses[0].item() - losses[1].item()) <= 1e-5 * abs(losses[0].item())
-    for a, b in zip(full.trainable_parameters(), cached.trainable_parameters(), strict=True):
-        if a.grad is not None:
-            assert rel_err(b.grad, a.grad) < 1e-5
+    # over the whole gradient vector: a conv bias right before BatchNorm has a gradient of
+    # zero in exact arithmetic, so its own relative error would compare rounding noise
+    grads = [
+        torch.cat([p.grad.flatten() for p in m.trainable_parameters() if p.grad is not None])
+        for m in (full, cached)
+    ]
+    assert rel_err(grads[1], grads[0]) < 1e-5
 
 
 def test_an_interrupted_build_resumes_without_recomputing(data, tmp_path, sam_file, monkeypatch):
