@@ -69,13 +69,13 @@ def cad_adapter_check(precision: str, **options) -> dict:
     images = torch.rand(4, 3, 512, 512, device="cuda") * 255
     upstream = torch.randn(4, 256, 64, 64, device="cuda")
     outputs = []
-    torch.backends.cudnn.allow_tf32 = False
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
     for adapter in (plain, saving):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = adapter(images)
         out.float().backward(upstream)
         outputs.append(out.float())
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = tf32
     # Over the whole gradient vector: some entries are zero in exact arithmetic (a conv bias
     # right before BatchNorm), so per-tensor relative errors would compare noise with noise.
     grads = rel_err(

@@ -9,18 +9,18 @@ from __future__ import annotations
 import sys
 
 import torch
-import yaml
 from torch.profiler import ProfilerActivity, profile
 
 from cadsam import build_model
 from cadsam.bench import PAPER_BATCH, VARIANTS
+from cadsam.cli import _option_value  # --set OPTION=VALUE, as cadsam bench reads it
 from cadsam.precision import autocast
 from cadsam.train import segmentation_loss
 
 
 def main(variant: str, precision: str = "fp32", *settings: str) -> None:
     method, options = VARIANTS[variant]
-    options = {**options, **{k: yaml.safe_load(v) for k, v in (s.split("=") for s in settings)}}
+    options = {**options, **dict(_option_value(text) for text in settings)}
     from_cache = options.pop("_cache", False)
     device = torch.device("cuda")
     with device:

@@ -197,7 +197,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     overrides = dict(_option_value(text) for text in args.overrides)
     run_bench(
-        args.backbones, args.variants, args.precision, Path(args.out), args.steps, True, overrides
+        args.backbones,
+        args.variants,
+        args.precision,
+        Path(args.out),
+        args.steps,
+        overrides=overrides,
     )
     print(f"wrote {args.out}/bench.json, bench.md, bench_memory.png")
 

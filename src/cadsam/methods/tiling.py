@@ -105,7 +105,7 @@ class _TiledResidualBlock(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         batch_statistics = bn.training or bn.running_mean is None
         with torch.autocast(device_type, enabled=False):
-            block = _Bands(x, up_weight, up_bias, weight, bias, dtype, rows, compiled)
+            block = _Bands(x, up_weight, up_bias, weight, dtype, rows, compiled)
             # the convolutions run without their bias: BatchNorm subtracts it again, so the
             # bands work with ``center`` = mean - bias instead
             if batch_statistics:
@@ -116,7 +116,9 @@ class _TiledResidualBlock(torch.autograd.Function):
             invstd = (var + bn.eps).rsqrt()
             norm = _Norm(*(block.per_channel(v) for v in (center, invstd, gamma, beta)))
             out = block.forward(norm)
-        ctx.save_for_backward(x, up_weight, up_bias, weight, bias, gamma, beta, *norm[:2])
+        ctx.save_for_backward(
+            x, up_weight, up_bias, weight, bias, gamma, beta, norm.center, norm.invstd
+        )
         ctx.settings = (dtype, rows, compiled, batch_statistics)
         return out
 
@@ -126,7 +128,7 @@ class _TiledResidualBlock(torch.autograd.Function):
         x, up_weight, up_bias, weight, bias, gamma, beta, center, invstd = ctx.saved_tensors
         dtype, rows, compiled, batch_statistics = ctx.settings
         with torch.autocast(x.device.type, enabled=False):
-            block = _Bands(x, up_weight, up_bias, weight, bias, dtype, rows, compiled)
+            block = _Bands(x, up_weight, up_bias, weight, dtype, rows, compiled)
             norm = _Norm(center, invstd, block.per_channel(gamma), block.per_channel(beta))
             grads = block.backward(grad_out, norm, batch_statistics, ctx.needs_input_grad)
         inputs = (x, up_weight, up_bias, weight, bias, gamma, beta)
@@ -145,7 +147,6 @@ class _Bands:
         up_weight: torch.Tensor | None,
         up_bias: torch.Tensor | None,
         weight: torch.Tensor,
-        bias: torch.Tensor,
         dtype: torch.dtype,
         rows: int,
         compiled: bool,
@@ -242,9 +243,11 @@ class _Bands:
         # with fixed statistics the batch's mean and variance carry no gradient
         scale = 1 / self.count if batch_statistics else 0.0
         mean_g, mean_g_zhat = self.per_channel(sum_g * scale), self.per_channel(sum_g_zhat * scale)
-        # the conv bias's gradient, sum(grad_z), is zero when BatchNorm subtracts the batch mean
-        grad_bias = (norm.gamma * norm.invstd).flatten() * sum_g.to(self.work)
-        grad_bias *= not batch_statistics
+        # the conv bias's gradient, sum(grad_z): zero when BatchNorm subtracts the batch mean
+        if batch_statistics:
+            grad_bias = torch.zeros(self.channels, **work)
+        else:
+            grad_bias = (norm.gamma * norm.invstd).flatten() * sum_g.to(self.work)
 
         # pass 2: conv rows [lo - HALO, hi + HALO) feed the input gradient of rows [lo, hi)
         for image, lo, hi in self.bands():
