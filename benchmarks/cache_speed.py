@@ -1,10 +1,12 @@
 """Embedding-cache build rate of ``cadsam cache``'s builder on a GPU (random SAM weights).
 
-Builds N synthetic 512 x 512 images, saves a random checkpoint per backbone, then for eager
-and compiled encoders: a short first pass (warm-up and compilation), then the rest of the same
-cache (it resumes), timed. Prints one JSON line per case.
+Makes N 512 x 512 image files (256 synthetic images, repeated under new names) and saves a random checkpoint per backbone, then builds
+one cache per backbone and encoder (eager, compiled) and reports two figures: the startup
+(from the call to the first batch handed to the writer: loading the checkpoint, starting the
+loader workers, compiling) and the steady rate (images per second from the end of the third
+batch to the return of the call, the last flush included). Prints one JSON line per case.
 
-Run: python benchmarks/cache_speed.py OUT_DIR [N]
+Run: python benchmarks/cache_speed.py OUT_DIR [N] [BACKBONE ...]
 """
 
 from __future__ import annotations
@@ -20,49 +22,66 @@ from cadsam.cache import build_cache
 from cadsam.data.synthetic import make_synthetic_set
 from cadsam.sam import build_sam
 
+BATCH = {"vit_b": 32, "vit_l": 16, "vit_h": 16}
+WARM_BATCHES = 3
 
-def main(out: Path, count: int) -> None:
-    images = sorted(
-        (make_synthetic_set(out / "data", count, 0, size=512) / "train" / "images").iterdir()
+
+def image_files(out: Path, count: int, distinct: int = 256) -> list[Path]:
+    made = sorted(
+        (make_synthetic_set(out / "data", distinct, 0, size=512) / "train" / "images").iterdir()
     )
-    for backbone, batch in (("vit_b", 32), ("vit_h", 16)):
+    folder = out / "images"
+    folder.mkdir(exist_ok=True)
+    files = [folder / f"{i:05d}.png" for i in range(count)]
+    for i, file in enumerate(files):
+        if not file.exists():
+            file.hardlink_to(made[i % distinct])
+    return files
+
+
+def main(out: Path, count: int, backbones: list[str]) -> None:
+    images = image_files(out, count)
+    for backbone in backbones:
         checkpoint = out / f"{backbone}.pth"
         torch.save(build_sam(backbone).state_dict(), checkpoint)
         for compiled in (False, True):
-            cache = out / f"cache-{backbone}-{compiled}"
-            common = dict(
-                batch_size=batch,
+            marks: list[tuple[float, int]] = []  # (time, images) of each batch
+            start = time.perf_counter()
+            done = build_cache(
+                images,
+                out / f"cache-{backbone}-{compiled}",
+                backbone,
+                checkpoint,
+                batch_size=BATCH[backbone],
                 precision="bf16",
                 compile_encoder=compiled,
                 num_workers=12,
                 progress=False,
+                on_batch=lambda n, marks=marks: marks.append((time.perf_counter(), n)),
             )
-            start = time.perf_counter()
-            build_cache(images, cache, backbone, checkpoint, stop_after=2, **common)
-            warm = time.perf_counter() - start
-            start = time.perf_counter()
-            done = build_cache(images, cache, backbone, checkpoint, **common)
-            seconds = time.perf_counter() - start
-            timed = count - 2 * batch
-            print(
-                json.dumps(
-                    {
-                        "backbone": backbone,
-                        "compiled": compiled,
-                        "batch": batch,
-                        "precision": "bf16",
-                        "images": count,
-                        "warmup_seconds": round(warm, 1),
-                        "timed_images": timed,
-                        "images_per_second": round(timed / seconds, 1),
-                        "complete": done.complete(),
-                        "gpu": torch.cuda.get_device_name(),
-                        "torch": torch.__version__,
-                    }
-                ),
-                flush=True,
-            )
+            end = time.perf_counter()
+            warm_time = marks[WARM_BATCHES - 1][0]
+            warm_images = sum(n for _, n in marks[:WARM_BATCHES])
+            record = {
+                "backbone": backbone,
+                "compiled": compiled,
+                "batch": BATCH[backbone],
+                "precision": "bf16",
+                "images": count,
+                "startup_seconds": round(marks[0][0] - start, 1),
+                "steady_images": count - warm_images,
+                "steady_images_per_second": round((count - warm_images) / (end - warm_time), 1),
+                "overall_images_per_second": round(count / (end - start), 1),
+                "complete": done.complete(),
+                "gpu": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+            }
+            print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1024)
+    main(
+        Path(sys.argv[1]),
+        int(sys.argv[2]) if len(sys.argv) > 2 else 1536,
+        sys.argv[3:] or ["vit_b", "vit_h"],
+    )

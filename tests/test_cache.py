@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -197,13 +200,31 @@ def test_cached_views_follow_the_image_and_mask(data, tmp_path, sam_file):
     assert 0 < flips < 24
 
 
-def test_a_failing_write_is_reported_and_marks_nothing_done(data, tmp_path, sam_file):
+def test_a_failing_write_is_reported_and_marks_nothing_done(data, tmp_path, sam_file, monkeypatch):
+    from cadsam.cache import _EntryWriter
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cache = _build(data, tmp_path / "cache", sam_file, stop_after=0)
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    writer = _EntryWriter(open_cache(cache.root, writable=True))
+    writer.put(np.array([0]), torch.zeros(1, 256, 16, 16), None)
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+    assert int(open_cache(cache.root).done.sum()) == 0
+
+
+def test_the_writer_puts_rows_in_any_order_where_they_belong(data, tmp_path, sam_file):
     from cadsam.cache import _EntryWriter
 
     cache = _build(data, tmp_path / "cache", sam_file, stop_after=0)
-    readonly = open_cache(cache.root)  # opened read-only: every write fails
-    writer = _EntryWriter(readonly)
-    writer.put(np.array([0]), np.zeros((1, 256, 16, 16), np.float32))
-    with pytest.raises(ValueError, match="read-only"):
-        writer.close()
-    assert int(open_cache(cache.root).done.sum()) == 0
+    rows = np.array([3, 4, 0, 2, 5])  # runs 3-4, 0, 2, 5
+    values = torch.randn(len(rows), 256, 16, 16)
+    writer = _EntryWriter(open_cache(cache.root, writable=True), flush_seconds=0)
+    writer.put(rows[:3], values[:3], None)
+    writer.put(rows[3:], values[3:], None)
+    writer.close()
+    reopened = open_cache(cache.root)
+    assert np.array_equal(reopened.embeddings[rows], values.numpy())
+    assert reopened.done.tolist() == [int(i in rows) for i in range(len(reopened.done))]
