@@ -67,6 +67,34 @@ def test_banded_block_equals_the_plain_block(batch, height, width, rows, fused, 
     assert block.bn.num_batches_tracked.item() == (2 if training else 0)
 
 
+@pytest.mark.parametrize(
+    ("batch", "height", "rows", "training"),
+    [(3, 17, 6, True), (2, 16, 4, True), (1, 13, 8, False), (2, 10, 2, True)],
+)
+def test_a_block_that_reuses_its_input_for_its_gradient(batch, height, rows, training):
+    """Bands of several rows per image, so later bands read rows whose gradient is pending;
+    2-row bands are too thin to reuse the input and take the separate gradient."""
+    (block, _), (plain_block, _) = _block_pair(training)
+    x = torch.randn(batch, CHANNELS, height, 9) * 3 + 1
+    x_plain, x_banded = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = plain_block(x_plain * 2)
+    scratch = x_banded * 2  # an input that nothing else reads or keeps
+    actual = tiled_residual_block(scratch, block, None, rows, reuse_input=True)
+    storage = []
+    scratch.register_hook(lambda grad: storage.append(grad.data_ptr()))
+    assert rel_err(actual, expected) < 1e-5
+    upstream = torch.randn_like(expected)
+    expected.backward(upstream)
+    actual.backward(upstream)
+    assert (storage[0] == scratch.data_ptr()) == (rows >= 4)
+    assert rel_err(x_banded.grad, x_plain.grad) < 1e-5
+    for (name, banded), plain in zip(
+        block.named_parameters(), plain_block.parameters(), strict=True
+    ):
+        if name != "conv.bias" or not training:
+            assert rel_err(banded.grad, plain.grad) < 1e-5, name
+
+
 def test_cumulative_running_statistics_match_momentum_none():
     (block, _), (plain_block, _) = _block_pair(training=True, momentum=None)
     for seed in range(3):
@@ -130,7 +158,10 @@ def test_banded_adapter_equals_the_plain_adapter_in_float64():
     banded.double(), plain.double()
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 255
     x = banded.adapter_input(images).double()
-    assert banded._band_rows(banded.blocks[1], torch.empty(2, 256, 32, 32)) == 32  # two banded
+    # two blocks banded, the second over its predecessor's output, in 12-row bands
+    banded.tile_mib = 12 * 32 * 256 * 4 / 2**20
+    assert banded._band_rows(banded.blocks[0], torch.empty(2, 6, 64, 64)) == 6
+    assert banded._band_rows(banded.blocks[1], torch.empty(2, 256, 32, 32)) == 12
     expected, actual = plain.forward_from_input(x), banded.forward_from_input(x)
     assert rel_err(actual, expected) < 1e-10
     upstream = torch.randn_like(expected)

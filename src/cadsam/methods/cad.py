@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..frequency import high_pass
-from .tiling import BYTES_PER_VALUE, band_rows, pool2x2, tiled_residual_block
+from .tiling import BYTES_PER_VALUE, band_rows, pool2x2, pool_cells, tiled_residual_block
 
 CAD_LAYOUTS = ("official", "paper")
 
@@ -74,22 +74,24 @@ class ConvAdapter(nn.Module):
         """The adapter after :meth:`adapter_input` (B x 6 x S x S)."""
         if self.channels_last:  # cuDNN's fast convolution layout; the same function
             x = x.contiguous(memory_format=torch.channels_last)
-        size = (self.embedding_size, self.embedding_size)
         if self.layout == "paper":
             x = self.conv_up(x)
             for block in self.blocks:
                 x = self._run(block, x)
-            return torch.tanh(F.adaptive_avg_pool2d(x, size)).contiguous()
-        summed = None
+            return torch.tanh(pool_to(x, self.embedding_size)).contiguous()
+        summed, reusable = None, False
         for index, block in enumerate(self.blocks):
             conv_up = self.conv_up if index == 0 else None
             rows = self._band_rows(block, x)
             if rows:
                 compiled = x.is_cuda if self.compile_tiles == "auto" else self.compile_tiles
-                x = tiled_residual_block(x, block, conv_up, rows, bool(compiled))
+                x = tiled_residual_block(x, block, conv_up, rows, bool(compiled), reusable)
             else:
                 x = self._run(block, conv_up(x) if conv_up is not None else x)
-            pooled = F.adaptive_avg_pool2d(x, size)
+            # a banded block's output is ours alone when its pooling keeps nothing of it: the
+            # next banded block may then overwrite it with its gradient
+            reusable = bool(rows) and _pools_by_cells(x, self.embedding_size)
+            pooled = pool_to(x, self.embedding_size)
             summed = pooled if summed is None else summed + pooled
         return torch.tanh(summed).contiguous()
 
@@ -116,6 +118,18 @@ class ConvAdapter(nn.Module):
             use_reentrant=False,
             context_fn=lambda: (contextlib.nullcontext(), _buffers_restored(block)),
         )
+
+
+def _pools_by_cells(x: torch.Tensor, size: int) -> bool:
+    return x.shape[-2] == x.shape[-1] and x.shape[-1] % size == 0
+
+
+def pool_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Average-pool a square map to size x size: by cell means where the size divides
+    (autograd then keeps nothing of ``x``), else by ``adaptive_avg_pool2d``."""
+    if _pools_by_cells(x, size):
+        return pool_cells(x, x.shape[-1] // size)
+    return F.adaptive_avg_pool2d(x, size)
 
 
 @contextlib.contextmanager

@@ -40,12 +40,17 @@ HALO = 2  # rows the dilated 3 x 3 convolution reads on each side of an output r
 BYTES_PER_VALUE = 4  # band arithmetic runs in float32
 
 
-def pool2x2(x: torch.Tensor) -> torch.Tensor:
-    """``AvgPool2d(2)`` as a mean over 2 x 2 cells: the same values, but autograd keeps only
-    the shape instead of the full-resolution input (256 MiB per image in the first block)."""
+def pool_cells(x: torch.Tensor, cell: int) -> torch.Tensor:
+    """``AvgPool2d(cell)`` as a mean over cell x cell blocks: the same values, but autograd
+    keeps only the shape instead of the full-resolution input (256 MiB per image in the
+    first block)."""
     h, w = x.shape[-2:]
-    x = x[..., : h - h % 2, : w - w % 2]
-    return x.unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2)).mean((3, 5))
+    x = x[..., : h - h % cell, : w - w % cell]
+    return x.unflatten(3, (w // cell, cell)).unflatten(2, (h // cell, cell)).mean((3, 5))
+
+
+def pool2x2(x: torch.Tensor) -> torch.Tensor:
+    return pool_cells(x, 2)
 
 
 def band_rows(channels: int, width: int, budget_bytes: int) -> int:
@@ -71,17 +76,33 @@ def tiled_residual_block(
     conv_up: nn.Conv2d | None,
     rows: int,
     compiled: bool = False,
+    reuse_input: bool = False,
 ) -> torch.Tensor:
     """``block(conv_up(x))`` (or ``block(x)`` without ``conv_up``) for CAD's official block
     (``conv``, ``bn``), computed image by image in bands of ``rows`` rows: the same values
     and gradients, and the block's BatchNorm running statistics updated once, as the module
-    would."""
+    would.
+
+    ``reuse_input``: backward writes ``x``'s gradient into ``x``'s own storage, band by band
+    behind the rows it still reads, so the two never coexist (256 MiB saved for the second
+    block at batch 4). Only for an ``x`` that nothing else keeps for backward and nobody
+    reads afterwards, such as the output of the previous banded block.
+    """
     assert rows >= 2 and rows % 2 == 0, "bands start on even rows"
     assert not isinstance(block.bn, nn.SyncBatchNorm), "SyncBatchNorm takes the plain path"
     up_weight, up_bias = (conv_up.weight, conv_up.bias) if conv_up is not None else (None, None)
     conv, bn = block.conv, block.bn
+    reuse_input = reuse_input and conv_up is None and rows >= 2 * HALO
     return _TiledResidualBlock.apply(
-        x, up_weight, up_bias, conv.weight, conv.bias, bn.weight, bn.bias, bn, rows, compiled
+        x,
+        up_weight,
+        up_bias,
+        conv.weight,
+        conv.bias,
+        bn.weight,
+        bn.bias,
+        bn,
+        (rows, compiled, reuse_input),
     )
 
 
@@ -97,15 +118,14 @@ class _TiledResidualBlock(torch.autograd.Function):
         gamma: torch.Tensor,
         beta: torch.Tensor,
         bn: nn.BatchNorm2d,
-        rows: int,
-        compiled: bool,
+        banding: tuple[int, bool, bool],
     ) -> torch.Tensor:
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         batch_statistics = bn.training or bn.running_mean is None
         with torch.autocast(device_type, enabled=False):
-            block = _Bands(x, up_weight, up_bias, weight, dtype, rows, compiled)
+            block = _Bands(x, up_weight, up_bias, weight, dtype, *banding)
             # the convolutions run without their bias: BatchNorm subtracts it again, so the
             # bands work with ``center`` = mean - bias instead
             if batch_statistics:
@@ -119,23 +139,23 @@ class _TiledResidualBlock(torch.autograd.Function):
         ctx.save_for_backward(
             x, up_weight, up_bias, weight, bias, gamma, beta, norm.center, norm.invstd
         )
-        ctx.settings = (dtype, rows, compiled, batch_statistics)
+        ctx.settings = (dtype, banding, batch_statistics)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, up_weight, up_bias, weight, bias, gamma, beta, center, invstd = ctx.saved_tensors
-        dtype, rows, compiled, batch_statistics = ctx.settings
+        dtype, banding, batch_statistics = ctx.settings
         with torch.autocast(x.device.type, enabled=False):
-            block = _Bands(x, up_weight, up_bias, weight, dtype, rows, compiled)
+            block = _Bands(x, up_weight, up_bias, weight, dtype, *banding)
             norm = _Norm(center, invstd, block.per_channel(gamma), block.per_channel(beta))
             grads = block.backward(grad_out, norm, batch_statistics, ctx.needs_input_grad)
         inputs = (x, up_weight, up_bias, weight, bias, gamma, beta)
         grads = [
             g.to(t.dtype) if g is not None else None for g, t in zip(grads, inputs, strict=True)
         ]
-        return (*grads, None, None, None)
+        return (*grads, None, None)
 
 
 class _Bands:
@@ -150,8 +170,9 @@ class _Bands:
         dtype: torch.dtype,
         rows: int,
         compiled: bool,
+        reuse_input: bool,
     ) -> None:
-        self.x, self.dtype, self.rows = x, dtype, rows
+        self.x, self.dtype, self.rows, self.reuse_input = x, dtype, rows, reuse_input
         self.work = torch.promote_types(dtype, torch.float32)  # all but the convolutions
         self.up_weight = up_weight.to(dtype) if up_weight is not None else None
         self.up_bias = up_bias.to(dtype) if up_bias is not None else None
@@ -228,7 +249,10 @@ class _Bands:
         needs_a = needs[0] or (fused and (needs[1] or needs[2]))
         work = dict(dtype=self.work, device=self.x.device)
         grad_weight = torch.zeros(self.weight.shape, **work)
-        grad_x = torch.empty_like(self.x) if needs[0] else None
+        grad_x = None
+        if needs[0]:
+            grad_x = self.x if self.reuse_input else torch.empty_like(self.x)
+        held = None  # (image, rows, gradient) the next band still reads as input: written after
         grad_up_weight = torch.zeros(self.up_weight.shape, **work) if fused else None
         grad_up_bias = torch.zeros(self.channels, **work) if fused else None
 
@@ -279,7 +303,13 @@ class _Bands:
                 grad_out[image, :, lo // 2 : hi // 2],
             )  # the residual passes the block's gradient to ``a`` unchanged
             if not fused:
-                grad_x[image, :, lo:hi] = grad_a
+                keep = 2 * HALO if self.reuse_input and hi < self.height else 0
+                grad_x[image, :, lo : hi - keep] = grad_a[:, :, : hi - lo - keep]
+                if held is not None:  # this band has read those rows: now they can go
+                    grad_x[held[0], :, held[1]] = held[2]
+                held = None
+                if keep:
+                    held = (image, slice(hi - keep, hi), grad_a[:, :, hi - lo - keep :].clone())
                 continue
             grad_up_bias += grad_a.sum((0, 2, 3))
             x_band, grad_a = self.x[image, :, lo:hi].to(self.dtype), grad_a.to(self.dtype)
