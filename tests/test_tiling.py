@@ -132,6 +132,16 @@ def test_band_rows_fit_the_budget_and_stay_even():
     assert band_rows(256, 512, 64 * 2**20) == 128  # 256 x 512 x 4 B = 0.5 MiB a row
     assert band_rows(256, 512, 3 * 2**19) == 2  # 1.5 MiB: 3 rows, rounded down to even
     assert band_rows(256, 512, 1) == 2  # never below one pooling cell
+    assert band_rows(256, 512, 64 * 2**20, value_bytes=2) == 256  # bfloat16
+
+
+def test_the_budget_counts_the_dtype_the_activation_is_computed_in():
+    adapter = build_model("cad", "vit_tiny", adapter_size=64, adapter_tile_mib=1).adapter
+    x = torch.rand(2, 6, 64, 64)
+    assert adapter._band_rows(adapter.blocks[0], x) == 16  # float32: 1 MiB is 16 rows
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert adapter._band_rows(adapter.blocks[0], x) == 32
+    assert adapter._band_rows(adapter.blocks[0], x.double()) == 8
 
 
 def test_adapter_bands_only_what_exceeds_the_budget():
@@ -159,9 +169,9 @@ def test_banded_adapter_equals_the_plain_adapter_in_float64():
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 255
     x = banded.adapter_input(images).double()
     # two blocks banded, the second over its predecessor's output, in 12-row bands
-    banded.tile_mib = 12 * 32 * 256 * 4 / 2**20
-    assert banded._band_rows(banded.blocks[0], torch.empty(2, 6, 64, 64)) == 6
-    assert banded._band_rows(banded.blocks[1], torch.empty(2, 256, 32, 32)) == 12
+    banded.tile_mib = 12 * 32 * 256 * 8 / 2**20
+    assert banded._band_rows(banded.blocks[0], x) == 6
+    assert banded._band_rows(banded.blocks[1], torch.empty(2, 256, 32, 32).double()) == 12
     expected, actual = plain.forward_from_input(x), banded.forward_from_input(x)
     assert rel_err(actual, expected) < 1e-10
     upstream = torch.randn_like(expected)
@@ -187,6 +197,10 @@ def test_pool2x2_is_avg_pool2d_values_and_gradients(shape):
     a.backward(upstream)
     b.backward(upstream)
     assert torch.allclose(x.grad, y.grad)
+    channels_last = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    pool2x2(channels_last).backward(upstream)  # the gradient keeps the input's layout
+    assert channels_last.grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(channels_last.grad, y.grad)
 
 
 def test_compiled_band_arithmetic_equals_eager():

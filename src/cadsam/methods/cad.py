@@ -10,7 +10,7 @@ embedding. Two block layouts share the parameter count:
 * ``paper``: the paper's text: 3x3 conv -> LeakyReLU -> BatchNorm -> AvgPool 2, no residual,
   no dilation, only the last block pooled to the embedding size.
 
-Memory: with ``tile_mib > 0`` an official block whose float32 activation exceeds that many MiB
+Memory: with ``tile_mib > 0`` an official block whose activation exceeds that many MiB
 (the first at 512 x 512, ``conv_up`` included, and the second at batch 4) runs band by band
 (:mod:`.tiling`), its elementwise arithmetic compiled into fused kernels with
 ``compile_tiles`` ("auto": on CUDA); the others run plainly, or recomputed in backward with
@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..frequency import high_pass
-from .tiling import BYTES_PER_VALUE, band_rows, pool2x2, pool_cells, tiled_residual_block
+from .tiling import activation_dtype, band_rows, pool2x2, pool_cells, tiled_residual_block
 
 CAD_LAYOUTS = ("official", "paper")
 
@@ -97,15 +97,17 @@ class ConvAdapter(nn.Module):
 
     def _band_rows(self, block: nn.Module, x: torch.Tensor) -> int:
         """Rows per band if ``block`` should run band by band on ``x``, else 0: when its
-        float32 activation over the batch exceeds ``tile_mib`` (and its BatchNorm is not
-        synchronised); a band then holds at most ``tile_mib`` of one image."""
+        activation over the batch (in the dtype it is computed in: bfloat16 under autocast)
+        exceeds ``tile_mib`` and its BatchNorm is not synchronised; a band then holds at most
+        ``tile_mib`` of one image."""
         if self.tile_mib <= 0 or isinstance(block.bn, nn.SyncBatchNorm):
             return 0
         budget = int(self.tile_mib * 2**20)
         channels = block.conv.out_channels
-        if x[:, :1].numel() * channels * BYTES_PER_VALUE <= budget:
+        value_bytes = activation_dtype(x).itemsize
+        if x[:, :1].numel() * channels * value_bytes <= budget:
             return 0
-        return band_rows(channels, x.shape[-1], budget)
+        return band_rows(channels, x.shape[-1], budget, value_bytes)
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The block, or with ``checkpoint_blocks`` the block recomputed in backward (keeping

@@ -37,26 +37,55 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 NEGATIVE_SLOPE = 0.1  # the block's LeakyReLU
 HALO = 2  # rows the dilated 3 x 3 convolution reads on each side of an output row
-BYTES_PER_VALUE = 4  # band arithmetic runs in float32
 
 
 def pool_cells(x: torch.Tensor, cell: int) -> torch.Tensor:
-    """``AvgPool2d(cell)`` as a mean over cell x cell blocks: the same values, but autograd
-    keeps only the shape instead of the full-resolution input (256 MiB per image in the
-    first block)."""
-    h, w = x.shape[-2:]
-    x = x[..., : h - h % cell, : w - w % cell]
-    return x.unflatten(3, (w // cell, cell)).unflatten(2, (h // cell, cell)).mean((3, 5))
+    """``AvgPool2d(cell)``, the same values and gradients, but autograd keeps only ``x``'s
+    shape and layout instead of ``x`` (256 MiB per image in the first block), and passes
+    back a gradient in ``x``'s layout (channels_last stays channels_last)."""
+    return _CellMean.apply(x, cell)
 
 
 def pool2x2(x: torch.Tensor) -> torch.Tensor:
     return pool_cells(x, 2)
 
 
-def band_rows(channels: int, width: int, budget_bytes: int) -> int:
-    """Rows per band (of one image) so that its float32 activation fits in ``budget_bytes``;
-    even, so that no 2 x 2 pooling cell straddles two bands."""
-    rows = budget_bytes // (channels * width * BYTES_PER_VALUE)
+def _cells(x: torch.Tensor, cell: int) -> torch.Tensor:
+    """B x C x H x W -> a view B x C x H/cell x cell x W/cell x cell, a cropped remainder
+    left out."""
+    h, w = (x.shape[-2] // cell) * cell, (x.shape[-1] // cell) * cell
+    return x[..., :h, :w].unflatten(3, (w // cell, cell)).unflatten(2, (h // cell, cell))
+
+
+class _CellMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cell: int) -> torch.Tensor:
+        ctx.cell, ctx.shape = cell, x.shape
+        ctx.channels_last = x.dim() == 4 and not x.is_contiguous()
+        ctx.channels_last &= x.is_contiguous(memory_format=torch.channels_last)
+        return _cells(x, cell).mean((3, 5))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        out = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
+        if ctx.shape[-2] % ctx.cell or ctx.shape[-1] % ctx.cell:
+            out.zero_()  # the cropped remainder gets no gradient
+        _cells(out, ctx.cell).copy_((grad / ctx.cell**2)[:, :, :, None, :, None])
+        return out, None
+
+
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of ``x`` produces here: autocast's, where it is on."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def band_rows(channels: int, width: int, budget_bytes: int, value_bytes: int = 4) -> int:
+    """Rows per band (of one image) so that its activation, ``value_bytes`` a value, fits in
+    ``budget_bytes``; even, so that no 2 x 2 pooling cell straddles two bands."""
+    rows = budget_bytes // (channels * width * value_bytes)
     return max(2, rows - rows % 2)
 
 
@@ -343,7 +372,8 @@ def _output(z: torch.Tensor, a: torch.Tensor, norm: _Norm) -> torch.Tensor:
     """The block's output rows: pool(LeakyReLU(BatchNorm(z)) + a), in the convolution dtype."""
     center, invstd, gamma, beta = norm
     bn = (z.to(center.dtype) - center) * invstd * gamma + beta
-    return pool2x2(F.leaky_relu(bn, NEGATIVE_SLOPE) + a.to(center.dtype)).to(z.dtype)
+    pooled = _cells(F.leaky_relu(bn, NEGATIVE_SLOPE) + a.to(center.dtype), 2).mean((3, 5))
+    return pooled.to(z.dtype)
 
 
 def _grad_bn(

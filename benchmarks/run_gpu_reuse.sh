@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU session behind the reused-input figures: memory at the peak, then the banded and
+# whole-block adapter in the same runs. Usage: benchmarks/run_gpu_reuse.sh OUT_DIR
+set -uo pipefail
+out=${1:?output folder}
+mkdir -p "$out"
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+export PYTHONUNBUFFERED=1
+for precision in fp32 bf16; do
+    python3 benchmarks/memory_peak.py cad-cache $precision 2>&1 | grep -v -i warn
+done > "$out/memory_peak.txt"
+cadsam bench --backbones vit_b --methods cad-untiled cad cad-cache-untiled cad-cache \
+    --precision fp32 bf16 --steps 8 --out /tmp/bench-b > /dev/null
+cp /tmp/bench-b/bench.json "$out/vit_b_reuse.json"
+cadsam bench --backbones vit_h --methods cad-untiled cad cad-cache-untiled cad-cache \
+    --precision fp32 --steps 5 --out /tmp/bench-h > /dev/null
+cp /tmp/bench-h/bench.json "$out/vit_h_reuse.json"
