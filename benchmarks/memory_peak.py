@@ -16,10 +16,8 @@ import sys
 import torch
 
 from cadsam import build_model
-from cadsam.bench import PAPER_BATCH, VARIANTS
+from cadsam.bench import training_step, variant_options
 from cadsam.cli import _option_value  # --set OPTION=VALUE, as cadsam bench reads it
-from cadsam.precision import autocast
-from cadsam.train import segmentation_loss
 
 MIB = 2**20
 
@@ -51,23 +49,12 @@ def peak_breakdown(trace: list[dict]) -> tuple[int, dict[str, int]]:
 
 def main(variant: str, precision: str = "fp32", *settings: str) -> None:
     torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
-    method, options = VARIANTS[variant]
-    options = {**options, **dict(_option_value(text) for text in settings)}
-    from_cache = options.pop("_cache", False)
-    device = torch.device("cuda")
-    with device:
+    method, options, from_cache = variant_options(variant, dict(map(_option_value, settings)))
+    with torch.device("cuda"):
         model = build_model(method, "vit_b", with_encoder=not from_cache, **options)
-    batch = PAPER_BATCH["vit_b"]
-    images = torch.rand(batch, 3, 512, 512, device=device) * 255
-    masks = (torch.rand(batch, 1, 512, 512, device=device) > 0.5).float()
-    embeddings = torch.randn(batch, 256, 64, 64, device=device) if from_cache else None
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=2e-4)
+    step = training_step(model, precision, from_cache)
     for _ in range(3):
-        with autocast(device, precision):
-            logits = model(images, embeddings)
-        segmentation_loss(logits.float(), masks).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step()
     torch.cuda.synchronize()
     trace = torch.cuda.memory._snapshot()["device_traces"][0]
     peak, groups = peak_breakdown(trace)

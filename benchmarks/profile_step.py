@@ -12,32 +12,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cadsam import build_model
-from cadsam.bench import PAPER_BATCH, VARIANTS
+from cadsam.bench import training_step, variant_options
 from cadsam.cli import _option_value  # --set OPTION=VALUE, as cadsam bench reads it
-from cadsam.precision import autocast
-from cadsam.train import segmentation_loss
 
 
 def main(variant: str, precision: str = "fp32", *settings: str) -> None:
-    method, options = VARIANTS[variant]
-    options = {**options, **dict(_option_value(text) for text in settings)}
-    from_cache = options.pop("_cache", False)
-    device = torch.device("cuda")
-    with device:
+    method, options, from_cache = variant_options(variant, dict(map(_option_value, settings)))
+    with torch.device("cuda"):
         model = build_model(method, "vit_b", with_encoder=not from_cache, **options)
-    batch = PAPER_BATCH["vit_b"]
-    images = torch.rand(batch, 3, 512, 512, device=device) * 255
-    masks = (torch.rand(batch, 1, 512, 512, device=device) > 0.5).float()
-    embeddings = torch.randn(batch, 256, 64, 64, device=device) if from_cache else None
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=2e-4)
-
-    def step() -> None:
-        with autocast(device, precision):
-            logits = model(images, embeddings)
-        segmentation_loss(logits.float(), masks).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(model, precision, from_cache)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

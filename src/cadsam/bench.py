@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 
 from .errors import CadsamError
 from .figures import pyplot
-from .methods import build_model, resolve_options
+from .methods import AdaptedSam, build_model, resolve_options
 from .paper import AUTHORS_CODE_H100_MIB, MEMORY_TABLES
 
 # variant -> (method, options). "plain" variants are the reference formulation (explicit
@@ -75,29 +76,24 @@ def _nvml_mib() -> dict[str, float | None]:
         pynvml.nvmlShutdown()
 
 
-def measure_training(
-    backbone: str,
-    variant: str,
-    precision: str,
-    warmup: int = 3,
-    steps: int = 10,
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One variant's training step on the current CUDA device: peak memory and images/s.
-    ``overrides``: method options that replace the variant's."""
+def variant_options(
+    variant: str, overrides: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any], bool]:
+    """A bench variant's method, its model options (``overrides`` replacing the variant's),
+    and whether it trains from cached embeddings."""
+    method, options = VARIANTS[variant]
+    options = {**options, **(overrides or {})}
+    return method, _model_options(options), bool(options.get("_cache", False))
+
+
+def training_step(model: AdaptedSam, precision: str, from_cache: bool) -> Callable[[], None]:
+    """One training step at the paper's settings (batch, 512 x 512 images, whole-image box,
+    BCE + IoU, AdamW) on seeded random data, on the model's device."""
     from .precision import autocast
     from .train import segmentation_loss
 
-    method, options = VARIANTS[variant]
-    options = {**options, **(overrides or {})}
-    from_cache = options.pop("_cache", False)
-    batch = PAPER_BATCH[backbone]
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    torch.cuda.reset_peak_memory_stats()
-    with device:
-        model = build_model(method, backbone, with_encoder=not from_cache, **options)
-    weights_mib = torch.cuda.memory_allocated() / MIB
+    batch = PAPER_BATCH[model.backbone]
+    device = next(model.parameters()).device
     model.train()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=2e-4, weight_decay=0.01)
     generator = torch.Generator(device).manual_seed(0)
@@ -117,6 +113,28 @@ def measure_training(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure_training(
+    backbone: str,
+    variant: str,
+    precision: str,
+    warmup: int = 3,
+    steps: int = 10,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One variant's training step on the current CUDA device: peak memory and images/s.
+    ``overrides``: method options that replace the variant's."""
+    method, options, from_cache = variant_options(variant, overrides)
+    batch = PAPER_BATCH[backbone]
+    torch.manual_seed(0)
+    torch.cuda.reset_peak_memory_stats()
+    with torch.device("cuda"):
+        model = build_model(method, backbone, with_encoder=not from_cache, **options)
+    weights_mib = torch.cuda.memory_allocated() / MIB
+    step = training_step(model, precision, from_cache)
 
     times = []
     for i in range(warmup + steps):

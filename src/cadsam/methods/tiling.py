@@ -115,7 +115,9 @@ def tiled_residual_block(
     ``reuse_input``: backward writes ``x``'s gradient into ``x``'s own storage, band by band
     behind the rows it still reads, so the two never coexist (256 MiB saved for the second
     block at batch 4). Only for an ``x`` that nothing else keeps for backward and nobody
-    reads afterwards, such as the output of the previous banded block.
+    reads afterwards, such as the output of the previous banded block. Without effect with
+    ``conv_up`` (the input is the 6-channel image) or bands under 4 rows (a band would
+    overwrite rows the next one reads).
     """
     assert rows >= 2 and rows % 2 == 0, "bands start on even rows"
     assert not isinstance(block.bn, nn.SyncBatchNorm), "SyncBatchNorm takes the plain path"
