@@ -76,6 +76,11 @@ class _CellMean(torch.autograd.Function):
         return out, None
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def activation_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a convolution of ``x`` produces here: autocast's, where it is on."""
     device = x.device.type
@@ -205,13 +210,29 @@ class _Bands:
     ) -> None:
         self.x, self.dtype, self.rows, self.reuse_input = x, dtype, rows, reuse_input
         self.work = torch.promote_types(dtype, torch.float32)  # all but the convolutions
-        self.up_weight = up_weight.to(dtype) if up_weight is not None else None
-        self.up_bias = up_bias.to(dtype) if up_bias is not None else None
-        self.weight = weight.to(dtype)
         self.batch, _, self.height, self.width = x.shape
         self.channels = weight.shape[0]
         self.count = self.batch * self.height * self.width  # values per channel
         self.f = _band_functions(compiled)
+        self.fused = up_weight is not None
+        if not self.fused:
+            self.source, self.weight = x, weight.to(dtype)
+            return
+        # conv_up is the 1 x 1 convolution of [x, 1] by [up_weight | up_bias], zero wherever
+        # x is zero-padded, so conv(conv_up(x)) is one 3 x 3 convolution of [x, 1]: a few
+        # input channels instead of 256, for every recomputation and the weight gradient
+        self.up = torch.cat((up_weight.flatten(1), up_bias[:, None]), 1).to(self.work)
+        self.block_weight = weight.to(self.work)
+        self.weight = torch.einsum("oikl,ij->ojkl", self.block_weight, self.up).to(dtype)
+        layout = _layout(x)
+        self.source = torch.empty(
+            (self.batch, x.shape[1] + 1, self.height, self.width),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=layout,
+        )
+        self.source[:, :-1] = x
+        self.source[:, -1] = 1
 
     def per_channel(self, values: torch.Tensor) -> torch.Tensor:
         """A per-channel vector in the working dtype, shaped to broadcast over B x C x H x W."""
@@ -224,17 +245,22 @@ class _Bands:
             for start in range(0, self.height, self.rows):
                 yield slice(i, i + 1), start, min(start + self.rows, self.height)
 
-    def activation(self, image: slice, lo: int, hi: int) -> torch.Tensor:
-        """The block's input ``a`` on rows [lo, hi), zero outside the image (the padding)."""
-        part = self.x[image, :, max(lo, 0) : min(hi, self.height)].to(self.dtype)
-        if self.up_weight is not None:  # the 1 x 1 conv_up as a matmul, its bias fused in
-            weight = self.up_weight.flatten(1)
-            part = F.linear(part.permute(0, 2, 3, 1), weight, self.up_bias).permute(0, 3, 1, 2)
+    def conv_input(self, image: slice, lo: int, hi: int) -> torch.Tensor:
+        """The convolution's input on rows [lo, hi), zero outside the image (the padding):
+        the block's input ``a``, or ``[x, 1]`` where ``conv_up`` is fused."""
+        part = self.source[image, :, max(lo, 0) : min(hi, self.height)].to(self.dtype)
         top, bottom = max(-lo, 0), max(hi - self.height, 0)
         return F.pad(part, (0, 0, top, bottom)) if top or bottom else part
 
+    def residual(self, part: torch.Tensor) -> torch.Tensor:
+        """The block's input ``a`` from the convolution's input on the same rows."""
+        if not self.fused:
+            return part
+        up = self.up.to(self.dtype)
+        return F.linear(part.permute(0, 2, 3, 1), up).permute(0, 3, 1, 2)
+
     def conv(self, a: torch.Tensor) -> torch.Tensor:
-        """``a`` on rows [lo - HALO, hi + HALO) -> the convolution (no bias) on rows [lo, hi)."""
+        """Its input on rows [lo - HALO, hi + HALO) -> the convolution (no bias) on [lo, hi)."""
         return F.conv2d(a, self.weight, padding=(0, HALO), dilation=HALO)
 
     def batch_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,7 +270,7 @@ class _Bands:
         m2 = torch.zeros_like(mean)
         seen = 0
         for image, lo, hi in self.bands():
-            z = self.conv(self.activation(image, lo - HALO, hi + HALO))
+            z = self.conv(self.conv_input(image, lo - HALO, hi + HALO))
             band_mean, band_var = self.f.moments(z)
             n = z.numel() // self.channels
             delta = band_mean.double() - mean
@@ -255,17 +281,17 @@ class _Bands:
         return mean, m2 / seen
 
     def forward(self, norm: _Norm) -> torch.Tensor:
-        channels_last = self.x.is_contiguous(memory_format=torch.channels_last)
         out = torch.empty(
             (self.batch, self.channels, self.height // 2, self.width // 2),
             dtype=self.dtype,
             device=self.x.device,
-            memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+            memory_format=_layout(self.x),
         )
         for image, lo, hi in self.bands():
-            a = self.activation(image, lo - HALO, hi + HALO)
-            z = self.conv(a)
-            out[image, :, lo // 2 : hi // 2] = self.f.output(z, a[:, :, HALO:-HALO], norm)
+            part = self.conv_input(image, lo - HALO, hi + HALO)
+            z = self.conv(part)
+            a = self.residual(part[:, :, HALO:-HALO])
+            out[image, :, lo // 2 : hi // 2] = self.f.output(z, a, norm)
         return out
 
     def backward(
@@ -276,22 +302,19 @@ class _Bands:
         needs: tuple[bool, ...],
     ) -> tuple[torch.Tensor | None, ...]:
         """Gradients for (x, up_weight, up_bias, weight, bias, gamma, beta)."""
-        fused = self.up_weight is not None
-        needs_a = needs[0] or (fused and (needs[1] or needs[2]))
         work = dict(dtype=self.work, device=self.x.device)
-        grad_weight = torch.zeros(self.weight.shape, **work)
+        grad_weight = torch.zeros(self.weight.shape, **work)  # the fused kernel's, where fused
+        grad_up = torch.zeros(self.up.shape, **work) if self.fused else None  # [U | b]'s
         grad_x = None
         if needs[0]:
             grad_x = self.x if self.reuse_input else torch.empty_like(self.x)
         held = None  # (image, rows, gradient) the next band still reads as input: written after
-        grad_up_weight = torch.zeros(self.up_weight.shape, **work) if fused else None
-        grad_up_bias = torch.zeros(self.channels, **work) if fused else None
 
         # pass 1: the sums over the batch that BatchNorm's gradient needs (its own gradients)
         sum_g = torch.zeros(self.channels, dtype=torch.float64, device=self.x.device)
         sum_g_zhat = torch.zeros_like(sum_g)
         for image, lo, hi in self.bands():
-            z = self.conv(self.activation(image, lo - HALO, hi + HALO))
+            z = self.conv(self.conv_input(image, lo - HALO, hi + HALO))
             band_g, band_g_zhat = self.f.grad_sums(z, grad_out[image, :, lo // 2 : hi // 2], norm)
             sum_g += band_g
             sum_g_zhat += band_g_zhat
@@ -308,54 +331,55 @@ class _Bands:
         for image, lo, hi in self.bands():
             top, bottom = max(lo - HALO, 0), min(hi + HALO, self.height)
             inner = slice(lo - top, hi - top)
-            a = self.activation(image, top - HALO, bottom + HALO)
+            part = self.conv_input(image, top - HALO, bottom + HALO)
             grad_z = self.f.grad_z(
-                self.conv(a),
+                self.conv(part),
                 grad_out[image, :, top // 2 : bottom // 2],
                 norm,
                 mean_g,
                 mean_g_zhat,
             )
             grad_weight += conv2d_weight(
-                a[:, :, inner.start : inner.stop + 2 * HALO],
+                part[:, :, inner.start : inner.stop + 2 * HALO],
                 self.weight.shape,
                 grad_z[:, :, inner],
                 padding=(0, HALO),
                 dilation=HALO,
             )
-            shape = a.shape
-            del a  # band tensors go once used: at most two of them are alive at a time
-            if not needs_a:
+            # the residual passes the block's gradient to ``a`` unchanged (spread over each
+            # pooling cell); where fused, ``a`` = [U | b] [x, 1], so [U | b] gets its share
+            grad_band = grad_out[image, :, lo // 2 : hi // 2]
+            if self.fused:
+                own_rows = part[:, :, inner.start + HALO : inner.stop + HALO].to(self.work)
+                cells = _cells(own_rows, 2).mean((3, 5))
+                grad_up += torch.einsum("bchw,bjhw->cj", grad_band.to(self.work), cells)
+                grad_band = torch.einsum("bchw,cj->bjhw", grad_band.to(self.work), self.up)
+            shape = part.shape
+            del part  # band tensors go once used: at most two of them are alive at a time
+            if not needs[0]:
                 continue
-            grad_a = conv2d_input(shape, self.weight, grad_z, padding=(0, HALO), dilation=HALO)
+            grad_in = conv2d_input(shape, self.weight, grad_z, padding=(0, HALO), dilation=HALO)
             del grad_z
-            grad_a = self.f.plus_unpooled(
-                grad_a[:, :, inner.start + HALO : inner.stop + HALO],
-                grad_out[image, :, lo // 2 : hi // 2],
-            )  # the residual passes the block's gradient to ``a`` unchanged
-            if not fused:
-                keep = 2 * HALO if self.reuse_input and hi < self.height else 0
-                grad_x[image, :, lo : hi - keep] = grad_a[:, :, : hi - lo - keep]
-                if held is not None:  # this band has read those rows: now they can go
-                    grad_x[held[0], :, held[1]] = held[2]
-                held = None
-                if keep:
-                    held = (image, slice(hi - keep, hi), grad_a[:, :, hi - lo - keep :].clone())
+            grad_in = self.f.plus_unpooled(
+                grad_in[:, :, inner.start + HALO : inner.stop + HALO], grad_band
+            )
+            if self.fused:  # [x, 1] -> x
+                grad_x[image, :, lo:hi] = grad_in[:, :-1]
                 continue
-            grad_up_bias += grad_a.sum((0, 2, 3))
-            x_band, grad_a = self.x[image, :, lo:hi].to(self.dtype), grad_a.to(self.dtype)
-            grad_up_weight += conv2d_weight(x_band, self.up_weight.shape, grad_a)
-            if grad_x is not None:
-                grad_x[image, :, lo:hi] = conv2d_input(x_band.shape, self.up_weight, grad_a)
-        return (
-            grad_x,
-            grad_up_weight,
-            grad_up_bias,
-            grad_weight,
-            grad_bias,
-            sum_g_zhat,
-            sum_g,
-        )
+            keep = 2 * HALO if self.reuse_input and hi < self.height else 0
+            grad_x[image, :, lo : hi - keep] = grad_in[:, :, : hi - lo - keep]
+            if held is not None:  # this band has read those rows: now they can go
+                grad_x[held[0], :, held[1]] = held[2]
+            held = None
+            if keep:
+                held = (image, slice(hi - keep, hi), grad_in[:, :, hi - lo - keep :].clone())
+        if not self.fused:
+            return grad_x, None, None, grad_weight, grad_bias, sum_g_zhat, sum_g
+        # the fused kernel is sum_i weight[:, i] up[i, :]: the chain rule through that product
+        grad_up += torch.einsum("oikl,ojkl->ij", self.block_weight, grad_weight)
+        grad_weight = torch.einsum("ojkl,ij->oikl", grad_weight, self.up)
+        grad_up_weight = grad_up[:, :-1].reshape(*grad_up.shape[:1], -1, 1, 1)
+        return grad_x, grad_up_weight, grad_up[:, -1], grad_weight, grad_bias, sum_g_zhat, sum_g
 
 
 # -- the elementwise arithmetic of one band -------------------------------------------------
