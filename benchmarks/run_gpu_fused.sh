@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU session behind the fused first block's figures: correctness on the GPU, the first
 # block alone, memory at the peak, then banded against whole blocks in the same runs.
-# Usage: benchmarks/run_gpu_fused.sh OUT_DIR [vit_b|vit_h]
+# Usage: benchmarks/run_gpu_fused.sh OUT_DIR [vit_b|vit_h|bands]
 set -uo pipefail
 out=${1:?output folder}
 backbone=${2:-vit_b}
@@ -19,6 +19,21 @@ if [ "$backbone" = vit_b ]; then
         --methods cad-untiled cad cad-cache-untiled cad-cache sam-adapter-paper \
         --precision fp32 bf16 --steps 8 --out /tmp/bench-b > /dev/null
     cp /tmp/bench-b/bench.json "$out/vit_b_fused.json"
+elif [ "$backbone" = bands ]; then  # the cached step by band budget, and where it spends
+    python3 benchmarks/gpu_checks.py > "$out/gpu_checks.json"; echo "checks: rc $?"
+    for precision in fp32 bf16; do
+        python3 benchmarks/memory_peak.py cad-cache $precision adapter_tile_mib=128 2>&1 |
+            grep -v -i warn
+    done > "$out/memory_peak_128mib.txt"
+    python3 benchmarks/profile_step.py cad-cache bf16 2>&1 | grep -v -i warn > "$out/profile.txt"
+    cadsam bench --backbones vit_b --methods cad-cache-untiled cad-cache \
+        --precision fp32 bf16 --steps 8 --out /tmp/bench-64 > /dev/null
+    cp /tmp/bench-64/bench.json "$out/vit_b_bands_64mib.json"
+    for mib in 96 128; do
+        cadsam bench --backbones vit_b --methods cad-cache cad --precision fp32 bf16 \
+            --steps 8 --set adapter_tile_mib=$mib --out /tmp/bench-$mib > /dev/null
+        cp /tmp/bench-$mib/bench.json "$out/vit_b_bands_${mib}mib.json"
+    done
 else
     cadsam bench --backbones vit_h --methods cad-untiled cad cad-cache-untiled cad-cache \
         --precision fp32 --steps 5 --out /tmp/bench-h > /dev/null
