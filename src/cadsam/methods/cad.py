@@ -99,7 +99,7 @@ class ConvAdapter(nn.Module):
         """Rows per band if ``block`` should run band by band on ``x``, else 0: when its
         activation over the batch (in the dtype it is computed in: bfloat16 under autocast)
         exceeds ``tile_mib`` and its BatchNorm is not synchronised; a band then holds at most
-        ``tile_mib`` of one image."""
+        ``tile_mib``."""
         if self.tile_mib <= 0 or isinstance(block.bn, nn.SyncBatchNorm):
             return 0
         budget = int(self.tile_mib * 2**20)
