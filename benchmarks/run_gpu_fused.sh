@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU session behind the fused first block's figures: correctness on the GPU, the first
 # block alone, memory at the peak, then banded against whole blocks in the same runs.
-# Usage: benchmarks/run_gpu_fused.sh OUT_DIR [vit_b|vit_h|bands]
+# Usage: benchmarks/run_gpu_fused.sh OUT_DIR [vit_b|vit_h|bands|budgets|cache]
 set -uo pipefail
 out=${1:?output folder}
 backbone=${2:-vit_b}
@@ -34,6 +34,16 @@ elif [ "$backbone" = bands ]; then  # the cached step by band budget, and where 
             --steps 8 --set adapter_tile_mib=$mib --out /tmp/bench-$mib > /dev/null
         cp /tmp/bench-$mib/bench.json "$out/vit_b_bands_${mib}mib.json"
     done
+elif [ "$backbone" = budgets ]; then  # even bands: the cached step by band budget
+    for mib in 64 96 128; do
+        cadsam bench --backbones vit_b --methods cad-cache-untiled cad-cache \
+            --precision fp32 bf16 --steps 8 --set adapter_tile_mib=$mib --out /tmp/b$mib \
+            > /dev/null
+        cp /tmp/b$mib/bench.json "$out/vit_b_even_${mib}mib.json"
+    done
+elif [ "$backbone" = cache ]; then  # the builder with the file synced from its own thread
+    python3 benchmarks/cache_speed.py /tmp/cache-disk 1536 vit_b > "$out/cache_disk.jsonl"
+    python3 benchmarks/cache_speed.py /dev/shm/cache 1536 vit_b > "$out/cache_ramdisk.jsonl"
 else
     cadsam bench --backbones vit_h --methods cad-untiled cad cad-cache-untiled cad-cache \
         --precision fp32 --steps 5 --out /tmp/bench-h > /dev/null

@@ -23,7 +23,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -316,9 +315,8 @@ class _EntryWriter:
 
     Rows go to the file with ``pwrite`` (a memory-mapped assignment faults in every page and
     ran at a third of the speed), runs of consecutive rows in one call. Every few seconds
-    (and at the end) a second thread syncs the file and only then marks the entries written
-    before the sync as done, while writing goes on: a crash can lose recent work, never
-    mark garbage done.
+    (and at the end) the file is synced and only then are the entries written before the
+    sync marked done: a crash can lose recent work, never mark garbage done.
     """
 
     def __init__(self, cache: EmbeddingCache, flush_seconds: float = 5.0) -> None:
@@ -326,7 +324,6 @@ class _EntryWriter:
         self.file = os.open(_paths(cache.root)[1], os.O_WRONLY)
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
-        self.committer = ThreadPoolExecutor(max_workers=1)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -341,14 +338,12 @@ class _EntryWriter:
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join()
-        self.committer.shutdown()
         os.close(self.file)
         if self.error is not None:
             raise self.error
 
     def _run(self) -> None:
         pending: list[np.ndarray] = []
-        commit: Future | None = None
         last, finished = time.monotonic(), False
         while not finished:
             item = self.queue.get()
@@ -362,14 +357,9 @@ class _EntryWriter:
                         ready.synchronize()
                     self._write(rows, embeddings.numpy())
                     pending.append(rows)
-                due = time.monotonic() - last > self.flush_seconds
-                if finished or (due and (commit is None or commit.done())):
-                    if commit is not None:
-                        commit.result()  # the previous commit's error, if any
-                    commit = self.committer.submit(self._commit, pending)
+                if finished or time.monotonic() - last > self.flush_seconds:
+                    self._commit(pending)
                     pending, last = [], time.monotonic()
-                if finished:
-                    commit.result()
             except BaseException as exc:  # surfaced in the main thread by put() / close()
                 self.error = exc
 

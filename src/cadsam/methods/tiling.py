@@ -276,8 +276,7 @@ class _Bands:
         """The block's input ``a`` from the convolution's input on the same rows."""
         if not self.fused:
             return part
-        up = self.up.to(self.dtype)
-        return F.linear(part.permute(0, 2, 3, 1), up).permute(0, 3, 1, 2)
+        return F.linear(part.permute(0, 2, 3, 1), self.up.to(self.dtype)).permute(0, 3, 1, 2)
 
     def conv(self, a: torch.Tensor) -> torch.Tensor:
         """Its input on rows [lo - HALO, hi + HALO) -> the convolution (no bias) on [lo, hi)."""
