@@ -21,7 +21,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
         "encoder_chunk": 1,
         "compile_encoder": False,
         "checkpoint_adapter": False,
-        "adapter_tile_mib": 64,
+        "adapter_tile_mib": 128,
         "compile_tiles": "auto",
         "channels_last": True,
     },

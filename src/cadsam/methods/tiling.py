@@ -117,8 +117,7 @@ def tiled_residual_block(
     reuse_input: bool = False,
 ) -> torch.Tensor:
     """``block(conv_up(x))`` (or ``block(x)`` without ``conv_up``) for CAD's official block
-    (``conv``, ``bn``), computed in bands of at most ``rows`` rows of an image (several whole
-    images where ``rows`` holds them), all about the same size: the same values
+    (``conv``, ``bn``), computed image by image in bands of at most ``rows`` rows: the same values
     and gradients, and the block's BatchNorm running statistics updated once, as the module
     would.
 
@@ -249,15 +248,9 @@ class _Bands:
         return values.to(self.work)[:, None, None]
 
     def bands(self) -> Iterator[tuple[slice, int, int]]:
-        """(images, first row, end row) of each band, none over ``rows`` rows of one image
-        and all about the same size: whole images, as many as fit, or else an image split
-        evenly into bands (a band of a channels_last tensor is then contiguous)."""
-        if self.rows >= self.height:
-            groups = -(-self.batch // (self.rows // self.height))
-            size = -(-self.batch // groups)
-            for i in range(0, self.batch, size):
-                yield slice(i, min(i + size, self.batch)), 0, self.height
-            return
+        """(image, first row, end row) of each band: one image at a time (a band of a
+        channels_last tensor is then contiguous), split evenly into bands of at most
+        ``rows`` rows (512 rows at 192: 172, 172, 168, not 192, 192, 128)."""
         count = -(-self.height // self.rows)
         rows = -(-self.height // count)
         rows += rows % 2  # still <= self.rows, which is even
