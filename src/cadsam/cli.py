@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import CadsamError
-from .methods import METHODS, build_model
+from .methods import METHOD_OPTIONS, METHODS, build_model
 from .precision import PRECISIONS
 from .sam import SAM_CONFIGS
 
@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter-tile-mib",
         type=float,
         help="cad: run an adapter block band by band when its activation exceeds this many MiB "
-        "(default 64; 0: never), keeping only its input: the same values, far less memory",
+        f"(default {METHOD_OPTIONS['cad']['adapter_tile_mib']:g}; 0: never), keeping only its "
+        "input: the same values, far less memory",
     )
     meth.add_argument(
         "--encoder-chunk",
