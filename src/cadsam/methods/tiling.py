@@ -15,8 +15,9 @@ the dilated convolution reads (4 rows where the input gradient is needed):
   the input and weight gradients, accumulated over bands.
 
 In the first block ``conv(conv_up(x))`` is computed as one convolution of ``[x, 1]`` (6 + 1
-channels, zero-padded to 8) by the product of the two kernels, so its recomputations cost a
-fortieth of the 256-channel convolution's; weight gradients follow through the product.
+channels, zero-padded to 8) by the product of the two kernels, so its recomputations read 8
+channels instead of 256 (32 times fewer multiply-adds); weight gradients follow through the
+product.
 
 The convolutions run in the autocast dtype when autocast is on, everything else in float32
 (float64 for float64 inputs), so the result equals the plain block's to rounding. The
