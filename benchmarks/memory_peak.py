@@ -15,9 +15,7 @@ import sys
 
 import torch
 
-from cadsam import build_model
-from cadsam.bench import training_step, variant_options
-from cadsam.cli import _option_value  # --set OPTION=VALUE, as cadsam bench reads it
+from cadsam.bench import parse_setting, warmed_step
 
 MIB = 2**20
 
@@ -49,13 +47,7 @@ def peak_breakdown(trace: list[dict]) -> tuple[int, dict[str, int]]:
 
 def main(variant: str, precision: str = "fp32", *settings: str) -> None:
     torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
-    method, options, from_cache = variant_options(variant, dict(map(_option_value, settings)))
-    with torch.device("cuda"):
-        model = build_model(method, "vit_b", with_encoder=not from_cache, **options)
-    step = training_step(model, precision, from_cache)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    _, options = warmed_step(variant, precision, dict(map(parse_setting, settings)))
     trace = torch.cuda.memory._snapshot()["device_traces"][0]
     peak, groups = peak_breakdown(trace)
     print(f"== {variant} {precision} {options}")

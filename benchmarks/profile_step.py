@@ -11,19 +11,11 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cadsam import build_model
-from cadsam.bench import training_step, variant_options
-from cadsam.cli import _option_value  # --set OPTION=VALUE, as cadsam bench reads it
+from cadsam.bench import parse_setting, warmed_step
 
 
 def main(variant: str, precision: str = "fp32", *settings: str) -> None:
-    method, options, from_cache = variant_options(variant, dict(map(_option_value, settings)))
-    with torch.device("cuda"):
-        model = build_model(method, "vit_b", with_encoder=not from_cache, **options)
-    step = training_step(model, precision, from_cache)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    step, options = warmed_step(variant, precision, dict(map(parse_setting, settings)))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()

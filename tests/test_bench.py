@@ -40,6 +40,14 @@ def test_bench_set_checks_options_against_each_method_before_running(capsys, mon
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_bench_set_refuses_to_contradict_a_variant(capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    args = ["bench", "--methods", "cad-cache", "cad-cache-untiled", "--set", "adapter_tile_mib=96"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "contradicts variant cad-cache-untiled" in err and "adapter_tile_mib=0" in err
+
+
 def test_overridden_options_appear_in_the_report():
     report = json.loads(RESULTS.read_text())
     row = {**report["results"][0], "overrides": {"adapter_tile_mib": 32}}

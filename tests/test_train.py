@@ -438,3 +438,23 @@ def test_memory_flags_reach_the_method_options(monkeypatch, tmp_path):
         "checkpoint_adapter": True,
         "encoder_chunk": 2,
     }
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [("false", False), ("auto", "auto"), ("TRUE", True)]
+)
+def test_compile_tiles_flag_reaches_the_method_options(monkeypatch, tmp_path, given, expected):
+    seen = {}
+    monkeypatch.setattr("cadsam.train.train", lambda config: seen.setdefault("config", config))
+    args = ["train", "--method", "cad", "--backbone", "vit_tiny", "--out", str(tmp_path)]
+    args += ["--images", "i", "--masks", "m", "--compile-tiles", given]
+    assert main(args) == 0
+    assert seen["config"].method_options == {"compile_tiles": expected}
+
+
+def test_compile_tiles_flag_refuses_other_values(capsys, tmp_path):
+    args = ["train", "--method", "cad", "--backbone", "vit_tiny", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--images", "i", "--masks", "m", "--compile-tiles", "maybe"])
+    assert stop.value.code != 0
+    assert "--compile-tiles" in capsys.readouterr().err

@@ -86,6 +86,31 @@ def variant_options(
     return method, _model_options(options), bool(options.get("_cache", False))
 
 
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``--set OPTION=VALUE``: the value read as YAML (numbers, true/false, strings)."""
+    import yaml
+
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise CadsamError(f"--set takes OPTION=VALUE, got {text!r}")
+    return name.replace("-", "_"), yaml.safe_load(value)
+
+
+def warmed_step(
+    variant: str, precision: str, overrides: dict[str, Any] | None = None, backbone: str = "vit_b"
+) -> tuple[Callable[[], None], dict[str, Any]]:
+    """A variant's training step on the GPU after three warm-up steps (compilation, cuDNN's
+    choices), and its model options: what the profiling scripts in ``benchmarks/`` look at."""
+    method, options, from_cache = variant_options(variant, overrides)
+    with torch.device("cuda"):
+        model = build_model(method, backbone, with_encoder=not from_cache, **options)
+    step = training_step(model, precision, from_cache)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    return step, options
+
+
 def training_step(model: AdaptedSam, precision: str, from_cache: bool) -> Callable[[], None]:
     """One training step at the paper's settings (batch, 512 x 512 images, whole-image box,
     BCE + IoU, AdamW) on seeded random data, on the model's device."""
@@ -259,6 +284,12 @@ def run_bench(
     for variant in variants:
         if overrides and variant != "encoder-forward":
             method, options = VARIANTS[variant]
+            for name, value in overrides.items():
+                if name in options and options[name] != value:
+                    raise CadsamError(
+                        f"--set {name}={value} contradicts variant {variant}, which is "
+                        f"defined by {name}={options[name]}: leave it out of --methods"
+                    )
             resolve_options(method, {**_model_options(options), **overrides})
     if not torch.cuda.is_available():
         raise CadsamError("cadsam bench measures GPU memory and needs a CUDA GPU; none is visible")

@@ -25,8 +25,16 @@ METHOD_OPTION_FLAGS = (
     "checkpoint_blocks",
     "checkpoint_adapter",
     "adapter_tile_mib",
+    "compile_tiles",
     "encoder_chunk",
 )
+
+
+def _auto_or_bool(text: str) -> str | bool:
+    choices = {"auto": "auto", "true": True, "false": False}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"choose auto, true or false, not {text!r}")
+    return choices[text.lower()]
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -182,20 +190,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} mask(s) to {args.output}")
 
 
-def _option_value(text: str) -> tuple[str, object]:
-    """``--set OPTION=VALUE``: the value read as YAML (numbers, true/false, strings)."""
-    import yaml
-
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise CadsamError(f"--set takes OPTION=VALUE, got {text!r}")
-    return name.replace("-", "_"), yaml.safe_load(value)
-
-
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import run_bench
+    from .bench import parse_setting, run_bench
 
-    overrides = dict(_option_value(text) for text in args.overrides)
+    overrides = dict(parse_setting(text) for text in args.overrides)
     run_bench(
         args.backbones,
         args.variants,
@@ -358,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cad: run an adapter block band by band when its activation exceeds this many MiB "
         f"(default {METHOD_OPTIONS['cad']['adapter_tile_mib']:g}; 0: never), keeping only its "
         "input: the same values, far less memory",
+    )
+    meth.add_argument(
+        "--compile-tiles",
+        type=_auto_or_bool,
+        metavar="{auto,true,false}",
+        help="cad: fuse the banded blocks' elementwise arithmetic with torch.compile "
+        "(default auto: on CUDA; false skips the compilation's warm-up)",
     )
     meth.add_argument(
         "--encoder-chunk",

@@ -311,6 +311,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
         model.train()
         started, loss_sum, seen = time.perf_counter(), torch.zeros((), device=dist.device), 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show)
+        shown_at = 0.0
         for i, batch in enumerate(bar):
             images = batch["image"].to(dist.device, non_blocking=True)
             masks = batch["mask"].to(dist.device, non_blocking=True)
@@ -332,8 +333,11 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
                     board.add_scalar("train/lr", scheduler.get_last_lr()[0], scheduler.last_epoch)
             loss_sum += loss.detach() * len(images)  # stays on the device: no sync per step
             seen += len(images)
-            if show:  # .item() waits for the GPU: only when someone is watching
+            # .item() waits for the GPU: only when someone is watching, and once a second, so
+            # that the CPU can queue the next steps while the GPU runs
+            if show and time.perf_counter() - shown_at > 1.0:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                shown_at = time.perf_counter()
         totals = torch.stack((loss_sum, torch.tensor(float(seen), device=dist.device)))
         if dist.enabled:
             torch_dist.all_reduce(totals)

@@ -35,8 +35,9 @@ METHODS = tuple(METHOD_OPTIONS)
 # compile_encoder: run the frozen encoder through torch.compile (faster after a warm-up);
 # checkpoint_adapter / checkpoint_blocks: recompute adapter / encoder blocks in backward;
 # adapter_tile_mib: run an adapter block band by band, keeping only its input, when its
-# activation (in the dtype it is computed in) exceeds this many MiB (0: never); compile_tiles: fuse the banded blocks'
-# elementwise arithmetic with torch.compile ("auto": on CUDA, True, False);
+# activation (in the dtype it is computed in) exceeds this many MiB (0: never);
+# compile_tiles: fuse the banded blocks' elementwise arithmetic with torch.compile ("auto":
+# on CUDA, True, False);
 # channels_last: the adapter's activations in NHWC, cuDNN's fast layout (False: NCHW).
 COMMON_OPTIONS = {"fused_attention": True}
 # Methods whose encoder runs frozen, outside autograd: they can train from cached embeddings.
