@@ -40,7 +40,8 @@ elif [ "$backbone" = bands ]; then  # the cached step by band budget, and where 
     done
 elif [ "$backbone" = budgets ]; then  # even bands: the cached step by band budget
     # (--set overrides cad-cache-untiled's budget of 0 too: each budget runs twice, in two
-    # processes, which shows how far two processes of the same step differ)
+    # processes, which shows how far two processes of the same step differ; cadsam bench
+    # now refuses such a contradiction, so this mode no longer runs as it stands)
     for mib in 64 96 128; do
         cadsam bench --backbones vit_b --methods cad-cache-untiled cad-cache \
             --precision fp32 bf16 --steps 8 --set adapter_tile_mib=$mib --out /tmp/b$mib \
