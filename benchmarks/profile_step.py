@@ -21,7 +21,9 @@ def main(variant: str, precision: str = "fp32", *settings: str) -> None:
         torch.cuda.synchronize()
     print(f"== {variant} {precision} {options}")
     print(
-        prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+        prof.key_averages().table(
+            sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70
+        )
     )
 
 

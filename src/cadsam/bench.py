@@ -31,6 +31,8 @@ from .paper import AUTHORS_CODE_H100_MIB, MEMORY_TABLES
 
 # variant -> (method, options). "plain" variants are the reference formulation (explicit
 # attention scores, whole-batch encoder): they reproduce what the authors' code allocates.
+# The bench's own options: "_cache", train from cached embeddings (no encoder); "_graph", the
+# step replayed as a CUDA graph (cadsam train --cuda-graph).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "decoder-plain": ("decoder", {"fused_attention": False, "encoder_chunk": 0}),
     "decoder": ("decoder", {}),
@@ -43,6 +45,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "cad",
         {"adapter_tile_mib": 0, "checkpoint_adapter": True, "_cache": True},
     ),
+    "cad-cache-graph": ("cad", {"checkpoint_adapter": True, "_cache": True, "_graph": True}),
+    "cad-cache-untiled-graph": (
+        "cad",
+        {"adapter_tile_mib": 0, "checkpoint_adapter": True, "_cache": True, "_graph": True},
+    ),
     "cad-fast": ("cad", {"encoder_chunk": 0, "compile_encoder": True}),
     "sam-adapter-paper-plain": ("sam-adapter-paper", {"fused_attention": False}),
     "sam-adapter-paper": ("sam-adapter-paper", {}),
@@ -50,6 +57,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sam-adapter": ("sam-adapter", {}),
     "sam-adapter-ckpt": ("sam-adapter", {"checkpoint_blocks": True}),
 }
+WARMUP = 3  # untimed steps first: compilation, cuDNN's choices
 PAPER_BATCH = {"vit_b": 4, "vit_l": 4, "vit_h": 2, "vit_tiny": 4}
 MIB = 2**20
 
@@ -78,12 +86,13 @@ def _nvml_mib() -> dict[str, float | None]:
 
 def variant_options(
     variant: str, overrides: dict[str, Any] | None = None
-) -> tuple[str, dict[str, Any], bool]:
+) -> tuple[str, dict[str, Any], bool, bool]:
     """A bench variant's method, its model options (``overrides`` replacing the variant's),
-    and whether it trains from cached embeddings."""
+    whether it trains from cached embeddings, and whether its step is a CUDA graph."""
     method, options = VARIANTS[variant]
     options = {**options, **(overrides or {})}
-    return method, _model_options(options), bool(options.get("_cache", False))
+    graphed = bool(options.get("_graph", False))
+    return method, _model_options(options), bool(options.get("_cache", False)), graphed
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
@@ -99,28 +108,35 @@ def parse_setting(text: str) -> tuple[str, Any]:
 def warmed_step(
     variant: str, precision: str, overrides: dict[str, Any] | None = None, backbone: str = "vit_b"
 ) -> tuple[Callable[[], None], dict[str, Any]]:
-    """A variant's training step on the GPU after three warm-up steps (compilation, cuDNN's
-    choices), and its model options: what the profiling scripts in ``benchmarks/`` look at."""
-    method, options, from_cache = variant_options(variant, overrides)
+    """A variant's training step on the GPU after its warm-up steps, and its model options:
+    what the profiling scripts in ``benchmarks/`` look at."""
+    method, options, from_cache, graphed = variant_options(variant, overrides)
     with torch.device("cuda"):
         model = build_model(method, backbone, with_encoder=not from_cache, **options)
-    step = training_step(model, precision, from_cache)
-    for _ in range(3):
+    step = bench_step(model, precision, from_cache, graphed)
+    for _ in range(WARMUP + graphed):
         step()
     torch.cuda.synchronize()
     return step, options
 
 
-def training_step(model: AdaptedSam, precision: str, from_cache: bool) -> Callable[[], None]:
+def bench_step(
+    model: AdaptedSam, precision: str, from_cache: bool, graphed: bool = False
+) -> Callable[[], torch.Tensor]:
     """One training step at the paper's settings (batch, 512 x 512 images, whole-image box,
-    BCE + IoU, AdamW) on seeded random data, on the model's device."""
-    from .precision import autocast
-    from .train import segmentation_loss
+    BCE + IoU, AdamW) on seeded random data, on the model's device; ``graphed``: three eager
+    calls, then captured as a CUDA graph and replayed (:class:`~cadsam.graphs.GraphedStep`)."""
+    from .graphs import graph_optimizer
+    from .train import training_step
 
     batch = PAPER_BATCH[model.backbone]
     device = next(model.parameters()).device
     model.train()
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=2e-4, weight_decay=0.01)
+    parameters = model.trainable_parameters()
+    if graphed:
+        optimizer = graph_optimizer(parameters, lr=2e-4, weight_decay=0.01)
+    else:
+        optimizer = torch.optim.AdamW(parameters, lr=2e-4, weight_decay=0.01)
     generator = torch.Generator(device).manual_seed(0)
     images = torch.rand(batch, 3, 512, 512, device=device, generator=generator) * 255
     masks = (torch.rand(batch, 1, 512, 512, device=device, generator=generator) > 0.5).float()
@@ -130,36 +146,28 @@ def training_step(model: AdaptedSam, precision: str, from_cache: bool) -> Callab
         if from_cache
         else None
     )
-
-    def step() -> None:
-        with autocast(device, precision):
-            logits = model(images, embeddings)
-        loss = segmentation_loss(logits.float(), masks)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    step = training_step(model, optimizer, precision, graphed)
+    return lambda: step(images, masks, embeddings)
 
 
 def measure_training(
     backbone: str,
     variant: str,
     precision: str,
-    warmup: int = 3,
     steps: int = 10,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One variant's training step on the current CUDA device: peak memory and images/s.
     ``overrides``: method options that replace the variant's."""
-    method, options, from_cache = variant_options(variant, overrides)
+    method, options, from_cache, graphed = variant_options(variant, overrides)
     batch = PAPER_BATCH[backbone]
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     with torch.device("cuda"):
         model = build_model(method, backbone, with_encoder=not from_cache, **options)
     weights_mib = torch.cuda.memory_allocated() / MIB
-    step = training_step(model, precision, from_cache)
+    step = bench_step(model, precision, from_cache, graphed)
+    warmup = WARMUP + graphed  # a graphed step is captured on the call after its warm-up
 
     times = []
     for i in range(warmup + steps):
@@ -177,6 +185,7 @@ def measure_training(
         "options": options,
         "overrides": overrides or {},
         "from_cache": from_cache,
+        "cuda_graph": graphed,
         "precision": precision,
         "batch": batch,
         "trainable": counts["trainable"],
@@ -242,7 +251,7 @@ def environment() -> dict[str, Any]:
 
 
 def _model_options(options: dict[str, Any]) -> dict[str, Any]:
-    """A variant's options without the bench's own (``_cache``)."""
+    """A variant's options without the bench's own (``_cache``, ``_graph``)."""
     return {k: v for k, v in options.items() if not k.startswith("_")}
 
 

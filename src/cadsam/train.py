@@ -39,13 +39,14 @@ from .data import (
 from .errors import CadsamError
 from .evaluate import evaluate
 from .files import write_atomic
+from .graphs import GraphedStep, Step, graph_optimizer, match_graph_mode
 from .methods import CACHEABLE, METHOD_OPTIONS, AdaptedSam, build_model
 from .precision import PRECISIONS, autocast
 from .weights import base_checkpoint_record, save_weights
 
 SCHEDULES = ("cosine", "constant")
 # Settings that only say how to run, not what is trained: they may differ on --resume.
-RUNTIME_KEYS = ("out", "resume", "device", "num_workers", "progress", "tensorboard")
+RUNTIME_KEYS = ("out", "resume", "device", "num_workers", "progress", "tensorboard", "cuda_graph")
 
 
 @dataclass
@@ -87,6 +88,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     tensorboard: bool = False  # also log to RUN/tensorboard (needs cadsam[tensorboard])
+    cuda_graph: bool = False  # replay the step as a CUDA graph (one GPU, grad_accum 1)
 
     def __post_init__(self) -> None:
         if self.batch_size is None:
@@ -152,6 +154,41 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     union = (prob + target).sum(1) - inter
     iou = 1 - (inter + 1e-3) / (union + 1e-3)
     return bce + iou.mean()
+
+
+def forward_backward(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    embeddings: torch.Tensor | None,
+    precision: str,
+    micro_batches: int = 1,
+    autocast_cache: bool = True,
+) -> torch.Tensor:
+    """The loss of one batch, its gradient (over ``micro_batches``, with gradient accumulation)
+    added to the parameters'; returns the loss, detached."""
+    with autocast(images.device, precision, autocast_cache):
+        logits = net(images, embeddings)
+    loss = segmentation_loss(logits.float(), masks)
+    (loss / micro_batches).backward()
+    return loss.detach()
+
+
+def training_step(
+    net: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: str, graphed: bool = False
+) -> Step:
+    """One whole training step on a batch (images, masks, embeddings or None): forward, backward,
+    AdamW. ``graphed``: a :class:`GraphedStep` of it, replayed as a CUDA graph."""
+
+    def step(images, masks, embeddings):
+        loss = forward_backward(
+            net, images, masks, embeddings, precision, autocast_cache=not graphed
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return GraphedStep(step) if graphed else step
 
 
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:
@@ -234,6 +271,8 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
         )
     if cfg.resume and not state_path.exists():
         raise CadsamError(f"nothing to resume in {run} (no state.pt)")
+    if cfg.cuda_graph:
+        _check_graphable(cfg, dist)
     log = print if dist.is_main else (lambda *a, **k: None)
     show = cfg.progress and dist.is_main
 
@@ -279,9 +318,13 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
             device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
             find_unused_parameters=True,  # SAM's IoU head and 3 of 4 mask heads are unused
         )
-    optimizer = torch.optim.AdamW(
-        model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    if cfg.cuda_graph:
+        optimizer = graph_optimizer(model.trainable_parameters(), cfg.lr, cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(
+            model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+    graphed = training_step(net, optimizer, cfg.precision, graphed=True) if cfg.cuda_graph else None
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -293,6 +336,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_trainable_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        match_graph_mode(optimizer, cfg.cuda_graph)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best_dice, base = state["epoch"], state["best_dice"], state["base"]
@@ -318,25 +362,30 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
             cached = batch.get("embedding")
             embeddings = None if cached is None else cached.to(dist.device, non_blocking=True)
             last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader)
-            sync = net.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
-            with sync:
-                with autocast(dist.device, cfg.precision):
-                    logits = net(images, embeddings)
-                loss = segmentation_loss(logits.float(), masks)
-                (loss / cfg.grad_accum).backward()
+            if graphed is not None:  # forward, backward and AdamW in one launch
+                loss = graphed(images, masks, embeddings)
+            else:
+                sync = (
+                    net.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
+                )
+                with sync:
+                    loss = forward_backward(
+                        net, images, masks, embeddings, cfg.precision, cfg.grad_accum
+                    )
+                if last_micro:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             if last_micro:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 if board is not None:
                     board.add_scalar("train/loss", loss.item(), scheduler.last_epoch)
-                    board.add_scalar("train/lr", scheduler.get_last_lr()[0], scheduler.last_epoch)
-            loss_sum += loss.detach() * len(images)  # stays on the device: no sync per step
+                    board.add_scalar("train/lr", _lr(scheduler), scheduler.last_epoch)
+            loss_sum += loss * len(images)  # stays on the device: no sync per step
             seen += len(images)
             # .item() waits for the GPU: only when someone is watching, and once a second, so
             # that the CPU can queue the next steps while the GPU runs
             if show and time.perf_counter() - shown_at > 1.0:
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{_lr(scheduler):.2e}")
                 shown_at = time.perf_counter()
         totals = torch.stack((loss_sum, torch.tensor(float(seen), device=dist.device)))
         if dist.enabled:
@@ -345,7 +394,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": (totals[0] / totals[1]).item(),
-            "lr": scheduler.get_last_lr()[0],
+            "lr": _lr(scheduler),
             "seconds": round(seconds, 2),
             "images_per_second": round(totals[1].item() / seconds, 2),
         }
@@ -386,6 +435,19 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
     if board is not None:
         board.close()
     return model
+
+
+def _lr(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    return float(scheduler.get_last_lr()[0])  # a GPU tensor where the step is graphed
+
+
+def _check_graphable(cfg: TrainConfig, dist: distributed.Dist) -> None:
+    if cfg.grad_accum != 1:
+        raise CadsamError("--cuda-graph captures whole optimiser steps: drop --grad-accum")
+    if dist.enabled:
+        raise CadsamError("--cuda-graph runs in one process: drop it under torchrun")
+    if dist.device.type != "cuda":
+        raise CadsamError(f"--cuda-graph needs a CUDA device; this run is on {dist.device}")
 
 
 def _tensorboard(run: Path):

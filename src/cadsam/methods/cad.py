@@ -118,6 +118,7 @@ class ConvAdapter(nn.Module):
             block,
             x,
             use_reentrant=False,
+            preserve_rng_state=False,  # nothing random inside; and a CUDA graph can capture it
             context_fn=lambda: (contextlib.nullcontext(), _buffers_restored(block)),
         )
 

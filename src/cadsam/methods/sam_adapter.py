@@ -34,7 +34,8 @@ def run_blocks(
     for i, block in enumerate(encoder.blocks):
         tokens = tokens + prompt(i)
         if checkpoint_blocks and torch.is_grad_enabled():
-            tokens = checkpoint(block, tokens, use_reentrant=False)
+            # nothing random inside; without the RNG's state a CUDA graph can capture it
+            tokens = checkpoint(block, tokens, use_reentrant=False, preserve_rng_state=False)
         else:
             tokens = block(tokens)
     if num_prompts > len(encoder.blocks):

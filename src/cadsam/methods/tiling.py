@@ -68,17 +68,15 @@ class _CellMean(torch.autograd.Function):
         ctx.cell, ctx.shape = cell, x.shape
         ctx.channels_last = x.dim() == 4 and not x.is_contiguous()
         ctx.channels_last &= x.is_contiguous(memory_format=torch.channels_last)
-        return _cells(x, cell).mean((3, 5))
+        # (a mean over a view of the cells is the same, and 2x slower on channels_last)
+        return F.avg_pool2d(x, cell)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        out = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
-        if ctx.shape[-2] % ctx.cell or ctx.shape[-1] % ctx.cell:
-            out.zero_()  # the cropped remainder gets no gradient
-        _cells(out, ctx.cell).copy_((grad / ctx.cell**2)[:, :, :, None, :, None])
-        return out, None
+        out = _unpool(grad, ctx.shape[-2], ctx.shape[-1], ctx.cell)
+        return out.contiguous(memory_format=layout), None
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -453,12 +451,15 @@ def _plus_unpooled(grad_a: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor
     return grad_a.to(work) + _unpool(grad_out.to(work), grad_a.shape[-2], grad_a.shape[-1])
 
 
-def _unpool(grad_out: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """What ``pool2x2`` passes back to its height x width input: a quarter of each cell's
-    gradient on its four pixels, zero on a cropped last row or column."""
-    b, c, h, w = grad_out.shape
-    g = grad_out[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
-    return F.pad(g * 0.25, (0, width - 2 * w, 0, height - 2 * h))
+def _unpool(grad_out: torch.Tensor, height: int, width: int, cell: int = 2) -> torch.Tensor:
+    """What ``pool_cells`` passes back to its height x width input: each cell's gradient over
+    its cell ** 2 pixels, spread evenly, zero on a cropped remainder. (A nearest-neighbour
+    upsampling, not expand + reshape: compiled for dynamic shapes, that reshape is a copy of
+    the whole band, 5 ms of a 26 ms step.)"""
+    if grad_out.numel() == 0:  # a band of one odd last row: no whole cell
+        return grad_out.new_zeros(*grad_out.shape[:2], height, width)
+    g = F.interpolate(grad_out / cell**2, scale_factor=cell, mode="nearest")
+    return F.pad(g, (0, width - g.shape[-1], 0, height - g.shape[-2]))
 
 
 @functools.cache

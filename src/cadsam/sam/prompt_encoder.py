@@ -113,8 +113,9 @@ class PositionEmbeddingRandom(nn.Module):
         self, coords: torch.Tensor, image_size: tuple[int, int]
     ) -> torch.Tensor:
         """Pixel coordinates (x, y) in an image of ``image_size`` (h, w) -> features."""
-        scale = coords.new_tensor([image_size[1], image_size[0]])
-        return self._encode(coords.float() / scale)
+        coords = coords.float()
+        height, width = image_size  # divided as Python numbers: no copy from the CPU
+        return self._encode(torch.stack((coords[..., 0] / width, coords[..., 1] / height), -1))
 
 
 def _batch_size(

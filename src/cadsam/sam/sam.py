@@ -44,8 +44,9 @@ class Sam(nn.Module):
 
     def whole_image_boxes(self, batch: int) -> torch.Tensor:
         """One box per image covering the whole encoder frame, the paper's prompt: B x 4."""
-        box = torch.tensor([0.0, 0.0, self.image_size, self.image_size])
-        return box.to(self.pixel_mean.device).expand(batch, 4)
+        boxes = self.pixel_mean.new_zeros(batch, 4)  # made on the device: no copy from the CPU
+        boxes[:, 2:] = self.image_size
+        return boxes
 
     def decode(
         self,

@@ -1,0 +1,104 @@
+"""The training step captured once as a CUDA graph, then replayed.
+
+From cached embeddings a CAD step is some 30 ms of GPU work spread over hundreds of small
+kernels, and the CPU that launches them one by one takes longer than the GPU runs them. A CUDA
+graph records the launches once; every later step copies its batch into the graph's own input
+tensors and launches the whole step (forward, backward, AdamW) at once. The kernels and their
+data are the eager step's.
+
+What capture asks of the step: one CUDA device and one process; no host synchronisation and
+no copies from the CPU inside it; an optimiser whose state and learning rate live on the GPU
+(:func:`graph_optimizer`); autocast without its weight cache. A batch of another shape than
+the captured one (an epoch's last, short batch) runs eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+Step = Callable[..., torch.Tensor]  # (batch tensors or None) -> the loss, detached
+
+
+def graph_optimizer(
+    parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float
+) -> torch.optim.AdamW:
+    """AdamW as a captured step needs it: its step counts on the GPU (``capturable``) and the
+    learning rate a GPU tensor that a scheduler fills in place, so that replays follow the
+    schedule. ``initial_lr`` stays a float: the schedule's arithmetic then stays on the CPU."""
+    parameters = list(parameters)
+    device = parameters[0].device
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=torch.tensor(lr, device=device),
+        weight_decay=weight_decay,
+        capturable=True,
+    )
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+    return optimizer
+
+
+def match_graph_mode(optimizer: torch.optim.Optimizer, graphed: bool) -> None:
+    """The learning rates and step counts on the GPU and ``capturable`` on where the step is
+    graphed, on the CPU and off where not: after loading a saved optimiser, whichever way it
+    was saved."""
+    for group in optimizer.param_groups:
+        device = group["params"][0].device
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=device) if graphed else lr
+        group["initial_lr"] = float(group.get("initial_lr", lr))
+        group["capturable"] = graphed
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                state["step"] = state["step"].to(device if graphed else "cpu", torch.float32)
+
+
+class GraphedStep:
+    """``step`` run eagerly for ``warmup`` calls (on a side stream, as capture requires:
+    compilation, cuDNN's choices and the optimiser's state happen there), captured on the
+    next, and replayed from then on."""
+
+    def __init__(self, step: Step, warmup: int = 3) -> None:
+        self.step, self.warmup, self.calls = step, warmup, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[torch.Tensor | None, ...] = ()
+        self.loss = torch.empty(())
+
+    def __call__(self, *batch: torch.Tensor | None) -> torch.Tensor:
+        if self.graph is None:
+            self.calls += 1
+            if self.calls <= self.warmup:
+                return self._on_side_stream(batch)
+            self._capture(batch)
+        if not self._fits(batch):
+            return self.step(*batch)
+        for static, value in zip(self.inputs, batch, strict=True):
+            if static is not None:
+                static.copy_(value)
+        self.graph.replay()
+        return self.loss.clone()  # the next replay overwrites self.loss
+
+    def _fits(self, batch: tuple[torch.Tensor | None, ...]) -> bool:
+        def signature(t: torch.Tensor | None) -> tuple | None:
+            return None if t is None else (t.shape, t.dtype, t.device)
+
+        return [signature(t) for t in batch] == [signature(t) for t in self.inputs]
+
+    def _on_side_stream(self, batch: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            loss = self.step(*batch)
+        torch.cuda.current_stream().wait_stream(side)
+        return loss
+
+    def _capture(self, batch: tuple[torch.Tensor | None, ...]) -> None:
+        assert all(t is None or t.is_cuda for t in batch), "CUDA graphs capture CUDA tensors"
+        self.inputs = tuple(None if t is None else t.clone() for t in batch)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the data loader's pinning thread may call CUDA while we capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.loss = self.step(*self.inputs)

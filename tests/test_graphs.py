@@ -1,0 +1,78 @@
+"""The CUDA-graph training step's CPU-side contract. Its capture and replay need a GPU:
+``benchmarks/graph_checks.py`` compares them there with the eager step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_train import FAST, _isbi_subset
+
+from cadsam.cli import main
+from cadsam.graphs import graph_optimizer, match_graph_mode
+from cadsam.train import lr_factor
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_the_schedule_fills_the_graphs_learning_rate_in_place():
+    """A captured step reads the learning rate from one tensor: a scheduler that replaced it
+    instead of filling it would freeze the rate at its captured value, silently."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    optimizer = graph_optimizer(params, lr=2e-4, weight_decay=0.01)
+    captured = optimizer.param_groups[0]["lr"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor("cosine", s, 10))
+    for step in range(1, 8):
+        scheduler.step()
+        assert optimizer.param_groups[0]["lr"] is captured
+        assert captured.item() == pytest.approx(2e-4 * 0.5 * (1 + math.cos(math.pi * step / 10)))
+    assert optimizer.param_groups[0]["initial_lr"] == 2e-4  # a float: no GPU read per step
+
+
+def test_a_graphed_runs_state_resumes_eagerly_as_if_never_graphed():
+    """state.pt of a --cuda-graph run (tensor learning rate, capturable) resumed without it:
+    the next steps are those of a run that was eager all along."""
+    torch.manual_seed(0)
+    start = torch.randn(5)
+    grads = [torch.randn(5) for _ in range(4)]
+
+    def run(optimizer, param, steps):
+        for g in steps:
+            param.grad = g.clone()
+            optimizer.step()
+
+    eager = torch.nn.Parameter(start.clone())
+    eager_opt = torch.optim.AdamW([eager], lr=1e-2, weight_decay=0.01)
+    run(eager_opt, eager, grads)
+
+    graphed = torch.nn.Parameter(start.clone())
+    # what a graphed run saves (capturable AdamW cannot step on the CPU: the state is made so)
+    saved_opt = torch.optim.AdamW([graphed], lr=1e-2, weight_decay=0.01)
+    run(saved_opt, graphed, grads[:2])
+    state = saved_opt.state_dict()
+    state["param_groups"][0].update(lr=torch.tensor(1e-2), capturable=True, initial_lr=1e-2)
+
+    resumed_param = torch.nn.Parameter(graphed.detach().clone())
+    resumed = torch.optim.AdamW([resumed_param], lr=1e-2, weight_decay=0.01)
+    resumed.load_state_dict(state)
+    match_graph_mode(resumed, graphed=False)
+    group = resumed.param_groups[0]
+    assert isinstance(group["lr"], float) and group["capturable"] is False
+    run(resumed, resumed_param, grads[2:])
+    torch.testing.assert_close(resumed_param, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--grad-accum", "2"], "--cuda-graph captures whole optimiser steps"),
+        (["--device", "cpu"], "--cuda-graph needs a CUDA device; this run is on cpu"),
+    ],
+)
+def test_cuda_graph_refusals_come_before_any_work(tmp_path, capsys, extra, message):
+    data = _isbi_subset(tmp_path, 2)
+    out = tmp_path / "run"
+    args = ["train", "--method", "cad", "--cuda-graph", *FAST, *data, "--out", str(out), *extra]
+    assert main(args) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
