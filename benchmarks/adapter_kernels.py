@@ -1,11 +1,12 @@
 """CAD's adapter alone, forward and backward at the bench's size (batch 4, 512 x 512, bf16,
 128 MiB bands): its GPU time (the sum of its kernels' times, from the profiler: the step is
 launch-bound when eager) as the code stands, as it was, and with the band functions compiled
-for fixed shapes; each checked against the code as it stands.
+for any band height; each checked against the code as it stands.
 
-``before``: a pooled gradient spread over its cells by expand + reshape, which the compiler
-materialises with dynamic shapes, and pooling by a mean over a view of the cells (the code
-until the CUDA-graph step; now a nearest-neighbour upsampling and ``F.avg_pool2d``).
+``before``: the code until the CUDA-graph step: a pooled gradient spread over its cells by
+expand + reshape, pooling by a mean over a view of the cells, the band functions compiled for
+any height (now a nearest-neighbour upsampling, ``F.avg_pool2d``, and fixed shapes).
+``dynamic shapes``: the code as it stands, the band functions compiled for any height.
 
 Run: python benchmarks/adapter_kernels.py  (prints JSON lines, then a profile of each case)
 """
@@ -49,15 +50,15 @@ class CellMeanBefore(torch.autograd.Function):
         return out, None
 
 
-def compile_static(f, dynamic=None, **kwargs):
-    return CURRENT["compile"](f, dynamic=False, **kwargs)
+def compile_dynamic(f, dynamic=None, **kwargs):
+    return CURRENT["compile"](f, dynamic=True, **kwargs)
 
 
 def patch(case: str) -> None:
     before = case == "before"
     tiling._unpool = unpool_before if before else CURRENT["unpool"]
     tiling._CellMean = CellMeanBefore if before else CURRENT["cell_mean"]
-    torch.compile = compile_static if case == "static shapes" else CURRENT["compile"]
+    torch.compile = compile_dynamic if case in ("before", "dynamic shapes") else CURRENT["compile"]
     tiling._band_functions.cache_clear()
     torch._dynamo.reset()
 
@@ -97,7 +98,7 @@ def main() -> None:
     run = adapter_step(adapter, images, upstream)
     state = {k: v.clone() for k, v in adapter.state_dict().items()}
     reference, tables = None, {}
-    for case in ("as it stands", "before", "static shapes"):
+    for case in ("as it stands", "before", "dynamic shapes"):
         patch(case)
         out, grads = run()
         if reference is None:
