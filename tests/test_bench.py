@@ -53,3 +53,17 @@ def test_overridden_options_appear_in_the_report():
     row = {**report["results"][0], "overrides": {"adapter_tile_mib": 32}}
     table = markdown_table({**report, "results": [row]})
     assert f"| {row['variant']} adapter_tile_mib=32 |" in table
+
+
+def test_every_variant_is_a_valid_method_configuration():
+    """The bench's own keys (``_cache``, ``_graph``) never reach the model; the rest are
+    options its method takes."""
+    from cadsam.bench import VARIANTS, variant_options
+    from cadsam.methods import resolve_options
+
+    for variant in VARIANTS:
+        method, options, _, _ = variant_options(variant)
+        assert not [k for k in options if k.startswith("_")], variant
+        resolve_options(method, options)
+    assert variant_options("cad-cache-graph")[2:] == (True, True)
+    assert variant_options("cad-cache")[2:] == (True, False)
