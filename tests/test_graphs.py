@@ -76,3 +76,21 @@ def test_cuda_graph_refusals_come_before_any_work(tmp_path, capsys, extra, messa
     assert main(args) == 1
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_resume_keeps_the_runs_cuda_graph_unless_told_otherwise(tmp_path, capsys):
+    """--cuda-graph is how a run runs, not what it trains: a run made with it (here on paper,
+    as if on a GPU) resumes on a CPU with --no-cuda-graph."""
+    import yaml
+
+    run = tmp_path / "run"
+    data = _isbi_subset(tmp_path, 2)
+    assert (
+        main(["train", "--method", "decoder", "--epochs", "1", *FAST, *data, "--out", str(run)])
+        == 0
+    )
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "cuda_graph": True}))
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 1
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--no-cuda-graph", "--no-progress"]) == 0

@@ -381,11 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", default=None, help="no progress bars")
     run.add_argument(
         "--cuda-graph",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="capture the training step as a CUDA graph after 3 eager steps and replay it: "
         "the same arithmetic, launched at once (one GPU, no --grad-accum; a short last "
-        "batch runs eagerly). Speeds up steps bound by kernel launches, such as from --cache",
+        "batch runs eagerly). Speeds up steps bound by kernel launches, such as from --cache. "
+        "On --resume the run's own choice holds unless given",
     )
     run.add_argument(
         "--tensorboard",

@@ -324,7 +324,9 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
         optimizer = torch.optim.AdamW(
             model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
-    graphed = training_step(net, optimizer, cfg.precision, graphed=True) if cfg.cuda_graph else None
+    graph_step = (
+        training_step(net, optimizer, cfg.precision, graphed=True) if cfg.cuda_graph else None
+    )
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -362,8 +364,8 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
             cached = batch.get("embedding")
             embeddings = None if cached is None else cached.to(dist.device, non_blocking=True)
             last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader)
-            if graphed is not None:  # forward, backward and AdamW in one launch
-                loss = graphed(images, masks, embeddings)
+            if graph_step is not None:  # forward, backward and AdamW in one launch
+                loss = graph_step(images, masks, embeddings)
             else:
                 sync = (
                     net.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
