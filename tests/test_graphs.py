@@ -94,3 +94,24 @@ def test_resume_keeps_the_runs_cuda_graph_unless_told_otherwise(tmp_path, capsys
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 1
     assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
     assert main(["train", "--out", str(run), "--resume", "--no-cuda-graph", "--no-progress"]) == 0
+
+
+def test_the_graph_is_captured_on_a_full_batch_not_the_short_last_one(monkeypatch):
+    """Captured on a short batch, the graph would leave every full batch after it eager."""
+    from cadsam.graphs import GraphedStep
+
+    class CapturedError(Exception):
+        pass
+
+    def capture(batch):
+        raise CapturedError(len(batch[0]))
+
+    eager = []
+    graphed = GraphedStep(lambda x: x.sum(), warmup=2)
+    monkeypatch.setattr(graphed, "_on_side_stream", lambda batch: eager.append(len(batch[0])))
+    monkeypatch.setattr(graphed, "_capture", capture)
+    for size in (4, 4, 3, 4):  # two warm-up calls, a short batch, a full one after it
+        graphed(torch.ones(size))
+    with pytest.raises(CapturedError) as captured:
+        graphed(torch.ones(4))
+    assert eager == [4, 4, 3, 4] and captured.value.args == (4,)

@@ -59,33 +59,31 @@ def match_graph_mode(optimizer: torch.optim.Optimizer, graphed: bool) -> None:
 class GraphedStep:
     """``step`` run eagerly for ``warmup`` calls (on a side stream, as capture requires:
     compilation, cuDNN's choices and the optimiser's state happen there), captured on the
-    next, and replayed from then on."""
+    first call after them whose batch has the shapes of the call before (not an epoch's short
+    last batch), and replayed from then on."""
 
     def __init__(self, step: Step, warmup: int = 3) -> None:
         self.step, self.warmup, self.calls = step, warmup, 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor | None, ...] = ()
+        self.previous: list[tuple | None] = []  # the last eager call's signature
         self.loss = torch.empty(())
 
     def __call__(self, *batch: torch.Tensor | None) -> torch.Tensor:
         if self.graph is None:
             self.calls += 1
-            if self.calls <= self.warmup:
+            signature = _signature(batch)
+            if self.calls <= self.warmup or signature != self.previous:
+                self.previous = signature
                 return self._on_side_stream(batch)
             self._capture(batch)
-        if not self._fits(batch):
+        if _signature(batch) != _signature(self.inputs):
             return self.step(*batch)
         for static, value in zip(self.inputs, batch, strict=True):
             if static is not None:
                 static.copy_(value)
         self.graph.replay()
         return self.loss.clone()  # the next replay overwrites self.loss
-
-    def _fits(self, batch: tuple[torch.Tensor | None, ...]) -> bool:
-        def signature(t: torch.Tensor | None) -> tuple | None:
-            return None if t is None else (t.shape, t.dtype, t.device)
-
-        return [signature(t) for t in batch] == [signature(t) for t in self.inputs]
 
     def _on_side_stream(self, batch: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
         side = torch.cuda.Stream()
@@ -102,3 +100,7 @@ class GraphedStep:
         # thread_local: the data loader's pinning thread may call CUDA while we capture
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.loss = self.step(*self.inputs)
+
+
+def _signature(batch: tuple[torch.Tensor | None, ...]) -> list[tuple | None]:
+    return [None if t is None else (t.shape, t.dtype, t.device) for t in batch]
