@@ -6,10 +6,8 @@
 set -uo pipefail
 out=${1:?output folder}
 backbone=${2:-vit_b}
-mkdir -p "$out"
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_session.sh"
+start_session "$out"
 if [ "$backbone" = vit_b ]; then
     python3 benchmarks/tiles_speed.py 2>&1 | grep -v -i warn > "$out/tiles_speed.txt"
     for precision in fp32 bf16; do

@@ -7,10 +7,8 @@
 set -uo pipefail
 out=${1:?output folder}
 mode=${2:-checks}
-mkdir -p "$out"
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_session.sh"
+start_session "$out"
 if [ "$mode" = checks ]; then
     python3 benchmarks/adapter_kernels.py 2>&1 | grep -v -i warn > "$out/adapter_kernels.txt"
     python3 benchmarks/gpu_checks.py > "$out/gpu_checks.json"; echo "gpu checks: rc $?"

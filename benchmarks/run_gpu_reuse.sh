@@ -3,10 +3,8 @@
 # whole-block adapter in the same runs. Usage: benchmarks/run_gpu_reuse.sh OUT_DIR
 set -uo pipefail
 out=${1:?output folder}
-mkdir -p "$out"
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_session.sh"
+start_session "$out"
 for precision in fp32 bf16; do
     python3 benchmarks/memory_peak.py cad-cache $precision 2>&1 | grep -v -i warn
 done > "$out/memory_peak.txt"

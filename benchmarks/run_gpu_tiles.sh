@@ -3,14 +3,12 @@
 # Usage: benchmarks/run_gpu_tiles.sh OUT_DIR BACKBONE [BUDGETS_MIB...]
 set -uo pipefail
 out=${1:?output folder}; backbone=${2:?backbone}; shift 2
-mkdir -p "$out"
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+source "$(dirname "$0")/gpu_session.sh"
+start_session "$out"
 if [ "$backbone" = vit_b ]; then
     python3 benchmarks/gpu_checks.py > "$out/gpu_checks.json"; echo "checks: rc $?"
     python3 benchmarks/tiles_speed.py 2>&1 | grep -v -i warn > "$out/tiles_speed.txt"
 fi
-export PYTHONUNBUFFERED=1
 cadsam bench --backbones "$backbone" --methods cad-untiled cad cad-cache-untiled cad-cache \
     --precision fp32 bf16 --steps 8 --out /tmp/bench-main
 cp /tmp/bench-main/bench.json "$out/${backbone}_tiles.json"

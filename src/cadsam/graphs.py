@@ -66,7 +66,8 @@ class GraphedStep:
         self.step, self.warmup, self.calls = step, warmup, 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor | None, ...] = ()
-        self.previous: list[tuple | None] = []  # the last eager call's signature
+        self.captured: list[tuple | None] = []  # the inputs' shapes, dtypes and devices
+        self.previous: list[tuple | None] = []  # the last eager call's
         self.loss = torch.empty(())
 
     def __call__(self, *batch: torch.Tensor | None) -> torch.Tensor:
@@ -77,7 +78,7 @@ class GraphedStep:
                 self.previous = signature
                 return self._on_side_stream(batch)
             self._capture(batch)
-        if _signature(batch) != _signature(self.inputs):
+        if _signature(batch) != self.captured:
             return self.step(*batch)
         for static, value in zip(self.inputs, batch, strict=True):
             if static is not None:
@@ -96,6 +97,7 @@ class GraphedStep:
     def _capture(self, batch: tuple[torch.Tensor | None, ...]) -> None:
         assert all(t is None or t.is_cuda for t in batch), "CUDA graphs capture CUDA tensors"
         self.inputs = tuple(None if t is None else t.clone() for t in batch)
+        self.captured = _signature(self.inputs)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the data loader's pinning thread may call CUDA while we capture
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
