@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The Triton kernels run on CPU tensors under Triton's interpreter, which must be chosen before
+# Triton is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 

@@ -221,6 +221,8 @@ def test_bad_method_and_options_are_user_errors():
         build_model("cad", "vit_tiny", cad_layout="fancy")
     with pytest.raises(CadsamError, match="compile_tiles must be auto, true or false"):
         build_model("cad", "vit_tiny", compile_tiles="yes")
+    with pytest.raises(CadsamError, match="triton_kernels must be auto, true or false"):
+        build_model("cad", "vit_tiny", triton_kernels="fast")
 
 
 def test_encoder_chunks_equal_the_whole_batch():

@@ -15,9 +15,11 @@ from cadsam.methods.tiling import _Bands, band_rows, pool2x2, tiled_residual_blo
 CHANNELS = 8
 
 
-def _block_pair(training: bool, momentum: float | None = 0.1, seed: int = 0):
+def _block_pair(
+    training: bool, momentum: float | None = 0.1, seed: int = 0, channels: int = CHANNELS
+):
     torch.manual_seed(seed)
-    block, conv_up = ResidualDilatedBlock(CHANNELS), torch.nn.Conv2d(6, CHANNELS, 1)
+    block, conv_up = ResidualDilatedBlock(channels), torch.nn.Conv2d(6, channels, 1)
     block.bn.momentum = momentum
     with torch.no_grad():  # BatchNorm away from its identity start, so every term matters
         block.bn.weight.uniform_(0.5, 1.5)
@@ -107,7 +109,7 @@ def test_a_block_that_reuses_its_input_for_its_gradient(batch, height, rows, tra
 def test_bands_split_each_image_evenly_within_the_budget(batch, height, rows, expected):
     x = torch.empty(batch, CHANNELS, height, 3)
     bands = _Bands(
-        x, None, None, torch.empty(CHANNELS, CHANNELS, 3, 3), x.dtype, rows, False, False
+        x, None, None, torch.empty(CHANNELS, CHANNELS, 3, 3), x.dtype, rows, False, False, False
     )
     images = [(image.start, lo, hi) for image, lo, hi in bands.bands()]
     assert images == expected

@@ -440,21 +440,25 @@ def test_memory_flags_reach_the_method_options(monkeypatch, tmp_path):
     }
 
 
+@pytest.mark.parametrize("option", ["compile_tiles", "triton_kernels"])
 @pytest.mark.parametrize(
     ("given", "expected"), [("false", False), ("auto", "auto"), ("TRUE", True)]
 )
-def test_compile_tiles_flag_reaches_the_method_options(monkeypatch, tmp_path, given, expected):
+def test_auto_or_bool_flags_reach_the_method_options(
+    monkeypatch, tmp_path, option, given, expected
+):
     seen = {}
     monkeypatch.setattr("cadsam.train.train", lambda config: seen.setdefault("config", config))
     args = ["train", "--method", "cad", "--backbone", "vit_tiny", "--out", str(tmp_path)]
-    args += ["--images", "i", "--masks", "m", "--compile-tiles", given]
+    args += ["--images", "i", "--masks", "m", "--" + option.replace("_", "-"), given]
     assert main(args) == 0
-    assert seen["config"].method_options == {"compile_tiles": expected}
+    assert seen["config"].method_options == {option: expected}
 
 
-def test_compile_tiles_flag_refuses_other_values(capsys, tmp_path):
+@pytest.mark.parametrize("flag", ["--compile-tiles", "--triton-kernels"])
+def test_auto_or_bool_flags_refuse_other_values(capsys, tmp_path, flag):
     args = ["train", "--method", "cad", "--backbone", "vit_tiny", "--out", str(tmp_path)]
     with pytest.raises(SystemExit) as stop:
-        main([*args, "--images", "i", "--masks", "m", "--compile-tiles", "maybe"])
+        main([*args, "--images", "i", "--masks", "m", flag, "maybe"])
     assert stop.value.code != 0
-    assert "--compile-tiles" in capsys.readouterr().err
+    assert flag in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -234,6 +235,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
+        "triton": _version("triton"),  # the first adapter block's kernels
         "command": " ".join(["cadsam", *sys.argv[1:]]) if sys.argv else "",
         "weights": "random (memory and speed do not depend on their values)",
     }
@@ -248,6 +250,13 @@ def environment() -> dict[str, Any]:
         except Exception:
             info["driver"] = None
     return info
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _model_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ METHOD_OPTION_FLAGS = (
     "checkpoint_adapter",
     "adapter_tile_mib",
     "compile_tiles",
+    "triton_kernels",
     "encoder_chunk",
 )
 
@@ -363,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="{auto,true,false}",
         help="cad: fuse the banded blocks' elementwise arithmetic with torch.compile "
         "(default auto: on CUDA; false skips the compilation's warm-up)",
+    )
+    meth.add_argument(
+        "--triton-kernels",
+        type=_auto_or_bool,
+        metavar="{auto,true,false}",
+        help="cad: run the banded first block as Triton kernels that never write its "
+        "256-channel activation (default auto: on CUDA where Triton imports)",
     )
     meth.add_argument(
         "--encoder-chunk",

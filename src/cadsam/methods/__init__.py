@@ -23,6 +23,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
         "checkpoint_adapter": False,
         "adapter_tile_mib": 128,
         "compile_tiles": "auto",
+        "triton_kernels": "auto",
         "channels_last": True,
     },
     "sam-adapter": {"checkpoint_blocks": False},
@@ -38,6 +39,8 @@ METHODS = tuple(METHOD_OPTIONS)
 # activation (in the dtype it is computed in) exceeds this many MiB (0: never);
 # compile_tiles: fuse the banded blocks' elementwise arithmetic with torch.compile ("auto":
 # on CUDA, True, False);
+# triton_kernels: the banded first block as Triton kernels that never write its activation
+# ("auto": on CUDA where Triton imports, True, False);
 # channels_last: the adapter's activations in NHWC, cuDNN's fast layout (False: NCHW).
 COMMON_OPTIONS = {"fused_attention": True}
 # Methods whose encoder runs frozen, outside autograd: they can train from cached embeddings.
@@ -58,8 +61,9 @@ def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     resolved = {**accepted, **options}
     if method == "cad" and resolved["cad_layout"] not in CAD_LAYOUTS:
         raise CadsamError(f"cad_layout must be one of {', '.join(CAD_LAYOUTS)}")
-    if method == "cad" and resolved["compile_tiles"] not in ("auto", True, False):
-        raise CadsamError("compile_tiles must be auto, true or false")
+    for name in ("compile_tiles", "triton_kernels"):
+        if method == "cad" and resolved[name] not in ("auto", True, False):
+            raise CadsamError(f"{name} must be auto, true or false")
     return resolved
 
 
@@ -93,6 +97,7 @@ def build_model(
             channels_last=options["channels_last"],
             tile_mib=options["adapter_tile_mib"],
             compile_tiles=options["compile_tiles"],
+            triton_kernels=options["triton_kernels"],
         )
         return AdaptedSam(**common, adapter=adapter)
     if method in ("sam-adapter", "sam-adapter-paper"):

@@ -13,13 +13,15 @@ embedding. Two block layouts share the parameter count:
 Memory: with ``tile_mib > 0`` an official block whose activation exceeds that many MiB
 (the first at 512 x 512, ``conv_up`` included, and the second at batch 4) runs band by band
 (:mod:`.tiling`), its elementwise arithmetic compiled into fused kernels with
-``compile_tiles`` ("auto": on CUDA); the others run plainly, or recomputed in backward with
-``checkpoint_blocks``.
+``compile_tiles`` ("auto": on CUDA), and the first block's passes as hand-written Triton
+kernels that never write its activation with ``triton_kernels`` ("auto": on CUDA where Triton
+imports); the others run plainly, or recomputed in backward with ``checkpoint_blocks``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -45,11 +47,13 @@ class ConvAdapter(nn.Module):
         channels_last: bool = True,
         tile_mib: float = 0,
         compile_tiles: bool | str = "auto",
+        triton_kernels: bool | str = "auto",
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
         self.tile_mib = tile_mib
         self.compile_tiles = compile_tiles
+        self.triton_kernels = triton_kernels
         if layout not in CAD_LAYOUTS:
             raise ValueError(f"unknown CAD layout {layout!r}: choose from {CAD_LAYOUTS}")
         self.embedding_size = embedding_size
@@ -85,7 +89,8 @@ class ConvAdapter(nn.Module):
             rows = self._band_rows(block, x)
             if rows:
                 compiled = x.is_cuda if self.compile_tiles == "auto" else self.compile_tiles
-                x = tiled_residual_block(x, block, conv_up, rows, bool(compiled), reusable)
+                kernels = conv_up is not None and self._triton_kernels(x)
+                x = tiled_residual_block(x, block, conv_up, rows, bool(compiled), reusable, kernels)
             else:
                 x = self._run(block, conv_up(x) if conv_up is not None else x)
             # a banded block's output is ours alone when its pooling keeps nothing of it: the
@@ -108,6 +113,11 @@ class ConvAdapter(nn.Module):
         if x[:, :1].numel() * channels * value_bytes <= budget:
             return 0
         return band_rows(channels, x.shape[-1], budget, value_bytes)
+
+    def _triton_kernels(self, x: torch.Tensor) -> bool:
+        if self.triton_kernels == "auto":
+            return x.is_cuda and importlib.util.find_spec("triton") is not None
+        return bool(self.triton_kernels)
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The block, or with ``checkpoint_blocks`` the block recomputed in backward (keeping

@@ -114,6 +114,7 @@ def tiled_residual_block(
     rows: int,
     compiled: bool = False,
     reuse_input: bool = False,
+    kernels: bool = False,
 ) -> torch.Tensor:
     """``block(conv_up(x))`` (or ``block(x)`` without ``conv_up``) for CAD's official block
     (``conv``, ``bn``), computed image by image in bands of at most ``rows`` rows: the same values
@@ -126,6 +127,11 @@ def tiled_residual_block(
     reads afterwards, such as the output of the previous banded block. Without effect with
     ``conv_up`` (the input is the 6-channel image) or bands under 4 rows (a band would
     overwrite rows the next one reads).
+
+    ``kernels``: with ``conv_up``, the passes run as the Triton kernels of
+    :mod:`.triton_block` (whole images, ``rows`` unused), which never write the activation;
+    for even heights and widths, and an input that needs no gradient in backward (the bands
+    then do the second backward pass).
     """
     assert rows >= 2 and rows % 2 == 0, "bands start on even rows"
     assert not isinstance(block.bn, nn.SyncBatchNorm), "SyncBatchNorm takes the plain path"
@@ -141,7 +147,7 @@ def tiled_residual_block(
         bn.weight,
         bn.bias,
         bn,
-        (rows, compiled, reuse_input),
+        (rows, compiled, reuse_input, kernels),
     )
 
 
@@ -157,7 +163,7 @@ class _TiledResidualBlock(torch.autograd.Function):
         gamma: torch.Tensor,
         beta: torch.Tensor,
         bn: nn.BatchNorm2d,
-        banding: tuple[int, bool, bool],
+        banding: tuple[int, bool, bool, bool],
     ) -> torch.Tensor:
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
@@ -210,6 +216,7 @@ class _Bands:
         rows: int,
         compiled: bool,
         reuse_input: bool,
+        kernels: bool,
     ) -> None:
         self.x, self.dtype, self.rows, self.reuse_input = x, dtype, rows, reuse_input
         self.work = torch.promote_types(dtype, torch.float32)  # all but the convolutions
@@ -218,6 +225,7 @@ class _Bands:
         self.count = self.batch * self.height * self.width  # values per channel
         self.f = _band_functions(compiled)
         self.fused = up_weight is not None
+        self.kernels = False
         if not self.fused:
             self.source, self.weight = x, weight.to(dtype)
             return
@@ -232,15 +240,26 @@ class _Bands:
         self.up[:, self.inputs] = up_bias
         self.block_weight = weight.to(self.work)
         self.weight = torch.einsum("oikl,ij->ojkl", self.block_weight, self.up).to(dtype)
-        self.source = torch.empty(
+        self.source = torch.empty(  # in the convolution's dtype, which is all it feeds
             (self.batch, width, self.height, self.width),
-            dtype=x.dtype,
+            dtype=dtype,
             device=x.device,
             memory_format=_layout(x),
         )
         self.source[:, self.inputs + 1 :] = 0
         self.source[:, : self.inputs] = x
         self.source[:, self.inputs] = 1
+        even = self.height % 2 == 0 and self.width % 2 == 0  # no pixel outside a pooling cell
+        low = dtype in (torch.float32, torch.bfloat16, torch.float16)
+        self.kernels = kernels and width == 8 and even and low
+        if self.kernels:
+            from . import triton_block  # Triton is only needed where asked for
+
+            self.triton, self.matrix = triton_block, triton_block.kernel_matrix(self.weight)
+
+    def flat(self, norm: _Norm) -> Any:
+        """BatchNorm's terms as the Triton kernels take them."""
+        return self.triton.Norm(*(v.flatten().float().contiguous() for v in norm))
 
     def per_channel(self, values: torch.Tensor) -> torch.Tensor:
         """A per-channel vector in the working dtype, shaped to broadcast over B x C x H x W."""
@@ -277,6 +296,8 @@ class _Bands:
     def batch_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and (biased) variance per channel of the bias-free convolution over the whole
         batch, in float64."""
+        if self.kernels:
+            return self.triton.moments(self.source, self.matrix)
         mean = torch.zeros(self.channels, dtype=torch.float64, device=self.x.device)
         m2 = torch.zeros_like(mean)
         seen = 0
@@ -298,6 +319,8 @@ class _Bands:
             device=self.x.device,
             memory_format=_layout(self.x),
         )
+        if self.kernels:
+            return self.triton.output(self.source, self.matrix, self.up, self.flat(norm), out)
         for image, lo, hi in self.bands():
             part = self.conv_input(image, lo - HALO, hi + HALO)
             z = self.conv(part)
@@ -313,15 +336,39 @@ class _Bands:
         needs: tuple[bool, ...],
     ) -> tuple[torch.Tensor | None, ...]:
         """Gradients for (x, up_weight, up_bias, weight, bias, gamma, beta)."""
-        work = dict(dtype=self.work, device=self.x.device)
-        grad_weight = torch.zeros(self.weight.shape, **work)  # the fused kernel's, where fused
-        grad_up = torch.zeros(self.up.shape, **work) if self.fused else None  # [U | b]'s
-        grad_x = None
-        if needs[0]:
-            grad_x = self.x if self.reuse_input else torch.empty_like(self.x)
-        held = None  # (image, rows, gradient) the next band still reads as input: written after
+        sum_g, sum_g_zhat = self.grad_sums(grad_out, norm)
+        # with fixed statistics the batch's mean and variance carry no gradient
+        scale = 1 / self.count if batch_statistics else 0.0
+        mean_g, mean_g_zhat = self.per_channel(sum_g * scale), self.per_channel(sum_g_zhat * scale)
+        # the conv bias's gradient, sum(grad_z): zero when BatchNorm subtracts the batch mean
+        if batch_statistics:
+            grad_bias = torch.zeros(self.channels, dtype=self.work, device=self.x.device)
+        else:
+            grad_bias = (norm.gamma * norm.invstd).flatten() * sum_g.to(self.work)
+        if self.kernels and not needs[0]:
+            flat = [v.flatten().float().contiguous() for v in (mean_g, mean_g_zhat)]
+            grad_x = None
+            grad_weight, grad_up = self.triton.grads(
+                self.source, self.matrix, self.flat(norm), grad_out, *flat
+            )
+        else:
+            grad_x, grad_weight, grad_up = self.input_and_weight_grads(
+                grad_out, norm, mean_g, mean_g_zhat, needs[0]
+            )
+        if not self.fused:
+            return grad_x, None, None, grad_weight, grad_bias, sum_g_zhat, sum_g
+        # the fused kernel is sum_i weight[:, i] up[i, :]: the chain rule through that product
+        grad_up += torch.einsum("oikl,ojkl->ij", self.block_weight, grad_weight)
+        grad_weight = torch.einsum("ojkl,ij->oikl", grad_weight, self.up)
+        grad_up_weight = grad_up[:, : self.inputs, None, None]
+        grad_up_bias = grad_up[:, self.inputs]
+        return grad_x, grad_up_weight, grad_up_bias, grad_weight, grad_bias, sum_g_zhat, sum_g
 
-        # pass 1: the sums over the batch that BatchNorm's gradient needs (its own gradients)
+    def grad_sums(self, grad_out: torch.Tensor, norm: _Norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward, pass 1: the sums over the batch that BatchNorm's gradient needs (its own
+        gradients), in float64."""
+        if self.kernels:
+            return self.triton.grad_sums(self.source, self.matrix, self.flat(norm), grad_out)
         sum_g = torch.zeros(self.channels, dtype=torch.float64, device=self.x.device)
         sum_g_zhat = torch.zeros_like(sum_g)
         for image, lo, hi in self.bands():
@@ -329,16 +376,27 @@ class _Bands:
             band_g, band_g_zhat = self.f.grad_sums(z, grad_out[image, :, lo // 2 : hi // 2], norm)
             sum_g += band_g
             sum_g_zhat += band_g_zhat
-        # with fixed statistics the batch's mean and variance carry no gradient
-        scale = 1 / self.count if batch_statistics else 0.0
-        mean_g, mean_g_zhat = self.per_channel(sum_g * scale), self.per_channel(sum_g_zhat * scale)
-        # the conv bias's gradient, sum(grad_z): zero when BatchNorm subtracts the batch mean
-        if batch_statistics:
-            grad_bias = torch.zeros(self.channels, **work)
-        else:
-            grad_bias = (norm.gamma * norm.invstd).flatten() * sum_g.to(self.work)
+        return sum_g, sum_g_zhat
 
-        # pass 2: conv rows [lo - HALO, hi + HALO) feed the input gradient of rows [lo, hi)
+    def input_and_weight_grads(
+        self,
+        grad_out: torch.Tensor,
+        norm: _Norm,
+        mean_g: torch.Tensor,
+        mean_g_zhat: torch.Tensor,
+        needs_input: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Backward, pass 2: the gradients of x (where needed), of the convolution's weight
+        (the fused kernel's, where fused) and of ``[U | b]`` (where fused, without its share
+        through the fused kernel)."""
+        work = dict(dtype=self.work, device=self.x.device)
+        grad_weight = torch.zeros(self.weight.shape, **work)
+        grad_up = torch.zeros(self.up.shape, **work) if self.fused else None
+        grad_x = None
+        if needs_input:
+            grad_x = self.x if self.reuse_input else torch.empty_like(self.x)
+        held = None  # (image, rows, gradient) the next band still reads as input: written after
+        # conv rows [lo - HALO, hi + HALO) feed the input gradient of rows [lo, hi)
         for image, lo, hi in self.bands():
             top, bottom = max(lo - HALO, 0), min(hi + HALO, self.height)
             inner = slice(lo - top, hi - top)
@@ -366,7 +424,7 @@ class _Bands:
                 grad_up += torch.einsum("bchw,bjhw->cj", grad_band.to(self.work), cells)
             shape = part.shape
             del part  # band tensors go once used: at most two of them are alive at a time
-            if not needs[0]:
+            if not needs_input:
                 continue
             if self.fused:
                 grad_band = torch.einsum("bchw,cj->bjhw", grad_band.to(self.work), self.up)
@@ -385,14 +443,7 @@ class _Bands:
             held = None
             if keep:
                 held = (image, slice(hi - keep, hi), grad_in[:, :, hi - lo - keep :].clone())
-        if not self.fused:
-            return grad_x, None, None, grad_weight, grad_bias, sum_g_zhat, sum_g
-        # the fused kernel is sum_i weight[:, i] up[i, :]: the chain rule through that product
-        grad_up += torch.einsum("oikl,ojkl->ij", self.block_weight, grad_weight)
-        grad_weight = torch.einsum("ojkl,ij->oikl", grad_weight, self.up)
-        grad_up_weight = grad_up[:, : self.inputs, None, None]
-        grad_up_bias = grad_up[:, self.inputs]
-        return grad_x, grad_up_weight, grad_up_bias, grad_weight, grad_bias, sum_g_zhat, sum_g
+        return grad_x, grad_weight, grad_up
 
 
 # -- the elementwise arithmetic of one band -------------------------------------------------

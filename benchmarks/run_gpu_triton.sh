@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU session behind the first block's Triton kernels. checks: the kernels against the
+# banded torch passes and float64, and the adapter's GPU time with and without them. bench:
+# the CUDA-graph step against the eager one with them (graph_checks.py), the training step's
+# speed with and without them, and where the graphed step's time goes.
+# Usage: benchmarks/run_gpu_triton.sh OUT_DIR [checks|bench]
+set -uo pipefail
+out=${1:?output folder}
+mode=${2:-checks}
+source "$(dirname "$0")/gpu_session.sh"
+start_session "$out"
+python3 -c "import triton; print('triton', triton.__version__)" | tee -a "$out/gpu.txt"
+if [ "$mode" = checks ]; then
+    python3 benchmarks/triton_block.py 2>&1 | grep -v -i warn > "$out/triton_block.txt"
+    echo "triton block: rc $?"; head -20 "$out/triton_block.txt"
+elif [ "$mode" = bench ]; then
+    python3 benchmarks/graph_checks.py > "$out/graph_checks.json"; echo "graph checks: rc $?"
+    # the kernels are the default on CUDA; the second run turns them off
+    cadsam bench --backbones vit_b --methods cad-cache cad-cache-graph sam-adapter-paper \
+        --precision bf16 fp32 --steps 10 --out /tmp/bench-on > /dev/null
+    cp /tmp/bench-on/bench.json "$out/vit_b_triton.json"
+    cadsam bench --backbones vit_b --methods cad-cache cad-cache-graph \
+        --precision bf16 fp32 --steps 10 --set triton_kernels=false --out /tmp/bench-off \
+        > /dev/null
+    cp /tmp/bench-off/bench.json "$out/vit_b_no_triton.json"
+    python3 benchmarks/profile_step.py cad-cache-graph bf16 2>&1 | grep -v -i warn \
+        > "$out/profile_graph_bf16.txt"
+fi

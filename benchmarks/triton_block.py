@@ -1,0 +1,86 @@
+"""The first adapter block as Triton kernels (``cadsam.methods.triton_block``) on a GPU: its
+values and gradients against the banded torch passes and the plain adapter (each against
+float64, as ``gpu_checks.py`` compares the other fast paths), and the adapter's GPU time,
+forward and backward at the bench's size (batch 4, 512 x 512, bf16), with and without the
+kernels, and for a few tile sizes and warp counts.
+
+Run: python benchmarks/triton_block.py  (prints JSON lines, then a profile of each case)
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from adapter_kernels import adapter_step, gpu_ms
+from gpu_checks import as_close_as_plain, cad_adapter_check
+
+from cadsam.methods import triton_block
+from cadsam.methods.cad import ConvAdapter
+
+
+def checks() -> None:
+    for precision in ("fp32", "bf16"):
+        for kernels in (False, True):
+            try:
+                check = cad_adapter_check(precision, tile_mib=128, triton_kernels=kernels)
+                check["as_close_as_plain"] = as_close_as_plain(check)
+            except Exception as exc:  # report, and go on to the other cases
+                check = {"error": str(exc).splitlines()[-1][:300]}
+            print(json.dumps({"check": precision, "triton_kernels": kernels, **check}))
+
+
+def timings() -> dict[str, str]:
+    torch.manual_seed(0)
+    adapter = ConvAdapter(64, tile_mib=128).cuda()
+    images = torch.rand(4, 3, 512, 512, device="cuda") * 255
+    upstream = torch.randn(4, 256, 64, 64, device="cuda")
+    run = adapter_step(adapter, images, upstream)
+    state = {k: v.clone() for k, v in adapter.state_dict().items()}
+    # (name, kernels, cells per tile, warps, channels per program, the same in grads)
+    cases = [("bands", False, 32, 4, 128, 128)]
+    for cells, warps, block_c, grad_block_c in [
+        (32, 4, 128, 128),  # the defaults
+        (16, 4, 128, 128),
+        (32, 4, 128, 64),
+        (32, 8, 256, 64),
+        (64, 8, 256, 64),
+        (16, 4, 256, 32),
+    ]:
+        name = f"kernels {cells} cells, {warps} warps, {block_c}/{grad_block_c} channels"
+        cases.append((name, True, cells, warps, block_c, grad_block_c))
+    reference, tables = None, {}
+    for name, kernels, *settings in cases:
+        adapter.triton_kernels = kernels
+        (
+            triton_block.CELLS_PER_TILE,
+            triton_block.NUM_WARPS,
+            triton_block.BLOCK_C,
+            triton_block.GRAD_BLOCK_C,
+        ) = settings
+        try:
+            out, grads = run()
+        except Exception as exc:
+            print(json.dumps({"case": name, "error": str(exc).splitlines()[-1][:300]}))
+            continue
+        if reference is None:
+            reference = (out, grads)
+        named = [n for n, _ in adapter.named_parameters()]
+        pairs = zip(["output", *named], [out, *grads], [*reference[:1], *reference[1]], strict=True)
+        diffs = {  # the convolutions' biases (zero gradient in exact arithmetic) left out
+            n: ((a.float() - b.float()).norm() / b.float().norm()).item()
+            for n, a, b in pairs
+            if not n.endswith("conv.bias")
+        }
+        ms, tables[name] = gpu_ms(run)
+        adapter.load_state_dict(state)
+        worst = max(diffs, key=diffs.get)
+        report = {"case": name, "gpu_ms": round(ms, 2), "max_rel_diff": diffs[worst]}
+        print(json.dumps({**report, "worst": worst}))
+    return tables
+
+
+if __name__ == "__main__":
+    checks()
+    for case, table in timings().items():
+        print(f"== {case}\n{table}")

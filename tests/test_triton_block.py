@@ -1,0 +1,120 @@
+"""The first block's Triton kernels (under Triton's interpreter, on CPU) against the banded
+torch passes, the plain module and float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+from test_tiling import _block_pair
+
+from cadsam import build_model
+from cadsam.methods.tiling import tiled_residual_block
+
+triton_block = pytest.importorskip("cadsam.methods.triton_block")
+
+
+@pytest.fixture
+def small_launches(monkeypatch):
+    """Launch settings that give these small images several channel blocks (the last one
+    partial) and several tiles per ``grads`` program."""
+    monkeypatch.setattr(triton_block, "BLOCK_C", 16)
+    monkeypatch.setattr(triton_block, "GRAD_BLOCK_C", 16)
+    monkeypatch.setattr(triton_block, "GRAD_PROGRAMS", 5)
+
+
+# (batch, height, width, BatchNorm in training mode, input needs a gradient)
+CASES = [
+    (2, 12, 40, True, False),  # 20 cells a row: a tile of 32 cells, 12 of them missing
+    (3, 8, 6, True, False),  # 3 cells a row: a tile of 16, most of it missing
+    (1, 10, 12, False, False),  # running statistics
+    (2, 6, 8, True, True),  # x's gradient: the bands' second backward pass, the kernels' sums
+    (2, 9, 12, True, False),  # an odd height: the bands throughout
+]
+
+
+@pytest.mark.parametrize(("batch", "height", "width", "training", "input_grad"), CASES)
+def test_kernels_equal_the_plain_block(small_launches, batch, height, width, training, input_grad):
+    channels = 24  # two channel blocks of 16, the second partial
+    (block, conv_up), (plain_block, plain_up) = _block_pair(training, channels=channels)
+    x = torch.randn(batch, 6, height, width) * 3 + 1
+    x = x.contiguous(memory_format=torch.channels_last)
+    x_plain = x.clone().requires_grad_(input_grad)
+    x_kernels = x.clone().requires_grad_(input_grad)
+    for scale in (1.0, 0.5):  # two steps: running statistics advance twice, gradients add up
+        expected = plain_block(plain_up(x_plain * scale))
+        actual = tiled_residual_block(x_kernels * scale, block, conv_up, 4, kernels=True)
+        assert actual.shape == expected.shape
+        assert rel_err(actual, expected) < 1e-5
+        upstream = torch.randn_like(expected) * (torch.rand_like(expected) > 0.3)
+        expected.backward(upstream)
+        actual.backward(upstream)
+    if input_grad:
+        assert rel_err(x_kernels.grad, x_plain.grad) < 1e-5
+    pairs = [*zip(block.named_parameters(), plain_block.parameters(), strict=True)]
+    pairs += [*zip(conv_up.named_parameters(), plain_up.parameters(), strict=True)]
+    for (name, kernels), plain in pairs:
+        if training and name == "conv.bias":  # BatchNorm removes the mean: zero in exact math
+            assert kernels.grad.abs().max() < 1e-5 * block.conv.weight.grad.abs().max()
+            continue
+        assert rel_err(kernels.grad, plain.grad) < 1e-5, name
+    for (name, kernels), plain in zip(block.named_buffers(), plain_block.buffers(), strict=True):
+        assert torch.allclose(kernels.float(), plain.float(), rtol=1e-6, atol=1e-7), name
+
+
+def test_moments_match_float64():
+    """The per-tile means and squared deviations, combined over tiles, against the mean and
+    variance of the convolution computed in float64."""
+    torch.manual_seed(0)
+    source = torch.rand(2, 8, 10, 36) + 3  # a mean far from zero, as with [x, 1]
+    weight = torch.randn(20, 8, 3, 3)
+    mean, var = triton_block.moments(source, triton_block.kernel_matrix(weight))
+    z = F.conv2d(source.double(), weight.double(), padding=2, dilation=2)
+    expected_var, expected_mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+    assert mean.dtype == var.dtype == torch.float64
+    assert rel_err(mean, expected_mean) < 1e-6
+    assert rel_err(var, expected_var) < 1e-5
+
+
+def test_kernel_matrix_round_trips_and_tiles_count_every_pixel():
+    weight = torch.randn(5, 8, 3, 3)
+    matrix = triton_block.kernel_matrix(weight)
+    assert matrix.shape == (triton_block.PATCH, 5)
+    assert torch.equal(matrix[9 * 8 :], torch.zeros(triton_block.PATCH - 72, 5))
+    assert torch.equal(triton_block.weight_from_matrix(matrix), weight)
+    tiles = triton_block.Tiles.of(torch.empty(3, 8, 6, 70))  # 35 cells a row: tiles of 32, 3
+    assert (tiles.cells, tiles.per_row, tiles.count) == (32, 2, 3 * 3 * 2)
+    sizes = tiles.sizes(torch.device("cpu"))
+    assert sizes[:2].tolist() == [128, 12] and sizes.sum().item() == 3 * 6 * 70
+
+
+@pytest.mark.parametrize("choice", ["auto", True])
+def test_the_adapter_runs_the_kernels_where_asked(monkeypatch, choice):
+    """'auto' leaves CPU tensors to the bands; True runs the kernels, as close to float64 as
+    the bands. (Float32 rounding is amplified by BatchNorm over 256 channels, so the two float32
+    paths are compared through their distances to float64.)"""
+    calls = []
+    output = triton_block.output
+    monkeypatch.setattr(triton_block, "output", lambda *a: calls.append(1) or output(*a))
+    torch.manual_seed(0)
+    kernels, bands, exact = (
+        build_model("cad", "vit_tiny", adapter_size=64, adapter_tile_mib=1, triton_kernels=k)
+        for k in (choice, False, False)
+    )
+    bands.load_state_dict(kernels.state_dict())
+    exact.load_state_dict(kernels.state_dict())
+    exact.double()
+    images = torch.rand(1, 3, 64, 64) * 255
+    results = []
+    for model in (kernels, bands, exact):
+        x = model.adapter.adapter_input(images)
+        out = model.adapter.forward_from_input(x.to(model.adapter.conv_up.weight.dtype))
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
+        grads = torch.cat([p.grad.flatten() for p in model.adapter.parameters()])
+        results.append((out.double(), grads.double()))
+    assert len(calls) == (1 if choice is True else 0)
+    (out, grads), (bands_out, bands_grads), (exact_out, exact_grads) = results
+    assert rel_err(out, exact_out) <= 2 * rel_err(bands_out, exact_out) + 1e-7
+    assert rel_err(grads, exact_grads) <= 2 * rel_err(bands_grads, exact_grads) + 1e-7
+    assert rel_err(grads, exact_grads) < 1e-3
