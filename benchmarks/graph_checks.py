@@ -13,7 +13,8 @@ schedule), from the same weights:
 weight gradients, and ``eager`` up to AdamW's arithmetic (bias corrections in float32 on the
 GPU instead of float64 on the CPU).
 
-Run: python benchmarks/graph_checks.py  (prints one JSON object; exits 1 if a check fails)
+Run: python benchmarks/graph_checks.py [LABEL ...]  (the cases with those labels, default all;
+prints one JSON object; exits 1 if a check fails)
 """
 
 from __future__ import annotations
@@ -95,8 +96,18 @@ def main() -> int:
         ("cad-cache-untiled bf16", "cad", "bf16", True, {"adapter_tile_mib": 0}),
         ("cad bf16 (encoder)", "cad", "bf16", False, {}),
         ("decoder fp32 (encoder)", "decoder", "fp32", False, {}),
+        (
+            "sam-adapter-paper bf16 (checkpointed blocks)",
+            "sam-adapter-paper",
+            "bf16",
+            False,
+            {"checkpoint_blocks": True},
+        ),
     ]
+    chosen = sys.argv[1:]  # labels to run (default: all)
     for label, method, precision, from_cache, options in cases:
+        if chosen and label not in chosen:
+            continue
         runs = {
             kind: run(kind, method, precision, from_cache, **options)
             for kind in ("eager", "eager_capturable", "graphed")

@@ -3,7 +3,9 @@
 # banded torch passes and float64, and the adapter's GPU time with and without them. bench:
 # the CUDA-graph step against the eager one with them (graph_checks.py), the training step's
 # speed with and without them, and where the graphed step's time goes.
-# Usage: benchmarks/run_gpu_triton.sh OUT_DIR [checks|bench]
+# more: the graphed step of sam-adapter-paper, the fast paths' checks against float64, ViT-H's
+# cached step, and ViT-B's step with the encoder.
+# Usage: benchmarks/run_gpu_triton.sh OUT_DIR [checks|bench|more]
 set -uo pipefail
 out=${1:?output folder}
 mode=${2:-checks}
@@ -25,4 +27,14 @@ elif [ "$mode" = bench ]; then
     cp /tmp/bench-off/bench.json "$out/vit_b_no_triton.json"
     python3 benchmarks/profile_step.py cad-cache-graph bf16 2>&1 | grep -v -i warn \
         > "$out/profile_graph_bf16.txt"
+elif [ "$mode" = more ]; then
+    python3 benchmarks/graph_checks.py "sam-adapter-paper bf16 (checkpointed blocks)" \
+        > "$out/graph_checks_sam_adapter.json"; echo "graph checks: rc $?"
+    python3 benchmarks/gpu_checks.py > "$out/gpu_checks.json"; echo "gpu checks: rc $?"
+    cadsam bench --backbones vit_h --methods cad-cache cad-cache-graph sam-adapter-paper \
+        --precision bf16 --steps 5 --out /tmp/bench-h > /dev/null
+    cp /tmp/bench-h/bench.json "$out/vit_h_triton.json"
+    cadsam bench --backbones vit_b --methods cad cad-fast --precision bf16 --steps 10 \
+        --out /tmp/bench-e > /dev/null
+    cp /tmp/bench-e/bench.json "$out/vit_b_encoder_triton.json"
 fi
