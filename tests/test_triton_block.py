@@ -10,6 +10,7 @@ from conftest import rel_err
 from test_tiling import _block_pair
 
 from cadsam import build_model
+from cadsam.errors import CadsamError
 from cadsam.methods.tiling import tiled_residual_block
 
 triton_block = pytest.importorskip("cadsam.methods.triton_block")
@@ -118,3 +119,10 @@ def test_the_adapter_runs_the_kernels_where_asked(monkeypatch, choice):
     assert rel_err(out, exact_out) <= 2 * rel_err(bands_out, exact_out) + 1e-7
     assert rel_err(grads, exact_grads) <= 2 * rel_err(bands_grads, exact_grads) + 1e-7
     assert rel_err(grads, exact_grads) < 1e-3
+
+
+def test_forced_kernels_without_a_gpu_or_the_interpreter_are_a_user_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    model = build_model("cad", "vit_tiny", adapter_size=64, adapter_tile_mib=1, triton_kernels=True)
+    with pytest.raises(CadsamError, match="triton_kernels=true needs a CUDA device"):
+        model.adapter(torch.rand(1, 3, 64, 64) * 255)

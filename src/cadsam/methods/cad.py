@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 from collections.abc import Iterator
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import CadsamError
 from ..frequency import high_pass
 from .tiling import activation_dtype, band_rows, pool2x2, pool_cells, tiled_residual_block
 
@@ -115,8 +117,17 @@ class ConvAdapter(nn.Module):
         return band_rows(channels, x.shape[-1], budget, value_bytes)
 
     def _triton_kernels(self, x: torch.Tensor) -> bool:
+        available = importlib.util.find_spec("triton") is not None
         if self.triton_kernels == "auto":
-            return x.is_cuda and importlib.util.find_spec("triton") is not None
+            return x.is_cuda and available
+        if self.triton_kernels and not available:
+            raise CadsamError("triton_kernels=true needs Triton: pip install triton")
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if self.triton_kernels and not (x.is_cuda or interpreted):
+            raise CadsamError(
+                "triton_kernels=true needs a CUDA device (on a CPU, Triton runs kernels only "
+                "under TRITON_INTERPRET=1, its slow interpreter): use auto or false"
+            )
         return bool(self.triton_kernels)
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:

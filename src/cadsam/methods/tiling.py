@@ -23,8 +23,10 @@ The convolutions run in the autocast dtype when autocast is on, everything else 
 (float64 for float64 inputs), so the result equals the plain block's to rounding. The
 elementwise arithmetic between convolutions is a handful of small functions; ``compiled=True``
 runs them through ``torch.compile``, which fuses each into one kernel (eager, they would make
-a dozen passes over every band, and cost more than the recomputed convolutions). ``nn.SyncBatchNorm``'s
-statistics span processes; callers keep the plain block for it.
+a dozen passes over every band, and cost more than the recomputed convolutions). With
+``kernels=True`` the first block's passes are instead Triton kernels (:mod:`.triton_block`)
+that never write the 256-channel activation at all. ``nn.SyncBatchNorm``'s statistics span
+processes; callers keep the plain block for it.
 """
 
 from __future__ import annotations
