@@ -5,7 +5,8 @@
 # speed with and without them, and where the graphed step's time goes.
 # more: the graphed step of sam-adapter-paper, the fast paths' checks against float64, ViT-H's
 # cached step, and ViT-B's step with the encoder.
-# Usage: benchmarks/run_gpu_triton.sh OUT_DIR [checks|bench|more]
+# tables PRECISION: ViT-B's rows of the memory and speed tables (benchmarks/summarize.py).
+# Usage: benchmarks/run_gpu_triton.sh OUT_DIR [checks|bench|more|tables fp32|tables bf16]
 set -uo pipefail
 out=${1:?output folder}
 mode=${2:-checks}
@@ -37,4 +38,10 @@ elif [ "$mode" = more ]; then
     cadsam bench --backbones vit_b --methods cad cad-fast --precision bf16 --steps 10 \
         --out /tmp/bench-e > /dev/null
     cp /tmp/bench-e/bench.json "$out/vit_b_encoder_triton.json"
+elif [ "$mode" = tables ]; then
+    precision=${3:?precision}
+    cadsam bench --backbones vit_b --methods decoder-plain decoder cad-plain cad cad-fast \
+        cad-cache sam-adapter-paper-plain sam-adapter-paper sam-adapter-paper-ckpt \
+        sam-adapter-ckpt --precision "$precision" --steps 8 --out /tmp/bench-t > /dev/null
+    cp /tmp/bench-t/bench.json "$out/vit_b_tables_$precision.json"
 fi
