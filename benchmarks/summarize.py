@@ -23,9 +23,21 @@ ROWS = [
 ]
 
 
+# the runs behind each backbone's tables, a later file's rows replacing an earlier one's
+RUNS = {
+    "vit_b": ["h100_vit_b_tables_fp32.json", "h100_vit_b_tables_bf16.json"],
+    "vit_h": ["h100_vit_h.json"],
+}
+
+
 def load(backbone: str) -> dict[tuple[str, str], dict]:
-    report = json.loads((HERE / f"h100_{backbone}.json").read_text())
-    return {(r["variant"], r["precision"]): r for r in report["results"] if "error" not in r}
+    results = {}
+    for name in RUNS[backbone]:
+        report = json.loads((HERE / name).read_text())
+        results.update(
+            {(r["variant"], r["precision"]): r for r in report["results"] if "error" not in r}
+        )
+    return results
 
 
 def mib(results, variant, precision) -> str:
