@@ -25,22 +25,28 @@ def small_launches(monkeypatch):
     monkeypatch.setattr(triton_block, "GRAD_PROGRAMS", 5)
 
 
-# (batch, height, width, BatchNorm in training mode, input needs a gradient)
+# (batch, height, width, BatchNorm in training mode, input needs a gradient, channels_last)
 CASES = [
-    (2, 12, 40, True, False),  # 20 cells a row: a tile of 32 cells, 12 of them missing
-    (3, 8, 6, True, False),  # 3 cells a row: a tile of 16, most of it missing
-    (1, 10, 12, False, False),  # running statistics
-    (2, 6, 8, True, True),  # x's gradient: the bands' second backward pass, the kernels' sums
-    (2, 9, 12, True, False),  # an odd height: the bands throughout
+    (2, 12, 40, True, False, True),  # 20 cells a row: a tile of 32 cells, 12 of them missing
+    (3, 8, 6, True, False, True),  # 3 cells a row: a tile of 16, most of it missing
+    (1, 10, 12, False, False, True),  # running statistics
+    (2, 6, 8, True, True, True),  # x's gradient: the bands' second backward pass
+    (2, 8, 10, True, False, False),  # NCHW
+    (2, 9, 12, True, False, True),  # an odd height: the bands throughout
 ]
 
 
-@pytest.mark.parametrize(("batch", "height", "width", "training", "input_grad"), CASES)
-def test_kernels_equal_the_plain_block(small_launches, batch, height, width, training, input_grad):
+@pytest.mark.parametrize(
+    ("batch", "height", "width", "training", "input_grad", "channels_last"), CASES
+)
+def test_kernels_equal_the_plain_block(
+    small_launches, batch, height, width, training, input_grad, channels_last
+):
     channels = 24  # two channel blocks of 16, the second partial
     (block, conv_up), (plain_block, plain_up) = _block_pair(training, channels=channels)
     x = torch.randn(batch, 6, height, width) * 3 + 1
-    x = x.contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     x_plain = x.clone().requires_grad_(input_grad)
     x_kernels = x.clone().requires_grad_(input_grad)
     for scale in (1.0, 0.5):  # two steps: running statistics advance twice, gradients add up
