@@ -6,8 +6,7 @@
 # more: the graphed step of sam-adapter-paper, the fast paths' checks against float64, ViT-H's
 # cached step, and ViT-B's step with the encoder.
 # tables PRECISION: ViT-B's rows of the memory and speed tables (benchmarks/summarize.py).
-# no-ckpt: the cached step without recomputing whole blocks (cadsam train's default).
-# Usage: benchmarks/run_gpu_triton.sh OUT_DIR [checks|bench|more|tables fp32|tables bf16|no-ckpt]
+# Usage: benchmarks/run_gpu_triton.sh OUT_DIR [checks|bench|more|tables fp32|tables bf16]
 set -uo pipefail
 out=${1:?output folder}
 mode=${2:-checks}
@@ -45,9 +44,4 @@ elif [ "$mode" = tables ]; then
         cad-cache sam-adapter-paper-plain sam-adapter-paper sam-adapter-paper-ckpt \
         sam-adapter-ckpt --precision "$precision" --steps 8 --out /tmp/bench-t > /dev/null
     cp /tmp/bench-t/bench.json "$out/vit_b_tables_$precision.json"
-elif [ "$mode" = no-ckpt ]; then
-    # the cached step as cadsam train runs it by default: whole blocks kept, not recomputed
-    cadsam bench --backbones vit_b --methods cad-cache cad-cache-graph --precision bf16 fp32 \
-        --steps 10 --set checkpoint_adapter=false --out /tmp/bench-n > /dev/null
-    cp /tmp/bench-n/bench.json "$out/vit_b_triton_no_ckpt.json"
 fi
