@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,29 +91,38 @@ def gpu_ms(run, steps: int = 5) -> tuple[float, str]:
     return total, table
 
 
-def main() -> None:
+def bench_adapter() -> tuple[ConvAdapter, Callable, dict[str, torch.Tensor]]:
+    """The adapter at the bench's size, a run of its forward and backward (adapter_step), and
+    its state before any run."""
     torch.manual_seed(0)
     adapter = ConvAdapter(64, tile_mib=128).cuda()
     images = torch.rand(4, 3, 512, 512, device="cuda") * 255
     upstream = torch.randn(4, 256, 64, 64, device="cuda")
-    run = adapter_step(adapter, images, upstream)
     state = {k: v.clone() for k, v in adapter.state_dict().items()}
+    return adapter, adapter_step(adapter, images, upstream), state
+
+
+def rel_diffs(adapter: ConvAdapter, result: tuple, reference: tuple) -> dict[str, float]:
+    """The output's and each gradient's distance from the reference's, relative to its norm;
+    the convolutions' biases (zero gradient in exact arithmetic, before BatchNorm) left out."""
+    named = ["output", *(n for n, _ in adapter.named_parameters())]
+    pairs = zip(named, [result[0], *result[1]], [reference[0], *reference[1]], strict=True)
+    return {
+        name: ((a.float() - b.float()).norm() / b.float().norm()).item()
+        for name, a, b in pairs
+        if not name.endswith("conv.bias")
+    }
+
+
+def main() -> None:
+    adapter, run, state = bench_adapter()
     reference, tables = None, {}
     for case in ("as it stands", "before", "dynamic shapes"):
         patch(case)
         out, grads = run()
         if reference is None:
             reference = (out, grads)
-        # relative to each tensor's norm; the convolutions' biases (zero gradient in exact
-        # arithmetic, before BatchNorm) left out
-        named = [n for n, _ in adapter.named_parameters()]
-        diffs = {
-            name: ((a.float() - b.float()).norm() / b.float().norm()).item()
-            for name, a, b in zip(
-                ["output", *named], [out, *grads], [reference[0], *reference[1]], strict=True
-            )
-            if not name.endswith("conv.bias")
-        }
+        diffs = rel_diffs(adapter, (out, grads), reference)
         ms, tables[case] = gpu_ms(run)
         adapter.load_state_dict(state)
         print(

@@ -106,6 +106,14 @@ def cad_adapter_check(precision: str, **options) -> dict:
             "output": rel_err(outputs[1], outputs[2]),
             "grad": rel_err(grads(saving), grads(exact)),
         },
+        # per weight (biases left out, see above): (plain, saving) distance to float64
+        "weights_to_float64": {
+            name: (rel_err(a.grad.double(), e.grad), rel_err(b.grad.double(), e.grad))
+            for (name, a), b, e in zip(
+                plain.named_parameters(), saving.parameters(), exact.parameters(), strict=True
+            )
+            if not name.endswith("bias")
+        },
     }
 
 

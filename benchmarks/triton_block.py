@@ -4,19 +4,19 @@ float64, as ``gpu_checks.py`` compares the other fast paths), and the adapter's 
 forward and backward at the bench's size (batch 4, 512 x 512, bf16), with and without the
 kernels, and for a few tile sizes and warp counts.
 
-Run: python benchmarks/triton_block.py  (prints JSON lines, then a profile of each case)
+Run: python benchmarks/triton_block.py [checks]  (prints JSON lines, then a profile of each
+case; with ``checks``, the checks alone)
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
-import torch
-from adapter_kernels import adapter_step, gpu_ms
+from adapter_kernels import bench_adapter, gpu_ms, rel_diffs
 from gpu_checks import as_close_as_plain, cad_adapter_check
 
 from cadsam.methods import triton_block
-from cadsam.methods.cad import ConvAdapter
 
 
 def checks() -> None:
@@ -31,18 +31,13 @@ def checks() -> None:
 
 
 def timings() -> dict[str, str]:
-    torch.manual_seed(0)
-    adapter = ConvAdapter(64, tile_mib=128).cuda()
-    images = torch.rand(4, 3, 512, 512, device="cuda") * 255
-    upstream = torch.randn(4, 256, 64, 64, device="cuda")
-    run = adapter_step(adapter, images, upstream)
-    state = {k: v.clone() for k, v in adapter.state_dict().items()}
+    adapter, run, state = bench_adapter()
     # (name, kernels, cells per tile, warps, channels per program, the same in grads)
     cases = [("bands", False, 32, 4, 128, 128)]
     for cells, warps, block_c, grad_block_c in [
-        (32, 4, 128, 128),  # the defaults
+        (32, 4, 128, 64),  # the defaults
+        (32, 4, 128, 128),
         (16, 4, 128, 128),
-        (32, 4, 128, 64),
         (32, 8, 256, 64),
         (64, 8, 256, 64),
         (16, 4, 256, 32),
@@ -65,13 +60,7 @@ def timings() -> dict[str, str]:
             continue
         if reference is None:
             reference = (out, grads)
-        named = [n for n, _ in adapter.named_parameters()]
-        pairs = zip(["output", *named], [out, *grads], [*reference[:1], *reference[1]], strict=True)
-        diffs = {  # the convolutions' biases (zero gradient in exact arithmetic) left out
-            n: ((a.float() - b.float()).norm() / b.float().norm()).item()
-            for n, a, b in pairs
-            if not n.endswith("conv.bias")
-        }
+        diffs = rel_diffs(adapter, (out, grads), reference)
         ms, tables[name] = gpu_ms(run)
         adapter.load_state_dict(state)
         worst = max(diffs, key=diffs.get)
@@ -82,5 +71,6 @@ def timings() -> dict[str, str]:
 
 if __name__ == "__main__":
     checks()
-    for case, table in timings().items():
-        print(f"== {case}\n{table}")
+    if sys.argv[1:] != ["checks"]:  # "checks": the checks alone
+        for case, table in timings().items():
+            print(f"== {case}\n{table}")

@@ -56,17 +56,24 @@ def test_banded_block_equals_the_plain_block(batch, height, width, rows, fused, 
         expected.backward(upstream)
         actual.backward(upstream)
     assert rel_err(x_banded.grad, x_plain.grad) < 1e-5
-    pairs = [*zip(block.named_parameters(), plain_block.parameters(), strict=True)]
-    if fused:
-        pairs += [*zip(conv_up.named_parameters(), plain_up.parameters(), strict=True)]
-    for (name, banded), plain in pairs:
-        if training and name == "conv.bias":  # BatchNorm removes the mean: zero in exact math
-            assert banded.grad.abs().max() < 1e-5 * block.conv.weight.grad.abs().max()
-            continue
-        assert rel_err(banded.grad, plain.grad) < 1e-5, name
-    for (name, banded), plain in zip(block.named_buffers(), plain_block.buffers(), strict=True):
-        assert torch.allclose(banded.float(), plain.float(), rtol=1e-6, atol=1e-7), name
+    assert_trained_alike((block, conv_up if fused else None), (plain_block, plain_up), training)
     assert block.bn.num_batches_tracked.item() == (2 if training else 0)
+
+
+def assert_trained_alike(pair, plain_pair, training: bool) -> None:
+    """The gradients of a (block, conv_up or None) equal the plain pair's, and so do the
+    block's buffers (BatchNorm's running statistics)."""
+    (block, conv_up), (plain_block, plain_up) = pair, plain_pair
+    pairs = [*zip(block.named_parameters(), plain_block.parameters(), strict=True)]
+    if conv_up is not None:
+        pairs += [*zip(conv_up.named_parameters(), plain_up.parameters(), strict=True)]
+    for (name, tested), plain in pairs:
+        if training and name == "conv.bias":  # BatchNorm removes the mean: zero in exact math
+            assert tested.grad.abs().max() < 1e-5 * block.conv.weight.grad.abs().max()
+            continue
+        assert rel_err(tested.grad, plain.grad) < 1e-5, name
+    for (name, tested), plain in zip(block.named_buffers(), plain_block.buffers(), strict=True):
+        assert torch.allclose(tested.float(), plain.float(), rtol=1e-6, atol=1e-7), name
 
 
 @pytest.mark.parametrize(
@@ -90,11 +97,7 @@ def test_a_block_that_reuses_its_input_for_its_gradient(batch, height, rows, tra
     actual.backward(upstream)
     assert (storage[0] == scratch.data_ptr()) == (rows >= 4)
     assert rel_err(x_banded.grad, x_plain.grad) < 1e-5
-    for (name, banded), plain in zip(
-        block.named_parameters(), plain_block.parameters(), strict=True
-    ):
-        if name != "conv.bias" or not training:
-            assert rel_err(banded.grad, plain.grad) < 1e-5, name
+    assert_trained_alike((block, None), (plain_block, None), training)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
-from test_tiling import _block_pair
+from test_tiling import _block_pair, assert_trained_alike
 
 from cadsam import build_model
 from cadsam.errors import CadsamError
@@ -59,15 +59,7 @@ def test_kernels_equal_the_plain_block(
         actual.backward(upstream)
     if input_grad:
         assert rel_err(x_kernels.grad, x_plain.grad) < 1e-5
-    pairs = [*zip(block.named_parameters(), plain_block.parameters(), strict=True)]
-    pairs += [*zip(conv_up.named_parameters(), plain_up.parameters(), strict=True)]
-    for (name, kernels), plain in pairs:
-        if training and name == "conv.bias":  # BatchNorm removes the mean: zero in exact math
-            assert kernels.grad.abs().max() < 1e-5 * block.conv.weight.grad.abs().max()
-            continue
-        assert rel_err(kernels.grad, plain.grad) < 1e-5, name
-    for (name, kernels), plain in zip(block.named_buffers(), plain_block.buffers(), strict=True):
-        assert torch.allclose(kernels.float(), plain.float(), rtol=1e-6, atol=1e-7), name
+    assert_trained_alike((block, conv_up), (plain_block, plain_up), training)
 
 
 def test_moments_match_float64():

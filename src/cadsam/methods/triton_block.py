@@ -137,12 +137,33 @@ def _per_channel(ptr, channels, cmask):
 
 
 @triton.jit
-def _weights(weight, n_channels, channels, cmask):
-    """The kernel matrix's columns for this program's channels: PATCH x BLOCK_C."""
+def _channel_block(weight, n_channels, BLOCK_C: tl.constexpr):
+    """This program's channels, which of them exist, and the kernel matrix's columns for them
+    (PATCH x BLOCK_C)."""
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = channels < n_channels
     k = tl.arange(0, 128)
-    return tl.load(
-        weight + k[:, None] * n_channels + channels[None, :], mask=cmask[None, :], other=0.0
+    offsets = k[:, None] * n_channels + channels[None, :]
+    return channels, cmask, tl.load(weight + offsets, mask=cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _norm(center, invstd, gamma, beta, channels, cmask):
+    """BatchNorm's terms for this program's channels."""
+    return (
+        _per_channel(center, channels, cmask),
+        _per_channel(invstd, channels, cmask),
+        _per_channel(gamma, channels, cmask),
+        _per_channel(beta, channels, cmask),
     )
+
+
+@triton.jit
+def _cells_at(s_b, s_c, s_h, s_w, image, cell_row, cols, valid, channels, cmask):
+    """Offsets and mask of a tile's cells x this program's channels in a B x C x H/2 x W/2
+    tensor of strides (s_b, s_c, s_h, s_w)."""
+    offsets = image * s_b + cell_row * s_h + cols[:, None] * s_w + channels[None, :] * s_c
+    return offsets, valid[:, None] & cmask[None, :]
 
 
 # -- the four passes ---------------------------------------------------------------------------
@@ -155,18 +176,14 @@ def _moments_kernel(
     CELLS: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = channels < n_channels
-    w = _weights(weight, n_channels, channels, cmask)
+    channels, cmask, w = _channel_block(weight, n_channels, BLOCK_C)
     image, cell_row, cols, valid = _tile(t, height, width, per_row, CELLS)
     n = tl.sum(valid.to(tl.float32), axis=0)  # pixels per cell position
     mean = tl.zeros((BLOCK_C,), tl.float32)
     m2 = tl.zeros((BLOCK_C,), tl.float32)
     for q in tl.static_range(4):  # the four pixels of each cell, combined as Chan et al.'s
-        a = _patches(
-            src, s_b, s_c, s_h, s_w, height, width,
-            image, 2 * cell_row + q // 2, 2 * cols + q % 2, valid, w.dtype,
-        )  # fmt: skip
+        row, pixel_cols = 2 * cell_row + q // 2, 2 * cols + q % 2
+        a = _patches(src, s_b, s_c, s_h, s_w, height, width, image, row, pixel_cols, valid, w.dtype)
         z = tl.dot(a, w, input_precision=PRECISION)
         q_mean = tl.sum(z, axis=0) / n  # missing cells' rows are zero
         deviation = tl.where(valid[:, None], z - q_mean[None, :], 0.0)
@@ -184,13 +201,11 @@ def _output_kernel(
     out, o_b, o_c, o_h, o_w,
     CELLS: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = channels < n_channels
-    w = _weights(weight, n_channels, channels, cmask)
-    scale = _per_channel(invstd, channels, cmask) * _per_channel(gamma, channels, cmask)
-    shift = _per_channel(beta, channels, cmask) - _per_channel(center, channels, cmask) * scale
-    image, cell_row, cols, valid = _tile(t, height, width, per_row, CELLS)
+    channels, cmask, w = _channel_block(weight, n_channels, BLOCK_C)
+    mean, inv, gam, bet = _norm(center, invstd, gamma, beta, channels, cmask)
+    scale = inv * gam
+    shift = bet - mean * scale
+    image, cell_row, cols, valid = _tile(tl.program_id(0), height, width, per_row, CELLS)
     activation = tl.zeros((CELLS, BLOCK_C), tl.float32)
     summed_input = tl.zeros((CELLS, 16), tl.float32)
     for q in tl.static_range(4):
@@ -201,13 +216,12 @@ def _output_kernel(
         summed_input += _pixel(src, s_b, s_c, s_h, s_w, image, row, pixel_cols, valid)
     # the residual [U | b] [x, 1], summed over the cell like the activation
     j = tl.arange(0, 16)
-    up_t = tl.load(
-        up + channels[None, :] * 8 + j[:, None], mask=(j[:, None] < 8) & cmask[None, :], other=0.0
-    )
+    up_mask = (j[:, None] < 8) & cmask[None, :]
+    up_t = tl.load(up + channels[None, :] * 8 + j[:, None], mask=up_mask, other=0.0)
     residual = tl.dot(summed_input, up_t, input_precision="ieee")
-    offsets = image * o_b + cell_row * o_h + cols[:, None] * o_w + channels[None, :] * o_c
+    offsets, mask = _cells_at(o_b, o_c, o_h, o_w, image, cell_row, cols, valid, channels, cmask)
     value = (activation + residual) * 0.25
-    tl.store(out + offsets, value.to(out.dtype.element_ty), mask=valid[:, None] & cmask[None, :])
+    tl.store(out + offsets, value.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -226,23 +240,16 @@ def _grad_sums_kernel(
     CELLS: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = channels < n_channels
-    w = _weights(weight, n_channels, channels, cmask)
-    mean = _per_channel(center, channels, cmask)
-    inv = _per_channel(invstd, channels, cmask)
-    gam, bet = _per_channel(gamma, channels, cmask), _per_channel(beta, channels, cmask)
+    channels, cmask, w = _channel_block(weight, n_channels, BLOCK_C)
+    mean, inv, gam, bet = _norm(center, invstd, gamma, beta, channels, cmask)
     image, cell_row, cols, valid = _tile(t, height, width, per_row, CELLS)
-    offsets = image * g_b + cell_row * g_h + cols[:, None] * g_w + channels[None, :] * g_c
-    mask = valid[:, None] & cmask[None, :]
+    offsets, mask = _cells_at(g_b, g_c, g_h, g_w, image, cell_row, cols, valid, channels, cmask)
     g = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32) * 0.25  # per pixel
     sum_g = tl.zeros((BLOCK_C,), tl.float32)
     sum_g_zhat = tl.zeros((BLOCK_C,), tl.float32)
     for q in tl.static_range(4):
-        a = _patches(
-            src, s_b, s_c, s_h, s_w, height, width,
-            image, 2 * cell_row + q // 2, 2 * cols + q % 2, valid, w.dtype,
-        )  # fmt: skip
+        row, pixel_cols = 2 * cell_row + q // 2, 2 * cols + q % 2
+        a = _patches(src, s_b, s_c, s_h, s_w, height, width, image, row, pixel_cols, valid, w.dtype)
         zhat, grad_bn = _grad_bn(a, w, g, inv, mean, gam, bet, PRECISION)
         sum_g += tl.sum(grad_bn, axis=0)
         sum_g_zhat += tl.sum(grad_bn * zhat, axis=0)
@@ -258,22 +265,15 @@ def _grads_kernel(
     CELLS: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     program, programs = tl.program_id(0), tl.num_programs(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = channels < n_channels
-    w = _weights(weight, n_channels, channels, cmask)
-    mean = _per_channel(center, channels, cmask)
-    inv = _per_channel(invstd, channels, cmask)
-    gam, bet = _per_channel(gamma, channels, cmask), _per_channel(beta, channels, cmask)
-    m_g, m_g_zhat = (
-        _per_channel(mean_g, channels, cmask),
-        _per_channel(mean_g_zhat, channels, cmask),
-    )
+    channels, cmask, w = _channel_block(weight, n_channels, BLOCK_C)
+    mean, inv, gam, bet = _norm(center, invstd, gamma, beta, channels, cmask)
+    m_g = _per_channel(mean_g, channels, cmask)
+    m_g_zhat = _per_channel(mean_g_zhat, channels, cmask)
     grad_weight = tl.zeros((128, BLOCK_C), tl.float32)
     grad_up = tl.zeros((16, BLOCK_C), tl.float32)
     for t in range(program, tiles, programs):
         image, cell_row, cols, valid = _tile(t, height, width, per_row, CELLS)
-        offsets = image * g_b + cell_row * g_h + cols[:, None] * g_w + channels[None, :] * g_c
-        mask = valid[:, None] & cmask[None, :]
+        offsets, mask = _cells_at(g_b, g_c, g_h, g_w, image, cell_row, cols, valid, channels, cmask)
         g_cell = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
         summed_input = tl.zeros((CELLS, 16), tl.float32)
         for q in tl.static_range(4):
