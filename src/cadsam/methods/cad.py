@@ -21,6 +21,7 @@ imports); the others run plainly, or recomputed in backward with ``checkpoint_bl
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -117,7 +118,7 @@ class ConvAdapter(nn.Module):
         return band_rows(channels, x.shape[-1], budget, value_bytes)
 
     def _triton_kernels(self, x: torch.Tensor) -> bool:
-        available = importlib.util.find_spec("triton") is not None
+        available = _triton_available()
         if self.triton_kernels == "auto":
             return x.is_cuda and available
         if self.triton_kernels and not available:
@@ -142,6 +143,11 @@ class ConvAdapter(nn.Module):
             preserve_rng_state=False,  # nothing random inside; and a CUDA graph can capture it
             context_fn=lambda: (contextlib.nullcontext(), _buffers_restored(block)),
         )
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _pools_by_cells(x: torch.Tensor, size: int) -> bool:
