@@ -6,7 +6,8 @@
 # more: the graphed step of sam-adapter-paper, the fast paths' checks against float64, ViT-H's
 # cached step, and ViT-B's step with the encoder.
 # tables PRECISION: ViT-B's rows of the memory and speed tables (benchmarks/summarize.py).
-# Usage: benchmarks/run_gpu_triton.sh OUT_DIR [checks|bench|more|tables fp32|tables bf16]
+# nockpt: the graphed cached step without recomputing whole blocks (train's default).
+# Usage: benchmarks/run_gpu_triton.sh OUT_DIR [checks|bench|more|tables fp32|tables bf16|nockpt]
 set -uo pipefail
 out=${1:?output folder}
 mode=${2:-checks}
@@ -44,4 +45,8 @@ elif [ "$mode" = tables ]; then
         cad-cache sam-adapter-paper-plain sam-adapter-paper sam-adapter-paper-ckpt \
         sam-adapter-ckpt --precision "$precision" --steps 8 --out /tmp/bench-t > /dev/null
     cp /tmp/bench-t/bench.json "$out/vit_b_tables_$precision.json"
+elif [ "$mode" = nockpt ]; then
+    cadsam bench --backbones vit_b --methods cad-cache-graph cad-cache-nockpt-graph \
+        sam-adapter-paper --precision bf16 fp32 --steps 10 --out /tmp/bench-n > /dev/null
+    cp /tmp/bench-n/bench.json "$out/vit_b_triton_nockpt.json"
 fi

@@ -47,6 +47,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"adapter_tile_mib": 0, "checkpoint_adapter": True, "_cache": True},
     ),
     "cad-cache-graph": ("cad", {"checkpoint_adapter": True, "_cache": True, "_graph": True}),
+    # as cadsam train --cache --cuda-graph runs by default: whole blocks kept, not recomputed
+    "cad-cache-nockpt-graph": ("cad", {"_cache": True, "_graph": True}),
     "cad-cache-untiled-graph": (
         "cad",
         {"adapter_tile_mib": 0, "checkpoint_adapter": True, "_cache": True, "_graph": True},
