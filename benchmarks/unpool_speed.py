@@ -1,7 +1,7 @@
 """Spreading a pooled gradient back over its cells (``pool_cells``' backward) on a GPU: as a
-nearest-neighbour upsampling (``tiling._unpool``, what the code does) against a broadcast copy
-into a view of the cells, for the adapter's shapes at batch 4 (bf16, channels_last). Each is
-checked against the other.
+nearest-neighbour upsampling and padding (``tiling._unpool``, what the backward did before)
+against a broadcast copy into a view of the cells (what it does now), for the adapter's shapes
+at batch 4 (bf16, channels_last). Each is checked against the other.
 
 Run: python benchmarks/unpool_speed.py  (prints JSON lines)
 """

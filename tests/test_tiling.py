@@ -10,7 +10,7 @@ from conftest import rel_err
 
 from cadsam import build_model
 from cadsam.methods.cad import ResidualDilatedBlock
-from cadsam.methods.tiling import _Bands, band_rows, pool2x2, tiled_residual_block
+from cadsam.methods.tiling import _Bands, band_rows, pool2x2, pool_cells, tiled_residual_block
 
 CHANNELS = 8
 
@@ -230,18 +230,22 @@ def test_banded_adapter_equals_the_plain_adapter_in_float64():
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 9, 7)])
-def test_pool2x2_is_avg_pool2d_values_and_gradients(shape):
+@pytest.mark.parametrize(
+    ("shape", "cell"),
+    [((2, 3, 8, 8), 2), ((1, 2, 9, 7), 2), ((1, 2, 9, 7), 3), ((2, 3, 8, 8), 4), ((1, 2, 5, 5), 1)],
+)
+def test_pool_cells_is_avg_pool2d_values_and_gradients(shape, cell):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     y = x.detach().clone().requires_grad_()
-    a, b = pool2x2(x), torch.nn.functional.avg_pool2d(y, 2)
+    pool = pool2x2 if cell == 2 else lambda t: pool_cells(t, cell)
+    a, b = pool(x), torch.nn.functional.avg_pool2d(y, cell)
     assert torch.allclose(a, b)
     upstream = torch.randn_like(a)
     a.backward(upstream)
     b.backward(upstream)
     assert torch.allclose(x.grad, y.grad)
     channels_last = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    pool2x2(channels_last).backward(upstream)  # the gradient keeps the input's layout
+    pool(channels_last).backward(upstream)  # the gradient keeps the input's layout
     assert channels_last.grad.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(channels_last.grad, y.grad)
 

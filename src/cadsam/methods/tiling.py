@@ -76,9 +76,16 @@ class _CellMean(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # each cell's gradient spread evenly over its pixels by a broadcast copy into a view of
+        # the cells: 2.4x faster than upsampling and padding (benchmarks/unpool_speed.py)
         layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        out = _unpool(grad, ctx.shape[-2], ctx.shape[-1], ctx.cell)
-        return out.contiguous(memory_format=layout), None
+        if ctx.cell == 1:
+            return grad.contiguous(memory_format=layout), None
+        out = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
+        if ctx.shape[-2] % ctx.cell or ctx.shape[-1] % ctx.cell:
+            out.zero_()  # a cropped remainder gets no gradient
+        _cells(out, ctx.cell).copy_((grad / ctx.cell**2)[:, :, :, None, :, None])
+        return out, None
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
