@@ -512,9 +512,10 @@ def _plus_unpooled(grad_a: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor
 
 
 def _unpool(grad_out: torch.Tensor, height: int, width: int, cell: int = 2) -> torch.Tensor:
-    """What ``pool_cells`` passes back to its height x width input: each cell's gradient over
-    its cell ** 2 pixels, spread evenly, zero on a cropped remainder. (A nearest-neighbour
-    upsampling, not expand + reshape, which the compiler turns into a copy of the band.)"""
+    """What ``pool_cells`` passes back to its height x width input, inside the band functions:
+    each cell's gradient over its cell ** 2 pixels, spread evenly, zero on a cropped remainder.
+    (A nearest-neighbour upsampling, which the compiler fuses into its consumer; expand +
+    reshape would become a copy of the band. Eager, ``pool_cells``' own backward copies.)"""
     if grad_out.numel() == 0:  # a band of one odd last row: no whole cell
         return grad_out.new_zeros(*grad_out.shape[:2], height, width)
     g = F.interpolate(grad_out / cell**2, scale_factor=cell, mode="nearest")
