@@ -8,3 +8,12 @@ start_session() {
         tee "$1/gpu.txt"
     export PYTHONUNBUFFERED=1
 }
+
+# bench_into FILE ARGS...: cadsam bench ARGS, its bench.json kept as FILE (its table and chart
+# are left in a scratch folder).
+bench_into() {
+    local file=$1 scratch
+    shift
+    scratch=$(mktemp -d)
+    cadsam bench "$@" --out "$scratch" > /dev/null && cp "$scratch/bench.json" "$file"
+}

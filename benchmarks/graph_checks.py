@@ -25,7 +25,7 @@ import sys
 import torch
 
 from cadsam import build_model
-from cadsam.graphs import graph_optimizer
+from cadsam.graphs import adamw
 from cadsam.train import lr_factor, training_step
 
 STEPS = [4] * 6 + [3]
@@ -37,10 +37,7 @@ def run(kind: str, method: str, precision: str, from_cache: bool, **options) -> 
         model = build_model(method, "vit_b", with_encoder=not from_cache, **options)
     model.train()
     parameters = model.trainable_parameters()
-    if kind == "eager":
-        optimizer = torch.optim.AdamW(parameters, lr=2e-4, weight_decay=0.01)
-    else:
-        optimizer = graph_optimizer(parameters, lr=2e-4, weight_decay=0.01)
+    optimizer = adamw(parameters, lr=2e-4, weight_decay=0.01, graphed=kind != "eager")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor("cosine", s, len(STEPS))
     )

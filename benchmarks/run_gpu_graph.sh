@@ -16,18 +16,16 @@ if [ "$mode" = checks ]; then
     python3 benchmarks/graph_train_cli.py /tmp/graph-cli > "$out/graph_train_cli.json" \
         2> "$out/graph_train_cli.log"; echo "train cli: rc $?"
     tail -3 "$out/graph_train_cli.log"
-    cadsam bench --backbones vit_b \
+    bench_into "$out/vit_b_graph_bf16.json" --backbones vit_b \
         --methods cad-cache cad-cache-graph cad-cache-untiled-graph sam-adapter-paper \
-        --precision bf16 --steps 10 --out /tmp/bench-g > /dev/null
-    cp /tmp/bench-g/bench.json "$out/vit_b_graph_bf16.json"
+        --precision bf16 --steps 10
     python3 benchmarks/profile_step.py cad-cache-graph bf16 2>&1 | grep -v -i warn \
         > "$out/profile_graph_bf16.txt"
 elif [ "$mode" = bench ]; then
-    cadsam bench --backbones vit_b \
+    bench_into "$out/vit_b_graph.json" --backbones vit_b \
         --methods cad-cache cad-cache-untiled cad-cache-graph cad-cache-untiled-graph \
-        sam-adapter-paper --precision fp32 bf16 --steps 10 --out /tmp/bench-b > /dev/null
-    cp /tmp/bench-b/bench.json "$out/vit_b_graph.json"
-    cadsam bench --backbones vit_h --methods cad-cache cad-cache-graph sam-adapter-paper \
-        --precision bf16 --steps 5 --out /tmp/bench-h > /dev/null
-    cp /tmp/bench-h/bench.json "$out/vit_h_graph.json"
+        sam-adapter-paper --precision fp32 bf16 --steps 10
+    bench_into "$out/vit_h_graph.json" \
+        --backbones vit_h --methods cad-cache cad-cache-graph sam-adapter-paper \
+        --precision bf16 --steps 5
 fi

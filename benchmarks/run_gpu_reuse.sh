@@ -8,9 +8,9 @@ start_session "$out"
 for precision in fp32 bf16; do
     python3 benchmarks/memory_peak.py cad-cache $precision 2>&1 | grep -v -i warn
 done > "$out/memory_peak.txt"
-cadsam bench --backbones vit_b --methods cad-untiled cad cad-cache-untiled cad-cache \
-    --precision fp32 bf16 --steps 8 --out /tmp/bench-b > /dev/null
-cp /tmp/bench-b/bench.json "$out/vit_b_reuse.json"
-cadsam bench --backbones vit_h --methods cad-untiled cad cad-cache-untiled cad-cache \
-    --precision fp32 --steps 5 --out /tmp/bench-h > /dev/null
-cp /tmp/bench-h/bench.json "$out/vit_h_reuse.json"
+bench_into "$out/vit_b_reuse.json" \
+    --backbones vit_b --methods cad-untiled cad cad-cache-untiled cad-cache \
+    --precision fp32 bf16 --steps 8
+bench_into "$out/vit_h_reuse.json" \
+    --backbones vit_h --methods cad-untiled cad cad-cache-untiled cad-cache \
+    --precision fp32 --steps 5

@@ -9,11 +9,10 @@ if [ "$backbone" = vit_b ]; then
     python3 benchmarks/gpu_checks.py > "$out/gpu_checks.json"; echo "checks: rc $?"
     python3 benchmarks/tiles_speed.py 2>&1 | grep -v -i warn > "$out/tiles_speed.txt"
 fi
-cadsam bench --backbones "$backbone" --methods cad-untiled cad cad-cache-untiled cad-cache \
-    --precision fp32 bf16 --steps 8 --out /tmp/bench-main
-cp /tmp/bench-main/bench.json "$out/${backbone}_tiles.json"
+bench_into "$out/${backbone}_tiles.json" \
+    --backbones "$backbone" --methods cad-untiled cad cad-cache-untiled cad-cache \
+    --precision fp32 bf16 --steps 8
 for mib in "$@"; do  # band budgets to sweep
-    cadsam bench --backbones "$backbone" --methods cad cad-cache --precision fp32 --steps 8 \
-        --set adapter_tile_mib="$mib" --out "/tmp/bench-$mib"
-    cp "/tmp/bench-$mib/bench.json" "$out/${backbone}_tiles_${mib}mib.json"
+    bench_into "$out/${backbone}_tiles_${mib}mib.json" --backbones "$backbone" \
+        --methods cad cad-cache --precision fp32 --steps 8 --set adapter_tile_mib="$mib"
 done

@@ -20,33 +20,30 @@ if [ "$mode" = checks ]; then
 elif [ "$mode" = bench ]; then
     python3 benchmarks/graph_checks.py > "$out/graph_checks.json"; echo "graph checks: rc $?"
     # the kernels are the default on CUDA; the second run turns them off
-    cadsam bench --backbones vit_b --methods cad-cache cad-cache-graph sam-adapter-paper \
-        --precision bf16 fp32 --steps 10 --out /tmp/bench-on > /dev/null
-    cp /tmp/bench-on/bench.json "$out/vit_b_triton.json"
-    cadsam bench --backbones vit_b --methods cad-cache cad-cache-graph \
-        --precision bf16 fp32 --steps 10 --set triton_kernels=false --out /tmp/bench-off \
-        > /dev/null
-    cp /tmp/bench-off/bench.json "$out/vit_b_no_triton.json"
+    bench_into "$out/vit_b_triton.json" \
+        --backbones vit_b --methods cad-cache cad-cache-graph sam-adapter-paper \
+        --precision bf16 fp32 --steps 10
+    bench_into "$out/vit_b_no_triton.json" --backbones vit_b --methods cad-cache cad-cache-graph \
+        --precision bf16 fp32 --steps 10 --set triton_kernels=false
     python3 benchmarks/profile_step.py cad-cache-graph bf16 2>&1 | grep -v -i warn \
         > "$out/profile_graph_bf16.txt"
 elif [ "$mode" = more ]; then
     python3 benchmarks/graph_checks.py "sam-adapter-paper bf16 (checkpointed blocks)" \
         > "$out/graph_checks_sam_adapter.json"; echo "graph checks: rc $?"
     python3 benchmarks/gpu_checks.py > "$out/gpu_checks.json"; echo "gpu checks: rc $?"
-    cadsam bench --backbones vit_h --methods cad-cache cad-cache-graph sam-adapter-paper \
-        --precision bf16 --steps 5 --out /tmp/bench-h > /dev/null
-    cp /tmp/bench-h/bench.json "$out/vit_h_triton.json"
-    cadsam bench --backbones vit_b --methods cad cad-fast --precision bf16 --steps 10 \
-        --out /tmp/bench-e > /dev/null
-    cp /tmp/bench-e/bench.json "$out/vit_b_encoder_triton.json"
+    bench_into "$out/vit_h_triton.json" \
+        --backbones vit_h --methods cad-cache cad-cache-graph sam-adapter-paper \
+        --precision bf16 --steps 5
+    bench_into "$out/vit_b_encoder_triton.json" \
+        --backbones vit_b --methods cad cad-fast --precision bf16 --steps 10
 elif [ "$mode" = tables ]; then
     precision=${3:?precision}
-    cadsam bench --backbones vit_b --methods decoder-plain decoder cad-plain cad cad-fast \
+    bench_into "$out/vit_b_tables_$precision.json" \
+        --backbones vit_b --methods decoder-plain decoder cad-plain cad cad-fast \
         cad-cache sam-adapter-paper-plain sam-adapter-paper sam-adapter-paper-ckpt \
-        sam-adapter-ckpt --precision "$precision" --steps 8 --out /tmp/bench-t > /dev/null
-    cp /tmp/bench-t/bench.json "$out/vit_b_tables_$precision.json"
+        sam-adapter-ckpt --precision "$precision" --steps 8
 elif [ "$mode" = nockpt ]; then
-    cadsam bench --backbones vit_b --methods cad-cache-graph cad-cache-nockpt-graph \
-        sam-adapter-paper --precision bf16 fp32 --steps 10 --out /tmp/bench-n > /dev/null
-    cp /tmp/bench-n/bench.json "$out/vit_b_triton_nockpt.json"
+    bench_into "$out/vit_b_triton_nockpt.json" \
+        --backbones vit_b --methods cad-cache-graph cad-cache-nockpt-graph \
+        sam-adapter-paper --precision bf16 fp32 --steps 10
 fi

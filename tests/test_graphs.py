@@ -10,7 +10,7 @@ import torch
 from test_train import FAST, _isbi_subset
 
 from cadsam.cli import main
-from cadsam.graphs import graph_optimizer, match_graph_mode
+from cadsam.graphs import adamw, match_graph_mode
 from cadsam.train import lr_factor
 
 
@@ -19,7 +19,7 @@ def test_the_schedule_fills_the_graphs_learning_rate_in_place():
     """A captured step reads the learning rate from one tensor: a scheduler that replaced it
     instead of filling it would freeze the rate at its captured value, silently."""
     params = [torch.nn.Parameter(torch.ones(3))]
-    optimizer = graph_optimizer(params, lr=2e-4, weight_decay=0.01)
+    optimizer = adamw(params, lr=2e-4, weight_decay=0.01, graphed=True)
     captured = optimizer.param_groups[0]["lr"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor("cosine", s, 10))
     for step in range(1, 8):

@@ -129,17 +129,13 @@ def bench_step(
     """One training step at the paper's settings (batch, 512 x 512 images, whole-image box,
     BCE + IoU, AdamW) on seeded random data, on the model's device; ``graphed``: three eager
     calls, then captured as a CUDA graph and replayed (:class:`~cadsam.graphs.GraphedStep`)."""
-    from .graphs import graph_optimizer
+    from .graphs import adamw
     from .train import training_step
 
     batch = PAPER_BATCH[model.backbone]
     device = next(model.parameters()).device
     model.train()
-    parameters = model.trainable_parameters()
-    if graphed:
-        optimizer = graph_optimizer(parameters, lr=2e-4, weight_decay=0.01)
-    else:
-        optimizer = torch.optim.AdamW(parameters, lr=2e-4, weight_decay=0.01)
+    optimizer = adamw(model.trainable_parameters(), lr=2e-4, weight_decay=0.01, graphed=graphed)
     generator = torch.Generator(device).manual_seed(0)
     images = torch.rand(batch, 3, 512, 512, device=device, generator=generator) * 255
     masks = (torch.rand(batch, 1, 512, 512, device=device, generator=generator) > 0.5).float()

@@ -8,7 +8,7 @@ data are the eager step's.
 
 What capture asks of the step: one CUDA device and one process; no host synchronisation and
 no copies from the CPU inside it; an optimiser whose state and learning rate live on the GPU
-(:func:`graph_optimizer`); autocast without its weight cache. A batch of another shape than
+(:func:`adamw` with ``graphed``); autocast without its weight cache. A batch of another shape than
 the captured one (an epoch's last, short batch) runs eagerly.
 """
 
@@ -21,12 +21,15 @@ import torch
 Step = Callable[..., torch.Tensor]  # (batch tensors or None) -> the loss, detached
 
 
-def graph_optimizer(
-    parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float
+def adamw(
+    parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, graphed: bool = False
 ) -> torch.optim.AdamW:
-    """AdamW as a captured step needs it: its step counts on the GPU (``capturable``) and the
-    learning rate a GPU tensor that a scheduler fills in place, so that replays follow the
-    schedule. ``initial_lr`` stays a float: the schedule's arithmetic then stays on the CPU."""
+    """The training optimiser. ``graphed``: AdamW as a captured step needs it, its step counts
+    on the GPU (``capturable``) and the learning rate a GPU tensor that a scheduler fills in
+    place, so that replays follow the schedule; ``initial_lr`` stays a float, so the schedule's
+    arithmetic stays on the CPU."""
+    if not graphed:
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     parameters = list(parameters)
     device = parameters[0].device
     optimizer = torch.optim.AdamW(

@@ -39,7 +39,7 @@ from .data import (
 from .errors import CadsamError
 from .evaluate import evaluate
 from .files import write_atomic
-from .graphs import GraphedStep, Step, graph_optimizer, match_graph_mode
+from .graphs import GraphedStep, Step, adamw, match_graph_mode
 from .methods import CACHEABLE, METHOD_OPTIONS, AdaptedSam, build_model
 from .precision import PRECISIONS, autocast
 from .weights import base_checkpoint_record, save_weights
@@ -318,12 +318,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> AdaptedSam:
             device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
             find_unused_parameters=True,  # SAM's IoU head and 3 of 4 mask heads are unused
         )
-    if cfg.cuda_graph:
-        optimizer = graph_optimizer(model.trainable_parameters(), cfg.lr, cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(
-            model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
+    optimizer = adamw(model.trainable_parameters(), cfg.lr, cfg.weight_decay, cfg.cuda_graph)
     graph_step = (
         training_step(net, optimizer, cfg.precision, graphed=True) if cfg.cuda_graph else None
     )
