@@ -30,7 +30,7 @@ def test_the_schedule_fills_the_graphs_learning_rate_in_place():
 
 
 def test_a_graphed_runs_state_resumes_eagerly_as_if_never_graphed():
-    """state.pt of a --cuda-graph run (tensor learning rate, capturable) resumed without it:
+    """state.pt of a --cuda-graph run (tensor learning rate, capturable, fused) resumed without it:
     the next steps are those of a run that was eager all along."""
     torch.manual_seed(0)
     start = torch.randn(5)
@@ -50,7 +50,9 @@ def test_a_graphed_runs_state_resumes_eagerly_as_if_never_graphed():
     saved_opt = torch.optim.AdamW([graphed], lr=1e-2, weight_decay=0.01)
     run(saved_opt, graphed, grads[:2])
     state = saved_opt.state_dict()
-    state["param_groups"][0].update(lr=torch.tensor(1e-2), capturable=True, initial_lr=1e-2)
+    state["param_groups"][0].update(
+        lr=torch.tensor(1e-2), capturable=True, fused=True, initial_lr=1e-2
+    )
 
     resumed_param = torch.nn.Parameter(graphed.detach().clone())
     resumed = torch.optim.AdamW([resumed_param], lr=1e-2, weight_decay=0.01)
@@ -58,6 +60,7 @@ def test_a_graphed_runs_state_resumes_eagerly_as_if_never_graphed():
     match_graph_mode(resumed, graphed=False)
     group = resumed.param_groups[0]
     assert isinstance(group["lr"], float) and group["capturable"] is False
+    assert group["fused"] is None  # the multi-tensor AdamW of an eager run
     run(resumed, resumed_param, grads[2:])
     torch.testing.assert_close(resumed_param, eager, rtol=0, atol=0)
 

@@ -223,6 +223,8 @@ def test_bad_method_and_options_are_user_errors():
         build_model("cad", "vit_tiny", compile_tiles="yes")
     with pytest.raises(CadsamError, match="triton_kernels must be auto, true or false"):
         build_model("cad", "vit_tiny", triton_kernels="fast")
+    with pytest.raises(CadsamError, match="compile_decoder must be auto, true or false"):
+        build_model("decoder", "vit_tiny", compile_decoder="fast")
 
 
 def test_encoder_chunks_equal_the_whole_batch():
@@ -280,6 +282,44 @@ def test_training_from_given_embeddings_equals_running_the_encoder(method, tmp_p
     for a, b in zip(full.trainable_parameters(), cached.trainable_parameters(), strict=True):
         if a.grad is not None:
             assert rel_err(b.grad, a.grad) < 1e-5
+
+
+def test_compiled_decoder_equals_the_plain_decoder():
+    """What training on CUDA runs by default (``compile_decoder`` auto), here on CPU: the mask
+    logits and every trainable gradient as the plain decoder's. One compile, about half a
+    minute."""
+    torch.manual_seed(2)
+    plain = build_model("decoder", "vit_tiny", with_encoder=False, compile_decoder=False)
+    compiled = build_model("decoder", "vit_tiny", with_encoder=False, compile_decoder=True)
+    compiled.load_state_dict(plain.state_dict())
+    images = _images(2, 64, seed=3)
+    grid = plain.sam.prompt_encoder.image_embedding_size
+    embeddings = torch.randn(2, 256, *grid, generator=torch.Generator().manual_seed(4))
+    upstream = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(5))
+    logits = []
+    for model in (plain, compiled):
+        logits.append(model(images, embeddings))
+        (logits[-1] * upstream).sum().backward()
+    assert "_compiled_mask_logits" in compiled.__dict__
+    assert "_compiled_mask_logits" not in plain.__dict__
+    assert rel_err(logits[1], logits[0]) < 1e-5
+    for (name, a), b in zip(plain.named_parameters(), compiled.parameters(), strict=True):
+        if a.grad is None:  # (the multimask outputs' heads)
+            assert b.grad is None, name
+        else:  # (+1e-6: the key projections' biases have gradient 0, to rounding)
+            assert (b.grad - a.grad).norm() < 1e-4 * a.grad.norm() + 1e-6, name
+
+
+def test_the_decoder_compiles_by_default_only_for_training_on_cuda(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled on a CPU or outside training")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    model = build_model("decoder", "vit_tiny", with_encoder=False)
+    assert model.options["compile_decoder"] == "auto"
+    grid = model.sam.prompt_encoder.image_embedding_size
+    model(_images(1, 64), torch.randn(1, 256, *grid)).sum().backward()  # CPU: plain
+    assert "_compiled_mask_logits" not in model.__dict__
 
 
 def test_sam_adapter_cannot_go_without_its_encoder():

@@ -27,6 +27,7 @@ METHOD_OPTION_FLAGS = (
     "adapter_tile_mib",
     "compile_tiles",
     "triton_kernels",
+    "compile_decoder",
     "encoder_chunk",
 )
 
@@ -371,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="{auto,true,false}",
         help="cad: run the banded first block as Triton kernels that never write its "
         "256-channel activation (default auto: on CUDA where Triton imports)",
+    )
+    meth.add_argument(
+        "--compile-decoder",
+        type=_auto_or_bool,
+        metavar="{auto,true,false}",
+        help="the mask decoder through torch.compile, which fuses its many small kernels "
+        "(default auto: while training on CUDA; false skips the compilation's warm-up)",
     )
     meth.add_argument(
         "--encoder-chunk",

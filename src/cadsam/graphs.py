@@ -27,7 +27,8 @@ def adamw(
     """The training optimiser. ``graphed``: AdamW as a captured step needs it, its step counts
     on the GPU (``capturable``) and the learning rate a GPU tensor that a scheduler fills in
     place, so that replays follow the schedule; ``initial_lr`` stays a float, so the schedule's
-    arithmetic stays on the CPU."""
+    arithmetic stays on the CPU. A graphed AdamW is also the fused one: a few kernels for all
+    parameters where the multi-tensor one launches some for each group of them."""
     if not graphed:
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     parameters = list(parameters)
@@ -37,6 +38,7 @@ def adamw(
         lr=torch.tensor(lr, device=device),
         weight_decay=weight_decay,
         capturable=True,
+        fused=True,
     )
     for group in optimizer.param_groups:
         group["initial_lr"] = lr
@@ -44,15 +46,16 @@ def adamw(
 
 
 def match_graph_mode(optimizer: torch.optim.Optimizer, graphed: bool) -> None:
-    """The learning rates and step counts on the GPU and ``capturable`` on where the step is
-    graphed, on the CPU and off where not: after loading a saved optimiser, whichever way it
-    was saved."""
+    """The optimiser as :func:`adamw` makes it for ``graphed``, whichever way a loaded one was
+    saved: learning rates and step counts on the GPU, ``capturable`` and ``fused`` on where the
+    step is graphed; on the CPU and off where not."""
     for group in optimizer.param_groups:
         device = group["params"][0].device
         lr = float(group["lr"])
         group["lr"] = torch.tensor(lr, device=device) if graphed else lr
         group["initial_lr"] = float(group.get("initial_lr", lr))
         group["capturable"] = graphed
+        group["fused"] = True if graphed else None
         for param in group["params"]:
             state = optimizer.state.get(param, {})
             if "step" in state:

@@ -41,8 +41,10 @@ METHODS = tuple(METHOD_OPTIONS)
 # on CUDA, True, False);
 # triton_kernels: the banded first block as Triton kernels that never write its activation
 # ("auto": on CUDA where Triton imports, True, False);
-# channels_last: the adapter's activations in NHWC, cuDNN's fast layout (False: NCHW).
-COMMON_OPTIONS = {"fused_attention": True}
+# channels_last: the adapter's activations in NHWC, cuDNN's fast layout (False: NCHW);
+# compile_decoder: the mask decoder and its upsampling through torch.compile, which fuses its
+# hundreds of small kernels ("auto": while training on CUDA, True, False).
+COMMON_OPTIONS = {"fused_attention": True, "compile_decoder": "auto"}
 # Methods whose encoder runs frozen, outside autograd: they can train from cached embeddings.
 CACHEABLE = ("zero-shot", "decoder", "cad")
 
@@ -61,8 +63,8 @@ def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     resolved = {**accepted, **options}
     if method == "cad" and resolved["cad_layout"] not in CAD_LAYOUTS:
         raise CadsamError(f"cad_layout must be one of {', '.join(CAD_LAYOUTS)}")
-    for name in ("compile_tiles", "triton_kernels"):
-        if method == "cad" and resolved[name] not in ("auto", True, False):
+    for name in ("compile_tiles", "triton_kernels", "compile_decoder"):
+        if name in resolved and resolved[name] not in ("auto", True, False):
             raise CadsamError(f"{name} must be auto, true or false")
     return resolved
 

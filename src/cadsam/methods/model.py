@@ -124,16 +124,24 @@ class AdaptedSam(nn.Module):
         return torch.cat([encoder(self.sam_input(part)) for part in images.split(chunk)])
 
     def forward(self, images: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        """B x 3 x S x S RGB in 0..255 -> B x 1 x S x S mask logits (whole-image box prompt).
-
-        Low-resolution logits are upsampled to the encoder's frame, then to S, as SAM's
-        postprocessing does and as the paper's numbers were computed.
-        """
+        """B x 3 x S x S RGB in 0..255 -> B x 1 x S x S mask logits (whole-image box prompt)."""
         height, width = images.shape[-2:]
         assert height == width, "images are resized to a square before the model"
         image_embeddings = self.image_embeddings(images, embeddings)
+        if not self._compiled_decoder(images):
+            return self.mask_logits(image_embeddings, height)
+        if "_compiled_mask_logits" not in self.__dict__:  # kept out of the module tree
+            self.__dict__["_compiled_mask_logits"] = torch.compile(self.mask_logits)
+        return self.__dict__["_compiled_mask_logits"](image_embeddings, height)
+
+    def mask_logits(self, image_embeddings: torch.Tensor, size: int) -> torch.Tensor:
+        """Image embeddings -> B x 1 x size x size mask logits, prompted by the whole-image box.
+
+        Low-resolution logits are upsampled to the encoder's frame, then to ``size``, as SAM's
+        postprocessing does and as the paper's numbers were computed.
+        """
         with torch.no_grad():
-            boxes = self.sam.whole_image_boxes(images.shape[0])
+            boxes = self.sam.whole_image_boxes(image_embeddings.shape[0])
             sparse, dense = self.sam.prompt_encoder(boxes=boxes)
             image_pe = self.sam.prompt_encoder.get_dense_pe()
         low_res, _ = self.sam.mask_decoder(
@@ -143,8 +151,17 @@ class AdaptedSam(nn.Module):
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
-        size = self.sam.image_size
-        logits = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
-        if size != height:
-            logits = F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)
+        frame = self.sam.image_size
+        logits = F.interpolate(low_res, (frame, frame), mode="bilinear", align_corners=False)
+        if frame != size:
+            logits = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
         return logits
+
+    def _compiled_decoder(self, images: torch.Tensor) -> bool:
+        """Whether :meth:`mask_logits` runs through ``torch.compile`` (``compile_decoder``; "auto":
+        while training on CUDA, where fusing the decoder's hundreds of small kernels pays for
+        the compilation)."""
+        option = self.options.get("compile_decoder", False)
+        if option == "auto":
+            return images.is_cuda and torch.is_grad_enabled()
+        return bool(option)
