@@ -94,6 +94,7 @@ def main() -> int:
     cases = [
         ("cad-cache fp32", "cad", "fp32", True, {"checkpoint_adapter": True}),
         ("cad-cache bf16", "cad", "bf16", True, {"checkpoint_adapter": True}),
+        ("cad-cache-nockpt bf16", "cad", "bf16", True, {}),
         ("cad-cache-untiled bf16", "cad", "bf16", True, {"adapter_tile_mib": 0}),
         ("cad bf16 (encoder)", "cad", "bf16", False, {}),
         ("decoder fp32 (encoder)", "decoder", "fp32", False, {}),

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU session behind the fused AdamW of the graphed step and the compiled mask decoder.
-# levers: what each gains in the graphed step from the cache (step_levers.py); bench: ViT-B's
+# The GPU session behind the fused AdamW of the graphed step, the compiled mask decoder and
+# the compiled whole adapter blocks.
+# levers: what each gains in the graphed step from the cache (step_levers.py; blocks: the
+# adapter's later blocks compiled as well, with and without recomputing them); bench: ViT-B's
 # cached steps against sam-adapter-paper as cadsam bench runs them now (PRECISION, default
-# bf16); checks: the graphed step (fused AdamW, compiled decoder) against the plain eager one
-# (graph_checks.py), and where the graphed step's time goes now.
-# Usage: benchmarks/run_gpu_decoder.sh OUT_DIR [levers|bench [PRECISION]|checks]
+# bf16); checks: the graphed step (fused AdamW, compiled decoder and blocks) against the plain
+# eager one (graph_checks.py), and where the graphed step's time goes now.
+# Usage: benchmarks/run_gpu_decoder.sh OUT_DIR [levers|blocks|bench [PRECISION]|checks]
 set -uo pipefail
 out=${1:?output folder}
 mode=${2:-levers}
@@ -14,14 +16,17 @@ if [ "$mode" = levers ]; then
     python3 benchmarks/step_levers.py "cad-nockpt" "cad-nockpt fused-adamw" \
         "cad-nockpt compiled-decoder" "cad-nockpt both" 2>&1 | grep -v -i warn |
         tee "$out/step_levers.jsonl"
+elif [ "$mode" = blocks ]; then
+    python3 benchmarks/step_levers.py "cad-nockpt both compiled-blocks" "cad-ckpt both" \
+        "cad-ckpt both compiled-blocks" 2>&1 | grep -v -i warn | tee "$out/step_levers_blocks.jsonl"
 elif [ "$mode" = bench ]; then
     precision=${3:-bf16}
     bench_into "$out/vit_b_decoder_$precision.json" --backbones vit_b \
-        --methods cad-cache-graph cad-cache-nockpt-graph sam-adapter-paper \
+        --methods cad-cache cad-cache-graph cad-cache-nockpt-graph sam-adapter-paper \
         --precision "$precision" --steps 10
     cat "$out/vit_b_decoder_$precision.json"
 elif [ "$mode" = checks ]; then
-    python3 benchmarks/graph_checks.py "cad-cache bf16" "cad-cache fp32" \
+    python3 benchmarks/graph_checks.py "cad-cache bf16" "cad-cache-nockpt bf16" \
         > "$out/graph_checks.json"
     echo "graph checks: rc $?"
     python3 benchmarks/profile_step.py cad-cache-nockpt-graph bf16 2>&1 | grep -v -i warn \

@@ -1,7 +1,8 @@
-"""What the graphed training step from the cache (ViT-B, batch 4, bf16) would gain from levers
-outside the adapter: AdamW's fused kernel in place of its multi-tensor one, and the mask
-decoder through ``torch.compile`` (the ``compile_decoder`` option); and the step of the decoder alone (``decoder`` from the
-cache, graphed), the floor the adapter's part stands on.
+"""What the graphed training step from the cache (ViT-B, batch 4, bf16) gains from levers
+outside the adapter's first block: AdamW's fused kernel in place of its multi-tensor one, the
+mask decoder through ``torch.compile`` (``compile_decoder``), and the adapter's later blocks
+(those that run whole, not in bands) through it (``compile_blocks``); and the step of the
+decoder alone (``decoder`` from the cache, graphed), the floor the adapter's part stands on.
 
 Each case is the bench's step (:func:`cadsam.bench.bench_step`), captured after its warm-up;
 its time is the median of 30 replays, timed by CUDA events. Prints one JSON line per case.
@@ -23,26 +24,31 @@ from cadsam.graphs import GraphedStep
 from cadsam.methods import build_model
 from cadsam.train import forward_backward
 
-# case -> (bench variant, fused AdamW, compiled mask decoder)
-CASES: dict[str, tuple[str, bool, bool]] = {
-    "cad-nockpt": ("cad-cache-nockpt-graph", False, False),
-    "cad-nockpt fused-adamw": ("cad-cache-nockpt-graph", True, False),
-    "cad-nockpt compiled-decoder": ("cad-cache-nockpt-graph", False, True),
-    "cad-nockpt both": ("cad-cache-nockpt-graph", True, True),
-    "cad-ckpt": ("cad-cache-graph", False, False),
-    "cad-ckpt both": ("cad-cache-graph", True, True),
-    "decoder": ("decoder", False, False),
-    "decoder both": ("decoder", True, True),
+# case -> (bench variant, fused AdamW, compiled mask decoder, compiled later adapter blocks)
+CASES: dict[str, tuple[str, bool, bool, bool]] = {
+    "cad-nockpt": ("cad-cache-nockpt-graph", False, False, False),
+    "cad-nockpt fused-adamw": ("cad-cache-nockpt-graph", True, False, False),
+    "cad-nockpt compiled-decoder": ("cad-cache-nockpt-graph", False, True, False),
+    "cad-nockpt both": ("cad-cache-nockpt-graph", True, True, False),
+    "cad-nockpt both compiled-blocks": ("cad-cache-nockpt-graph", True, True, True),
+    "cad-ckpt": ("cad-cache-graph", False, False, False),
+    "cad-ckpt both": ("cad-cache-graph", True, True, False),
+    "cad-ckpt both compiled-blocks": ("cad-cache-graph", True, True, True),
+    "decoder": ("decoder", False, False, False),
+    "decoder both": ("decoder", True, True, False),
 }
 
 
-def step_ms(variant: str, fused_adamw: bool, compiled_decoder: bool) -> dict[str, Any]:
+def step_ms(
+    variant: str, fused_adamw: bool, compiled_decoder: bool, compiled_blocks: bool
+) -> dict[str, Any]:
     method, options, _, _ = variant_options(variant)
     torch.manual_seed(0)
+    options["compile_decoder"] = compiled_decoder
+    if method == "cad":  # (bf16 at batch 4: the first block runs in bands, the others whole)
+        options["compile_blocks"] = compiled_blocks
     with torch.device("cuda"):
-        model = build_model(
-            method, "vit_b", with_encoder=False, **options, compile_decoder=compiled_decoder
-        )
+        model = build_model(method, "vit_b", with_encoder=False, **options)
     model.train()
     parameters = model.trainable_parameters()
     optimizer = torch.optim.AdamW(
@@ -79,6 +85,7 @@ def step_ms(variant: str, fused_adamw: bool, compiled_decoder: bool) -> dict[str
         "variant": variant,
         "fused_adamw": fused_adamw,
         "compiled_decoder": compiled_decoder,
+        "compiled_blocks": compiled_blocks,
         "step_ms": round(ms, 3),
         "images_per_second": round(batch / ms * 1000, 1),
         "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),

@@ -440,7 +440,9 @@ def test_memory_flags_reach_the_method_options(monkeypatch, tmp_path):
     }
 
 
-@pytest.mark.parametrize("option", ["compile_tiles", "triton_kernels", "compile_decoder"])
+@pytest.mark.parametrize(
+    "option", ["compile_tiles", "triton_kernels", "compile_blocks", "compile_decoder"]
+)
 @pytest.mark.parametrize(
     ("given", "expected"), [("false", False), ("auto", "auto"), ("TRUE", True)]
 )
@@ -455,7 +457,9 @@ def test_auto_or_bool_flags_reach_the_method_options(
     assert seen["config"].method_options == {option: expected}
 
 
-@pytest.mark.parametrize("flag", ["--compile-tiles", "--triton-kernels", "--compile-decoder"])
+@pytest.mark.parametrize(
+    "flag", ["--compile-tiles", "--triton-kernels", "--compile-blocks", "--compile-decoder"]
+)
 def test_auto_or_bool_flags_refuse_other_values(capsys, tmp_path, flag):
     args = ["train", "--method", "cad", "--backbone", "vit_tiny", "--out", str(tmp_path)]
     with pytest.raises(SystemExit) as stop:

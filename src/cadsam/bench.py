@@ -39,7 +39,7 @@ PLAIN = {"fused_attention": False, "encoder_chunk": 0, "compile_decoder": False}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "decoder-plain": ("decoder", PLAIN),
     "decoder": ("decoder", {}),
-    "cad-plain": ("cad", PLAIN),
+    "cad-plain": ("cad", {**PLAIN, "compile_blocks": False}),
     "cad": ("cad", {}),
     "cad-untiled": ("cad", {"adapter_tile_mib": 0}),
     "cad-ckpt": ("cad", {"checkpoint_adapter": True}),

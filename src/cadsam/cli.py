@@ -27,6 +27,7 @@ METHOD_OPTION_FLAGS = (
     "adapter_tile_mib",
     "compile_tiles",
     "triton_kernels",
+    "compile_blocks",
     "compile_decoder",
     "encoder_chunk",
 )
@@ -372,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="{auto,true,false}",
         help="cad: run the banded first block as Triton kernels that never write its "
         "256-channel activation (default auto: on CUDA where Triton imports)",
+    )
+    meth.add_argument(
+        "--compile-blocks",
+        type=_auto_or_bool,
+        metavar="{auto,true,false}",
+        help="cad: the adapter blocks that run whole through torch.compile, which fuses their "
+        "elementwise arithmetic (default auto: while training on CUDA without "
+        "--checkpoint-adapter, with which it does not combine)",
     )
     meth.add_argument(
         "--compile-decoder",

@@ -24,6 +24,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
         "adapter_tile_mib": 128,
         "compile_tiles": "auto",
         "triton_kernels": "auto",
+        "compile_blocks": "auto",
         "channels_last": True,
     },
     "sam-adapter": {"checkpoint_blocks": False},
@@ -41,6 +42,9 @@ METHODS = tuple(METHOD_OPTIONS)
 # on CUDA, True, False);
 # triton_kernels: the banded first block as Triton kernels that never write its activation
 # ("auto": on CUDA where Triton imports, True, False);
+# compile_blocks: the adapter blocks that run whole (not in bands) and are not recomputed
+# through torch.compile, which fuses their elementwise arithmetic ("auto": while training on
+# CUDA without checkpoint_adapter, True, False);
 # channels_last: the adapter's activations in NHWC, cuDNN's fast layout (False: NCHW);
 # compile_decoder: the mask decoder and its upsampling through torch.compile, which fuses its
 # hundreds of small kernels ("auto": while training on CUDA, True, False).
@@ -63,9 +67,13 @@ def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     resolved = {**accepted, **options}
     if method == "cad" and resolved["cad_layout"] not in CAD_LAYOUTS:
         raise CadsamError(f"cad_layout must be one of {', '.join(CAD_LAYOUTS)}")
-    for name in ("compile_tiles", "triton_kernels", "compile_decoder"):
+    for name in ("compile_tiles", "triton_kernels", "compile_blocks", "compile_decoder"):
         if name in resolved and resolved[name] not in ("auto", True, False):
             raise CadsamError(f"{name} must be auto, true or false")
+    if method == "cad" and resolved["compile_blocks"] is True and resolved["checkpoint_adapter"]:
+        raise CadsamError(
+            "compile_blocks=true does not combine with checkpoint_adapter: choose one"
+        )
     return resolved
 
 
@@ -100,6 +108,7 @@ def build_model(
             tile_mib=options["adapter_tile_mib"],
             compile_tiles=options["compile_tiles"],
             triton_kernels=options["triton_kernels"],
+            compile_blocks=options["compile_blocks"],
         )
         return AdaptedSam(**common, adapter=adapter)
     if method in ("sam-adapter", "sam-adapter-paper"):

@@ -15,7 +15,8 @@ Memory: with ``tile_mib > 0`` an official block whose activation exceeds that ma
 (:mod:`.tiling`), its elementwise arithmetic compiled into fused kernels with
 ``compile_tiles`` ("auto": on CUDA), and the first block's passes as hand-written Triton
 kernels that never write its activation with ``triton_kernels`` ("auto": on CUDA where Triton
-imports); the others run plainly, or recomputed in backward with ``checkpoint_blocks``.
+imports); the others run whole: recomputed in backward with ``checkpoint_blocks``, else through
+``torch.compile`` with ``compile_blocks`` ("auto": while training on CUDA).
 """
 
 from __future__ import annotations
@@ -51,14 +52,18 @@ class ConvAdapter(nn.Module):
         tile_mib: float = 0,
         compile_tiles: bool | str = "auto",
         triton_kernels: bool | str = "auto",
+        compile_blocks: bool | str = "auto",
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
         self.tile_mib = tile_mib
         self.compile_tiles = compile_tiles
         self.triton_kernels = triton_kernels
+        self.compile_blocks = compile_blocks
         if layout not in CAD_LAYOUTS:
             raise ValueError(f"unknown CAD layout {layout!r}: choose from {CAD_LAYOUTS}")
+        if compile_blocks is True and checkpoint_blocks:
+            raise ValueError("compile_blocks=True does not combine with checkpoint_blocks")
         self.embedding_size = embedding_size
         self.layout = layout
         self.checkpoint_blocks = checkpoint_blocks
@@ -132,12 +137,25 @@ class ConvAdapter(nn.Module):
         return bool(self.triton_kernels)
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The block, or with ``checkpoint_blocks`` the block recomputed in backward (keeping
-        only its input), its BatchNorm statistics updated once, as in the plain path."""
+        """The block whole, or with ``checkpoint_blocks`` recomputed in backward (keeping only
+        its input), its BatchNorm statistics updated once, as in the plain path; or through
+        ``torch.compile`` with ``compile_blocks``, which fuses BatchNorm, LeakyReLU, the
+        residual and the pooling around the convolution."""
+        run = block
+        compiles = self.compile_blocks
+        # (not with checkpointing: torch 2.11's compiler on CUDA gives a block's recomputation
+        # other weight strides than its backward expects, and fails there)
+        if compiles == "auto":
+            compiles = x.is_cuda and torch.is_grad_enabled() and not self.checkpoint_blocks
+        if compiles:
+            compiled = self.__dict__.setdefault("_compiled_blocks", {})  # out of the module tree
+            if block not in compiled:
+                compiled[block] = torch.compile(block)
+            run = compiled[block]
         if not (self.checkpoint_blocks and torch.is_grad_enabled()):
-            return block(x)
+            return run(x)
         return checkpoint(
-            block,
+            run,
             x,
             use_reentrant=False,
             preserve_rng_state=False,  # nothing random inside; and a CUDA graph can capture it
