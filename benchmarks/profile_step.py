@@ -1,4 +1,6 @@
-"""Where one training step's GPU time goes: a torch.profiler table of the costliest kernels.
+"""Where one training step's GPU time goes: a torch.profiler table of the costliest kernels;
+for an eager step (no ``-graph`` variant) also of the costliest operators, by input shape,
+which names what a graph replay shows only as kernels.
 
 Run: python benchmarks/profile_step.py VARIANT [PRECISION] [OPTION=VALUE ...]
      e.g. python benchmarks/profile_step.py cad-cache fp32 adapter_tile_mib=64
@@ -16,7 +18,9 @@ from cadsam.bench import parse_setting, warmed_step
 
 def main(variant: str, precision: str = "fp32", *settings: str) -> None:
     step, options = warmed_step(variant, precision, dict(map(parse_setting, settings)))
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True
+    ) as prof:
         step()
         torch.cuda.synchronize()
     print(f"== {variant} {precision} {options}")
@@ -25,6 +29,15 @@ def main(variant: str, precision: str = "fp32", *settings: str) -> None:
             sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70
         )
     )
+    if not variant.endswith("-graph"):
+        print(
+            prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cuda_time_total",
+                row_limit=40,
+                max_name_column_width=40,
+                max_shapes_column_width=90,
+            )
+        )
 
 
 if __name__ == "__main__":
