@@ -6,7 +6,11 @@
 # cached steps against sam-adapter-paper as cadsam bench runs them now (PRECISION, default
 # bf16); checks: the graphed step (fused AdamW, compiled decoder and blocks) against the plain
 # eager one (graph_checks.py), and where the graphed step's time goes now.
-# Usage: benchmarks/run_gpu_decoder.sh OUT_DIR [levers|blocks|bench [PRECISION]|checks]
+# pooled: after the later blocks took over pooling their input (the previous block's output):
+# the graphed step's time, the graph checks, where the time goes (the graphed step, and the
+# same step eager by operator), and the bench's ViT-B bf16 rows.
+# grads: the launch settings of the first block's weight-gradient kernel (triton_block.py).
+# Usage: benchmarks/run_gpu_decoder.sh OUT_DIR [levers|blocks|bench [PRECISION]|checks|pooled|grads]
 set -uo pipefail
 out=${1:?output folder}
 mode=${2:-levers}
@@ -31,4 +35,18 @@ elif [ "$mode" = checks ]; then
     echo "graph checks: rc $?"
     python3 benchmarks/profile_step.py cad-cache-nockpt-graph bf16 2>&1 | grep -v -i warn \
         > "$out/profile_nockpt_graph_bf16.txt"
+elif [ "$mode" = pooled ]; then
+    python3 benchmarks/step_levers.py "cad-nockpt both compiled-blocks" 2>&1 | grep -v -i warn |
+        tee "$out/step_levers_pooled.jsonl"
+    python3 benchmarks/graph_checks.py "cad-cache-nockpt bf16" > "$out/graph_checks_pooled.json"
+    echo "graph checks: rc $?"
+    python3 benchmarks/profile_step.py cad-cache-nockpt-graph bf16 2>&1 | grep -v -i warn \
+        > "$out/profile_nockpt_graph_pooled_bf16.txt"
+    python3 benchmarks/profile_step.py cad-cache bf16 checkpoint_adapter=false 2>&1 |
+        grep -v -i warn > "$out/profile_ops_nockpt_pooled_bf16.txt"
+    bench_into "$out/vit_b_pooled_bf16.json" --backbones vit_b \
+        --methods cad-cache cad-cache-nockpt-graph sam-adapter-paper --precision bf16 --steps 10
+    grep -h -o '"images_per_second": [0-9.]*' "$out/vit_b_pooled_bf16.json"
+elif [ "$mode" = grads ]; then
+    python3 benchmarks/triton_block.py grads 2>&1 | grep -v -i warn | tee "$out/grads_settings.jsonl"
 fi

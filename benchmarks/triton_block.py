@@ -4,8 +4,9 @@ float64, as ``gpu_checks.py`` compares the other fast paths), and the adapter's 
 forward and backward at the bench's size (batch 4, 512 x 512, bf16), with and without the
 kernels, and for a few tile sizes and warp counts.
 
-Run: python benchmarks/triton_block.py [checks]  (prints JSON lines, then a profile of each
-case; with ``checks``, the checks alone)
+Run: python benchmarks/triton_block.py [checks|grads]  (prints JSON lines, then a profile of
+each case; with ``checks``, the checks alone; with ``grads``, the weight-gradient kernel's
+launch settings alone, timed)
 """
 
 from __future__ import annotations
@@ -69,7 +70,48 @@ def timings() -> dict[str, str]:
     return tables
 
 
+def grads_timings() -> None:
+    """The weight-gradient kernel's own launch settings, the others at their defaults."""
+    adapter, run, state = bench_adapter()
+    adapter.triton_kernels = True
+    names = ("GRAD_CELLS_PER_TILE", "GRAD_BLOCK_C", "GRAD_NUM_WARPS", "GRAD_PROGRAMS")
+    defaults = tuple(getattr(triton_block, name) for name in names)
+    reference = run()
+    for settings in [
+        defaults,
+        (32, 64, 4, 264),
+        (32, 64, 4, 66),
+        (32, 64, 8, 128),
+        (32, 32, 4, 128),
+        (32, 128, 8, 128),
+        (16, 64, 4, 128),
+        (64, 64, 4, 128),
+        (64, 64, 8, 128),
+        (64, 32, 4, 128),
+        (64, 128, 8, 128),
+        (64, 64, 8, 264),
+    ]:
+        for name, value in zip(names, settings, strict=True):
+            setattr(triton_block, name, value)
+        case = dict(zip(names, settings, strict=True))
+        try:
+            out, grads = run()
+            ms, _ = gpu_ms(run)
+        except Exception as exc:
+            print(json.dumps({**case, "error": str(exc).splitlines()[-1][:300]}))
+            continue
+        diffs = rel_diffs(adapter, (out, grads), reference)
+        adapter.load_state_dict(state)
+        worst = max(diffs, key=diffs.get)
+        print(json.dumps({**case, "gpu_ms": round(ms, 2), "max_rel_diff": diffs[worst]}))
+    for name, value in zip(names, defaults, strict=True):
+        setattr(triton_block, name, value)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["grads"]:  # "grads": the weight-gradient kernel's settings alone
+        grads_timings()
+        sys.exit()
     checks()
     if sys.argv[1:] != ["checks"]:  # "checks": the checks alone
         for case, table in timings().items():

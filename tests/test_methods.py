@@ -261,10 +261,12 @@ def test_adapter_checkpointing_equals_the_plain_adapter(layout):
     assert plain.adapter.blocks[0].bn.num_batches_tracked.item() == 2
 
 
-def test_compiled_adapter_blocks_equal_the_plain_blocks():
+@pytest.mark.parametrize("size", [64, 72])  # pooled to 8 x 8 by cells, and adaptively
+def test_compiled_adapter_blocks_equal_the_plain_blocks(size):
     """What training on CUDA runs by default (``compile_blocks`` auto), here on CPU, against a
     float64 copy of the plain adapter: outputs, gradients and running statistics over two
-    steps, as close as the plain float32 blocks'. Three compiles (one per block), some 20
+    steps, as close as the plain float32 blocks'. The later blocks pool their input (the
+    previous block's output) in the compiled code. Three compiles (one per block), some 20
     seconds."""
     torch.manual_seed(6)
     plain = ConvAdapter(embedding_size=8, embed_dim=16, compile_blocks=False)
@@ -272,7 +274,7 @@ def test_compiled_adapter_blocks_equal_the_plain_blocks():
     compiled.load_state_dict(plain.state_dict())
     reference = copy.deepcopy(plain).double()
     for step in range(2):
-        x = plain.adapter_input(_images(2, 64, seed=20 + step))
+        x = plain.adapter_input(_images(2, size, seed=20 + step))
         upstream = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(step))
         outputs = []
         for adapter in (reference, plain, compiled):

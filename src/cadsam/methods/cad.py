@@ -89,24 +89,28 @@ class ConvAdapter(nn.Module):
         if self.layout == "paper":
             x = self.conv_up(x)
             for block in self.blocks:
-                x = self._run(block, x)
+                x, _ = self._run(block, x)
             return torch.tanh(pool_to(x, self.embedding_size)).contiguous()
-        summed, reusable = None, False
+        pooled, reusable = [], False  # every block's output pooled to the embedding size
         for index, block in enumerate(self.blocks):
-            conv_up = self.conv_up if index == 0 else None
             rows = self._band_rows(block, x)
             if rows:
+                if index:
+                    pooled.append(pool_to(x, self.embedding_size))
                 compiled = x.is_cuda if self.compile_tiles == "auto" else self.compile_tiles
+                conv_up = self.conv_up if index == 0 else None
                 kernels = conv_up is not None and self._triton_kernels(x)
                 x = tiled_residual_block(x, block, conv_up, rows, bool(compiled), reusable, kernels)
+            elif index:  # the block pools the previous block's output as it reads it
+                x, pooled_input = self._run(block, x, pool_input=True)
+                pooled.append(pooled_input)
             else:
-                x = self._run(block, conv_up(x) if conv_up is not None else x)
+                x, _ = self._run(block, self.conv_up(x))
             # a banded block's output is ours alone when its pooling keeps nothing of it: the
             # next banded block may then overwrite it with its gradient
             reusable = bool(rows) and _pools_by_cells(x, self.embedding_size)
-            pooled = pool_to(x, self.embedding_size)
-            summed = pooled if summed is None else summed + pooled
-        return torch.tanh(summed).contiguous()
+        pooled.append(pool_to(x, self.embedding_size))
+        return torch.tanh(sum(pooled[1:], pooled[0])).contiguous()
 
     def _band_rows(self, block: nn.Module, x: torch.Tensor) -> int:
         """Rows per band if ``block`` should run band by band on ``x``, else 0: when its
@@ -136,31 +140,51 @@ class ConvAdapter(nn.Module):
             )
         return bool(self.triton_kernels)
 
-    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The block whole, or with ``checkpoint_blocks`` recomputed in backward (keeping only
-        its input), its BatchNorm statistics updated once, as in the plain path; or through
-        ``torch.compile`` with ``compile_blocks``, which fuses BatchNorm, LeakyReLU, the
-        residual and the pooling around the convolution."""
-        run = block
+    def _run(
+        self, block: nn.Module, x: torch.Tensor, pool_input: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block whole, and with ``pool_input`` its input pooled to the embedding size.
+        With ``checkpoint_blocks`` the block is recomputed in backward (keeping only its
+        input), its BatchNorm statistics updated once, as in the plain path. With
+        ``compile_blocks`` both go through ``torch.compile``, which fuses BatchNorm, LeakyReLU,
+        the residual and the poolings around the convolution, and whose one backward then
+        gives the input's whole gradient (no second full-size gradient to add to it)."""
         compiles = self.compile_blocks
-        # (not with checkpointing: torch 2.11's compiler on CUDA gives a block's recomputation
-        # other weight strides than its backward expects, and fails there)
+        # (never with checkpointing: torch 2.11's compiler on CUDA gives a block's
+        # recomputation other weight strides than its backward expects, and fails there)
         if compiles == "auto":
             compiles = x.is_cuda and torch.is_grad_enabled() and not self.checkpoint_blocks
         if compiles:
             compiled = self.__dict__.setdefault("_compiled_blocks", {})  # out of the module tree
             if block not in compiled:
-                compiled[block] = torch.compile(block)
-            run = compiled[block]
+                size = self.embedding_size if pool_input else 0
+                # (one function for every block: its shapes are told apart, not made symbolic)
+                run = functools.partial(_block_and_pool, block, size)
+                compiled[block] = torch.compile(run, dynamic=False)
+            return compiled[block](x)
+        pooled = pool_to(x, self.embedding_size) if pool_input else None
         if not (self.checkpoint_blocks and torch.is_grad_enabled()):
-            return run(x)
-        return checkpoint(
-            run,
+            return block(x), pooled
+        recomputed = checkpoint(
+            block,
             x,
             use_reentrant=False,
             preserve_rng_state=False,  # nothing random inside; and a CUDA graph can capture it
             context_fn=lambda: (contextlib.nullcontext(), _buffers_restored(block)),
         )
+        return recomputed, pooled
+
+
+def _block_and_pool(
+    block: nn.Module, size: int, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What ``compile_blocks`` compiles: the block, and with ``size`` its input pooled to
+    size x size as ``pool_to`` does, in ops whose backward the compiler fuses."""
+    if not size:
+        return block(x), None
+    if _pools_by_cells(x, size):
+        return block(x), F.avg_pool2d(x, x.shape[-1] // size)
+    return block(x), F.adaptive_avg_pool2d(x, size)
 
 
 @functools.cache

@@ -34,12 +34,15 @@ NEGATIVE_SLOPE = tl.constexpr(0.1)  # the block's LeakyReLU (a constant the kern
 PATCH = 128  # 9 taps x 8 channels = 72, padded to a power of two for the matrix product
 SOURCE_CHANNELS = 8  # [x, 1], zero-padded
 CENTER = 16  # the centre pixel's 8 channels, padded to the smallest matrix-product width
-GRAD_PROGRAMS = 128  # tiles are shared among this many programs per channel block in ``grads``
 # launch settings (benchmarks/triton_block.py times the alternatives)
 CELLS_PER_TILE = 32  # pooling cells along a row per tile (fewer where the row is shorter)
 BLOCK_C = 128  # channels per program, at most
-GRAD_BLOCK_C = 64  # the same in ``grads``, whose program holds a PATCH x channels sum
 NUM_WARPS = 4
+# the same in ``grads``, whose program holds a PATCH x channels sum over many tiles
+GRAD_CELLS_PER_TILE = 32
+GRAD_BLOCK_C = 64
+GRAD_NUM_WARPS = 4
+GRAD_PROGRAMS = 128  # tiles are shared among this many programs per channel block
 
 
 class Norm(NamedTuple):
@@ -62,10 +65,12 @@ class Tiles(NamedTuple):
     count: int  # tiles in all
 
     @classmethod
-    def of(cls, source: torch.Tensor) -> Tiles:
+    def of(cls, source: torch.Tensor, most_cells: int = 0) -> Tiles:
+        """Tiles of at most ``most_cells`` cells (default CELLS_PER_TILE)."""
         batch, channels, height, width = source.shape
         assert channels == SOURCE_CHANNELS and height % 2 == 0 and width % 2 == 0
-        cells = max(16, min(CELLS_PER_TILE, triton.next_power_of_2(width // 2)))
+        most_cells = most_cells or CELLS_PER_TILE
+        cells = max(16, min(most_cells, triton.next_power_of_2(width // 2)))
         per_row = triton.cdiv(width // 2, cells)
         return cls(batch, height, width, cells, per_row, batch * height // 2 * per_row)
 
@@ -309,14 +314,14 @@ def _source_args(source: torch.Tensor, tiles: Tiles) -> tuple:
     return (source, *source.stride(), tiles.height, tiles.width, tiles.per_row)
 
 
-def _launch(matrix: torch.Tensor, tiles: Tiles, most: int | None = None) -> tuple[int, dict]:
+def _launch(matrix: torch.Tensor, tiles: Tiles, most: int = 0, warps: int = 0) -> tuple[int, dict]:
     """Channels per program (at most ``most``, default BLOCK_C), and the compile-time settings
-    every kernel takes."""
-    most = most or BLOCK_C
+    every kernel takes (``warps``: default NUM_WARPS)."""
+    most, warps = most or BLOCK_C, warps or NUM_WARPS  # (read at the call: benchmarks set them)
     block_c = max(16, min(most, triton.next_power_of_2(matrix.shape[1])))
     tf32 = matrix.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
     precision = "tf32" if tf32 else "ieee"
-    settings = dict(CELLS=tiles.cells, BLOCK_C=block_c, PRECISION=precision, num_warps=NUM_WARPS)
+    settings = dict(CELLS=tiles.cells, BLOCK_C=block_c, PRECISION=precision, num_warps=warps)
     return block_c, settings
 
 
@@ -382,8 +387,8 @@ def grads(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel's weight gradient (C x 8 x 3 x 3) and ``[U | b]``'s (C x 8), float32,
     given BatchNorm's two batch means of the gradient (flat float32 vectors)."""
-    tiles, channels = Tiles.of(source), matrix.shape[1]
-    block_c, settings = _launch(matrix, tiles, GRAD_BLOCK_C)
+    tiles, channels = Tiles.of(source, GRAD_CELLS_PER_TILE), matrix.shape[1]
+    block_c, settings = _launch(matrix, tiles, GRAD_BLOCK_C, GRAD_NUM_WARPS)
     programs = min(tiles.count, GRAD_PROGRAMS)
     grad_weight = source.new_empty(programs, PATCH, channels, dtype=torch.float32)
     grad_up = source.new_empty(programs, CENTER, channels, dtype=torch.float32)
