@@ -9,8 +9,11 @@
 # pooled: after the later blocks took over pooling their input (the previous block's output):
 # the graphed step's time, the graph checks, where the time goes (the graphed step, and the
 # same step eager by operator), and the bench's ViT-B bf16 rows.
+# compiled PRECISION: the rows of the memory and speed tables that the compiled decoder and
+# blocks change (the plain rows stay from run_gpu_triton.sh's tables), with the graphed cached
+# step that train runs by default with --cuda-graph.
 # grads: the launch settings of the first block's weight-gradient kernel (triton_block.py).
-# Usage: benchmarks/run_gpu_decoder.sh OUT_DIR [levers|blocks|bench [PRECISION]|checks|pooled|grads]
+# Usage: benchmarks/run_gpu_decoder.sh OUT_DIR [levers|blocks|bench [PRECISION]|checks|pooled|grads|compiled PRECISION]
 set -uo pipefail
 out=${1:?output folder}
 mode=${2:-levers}
@@ -49,4 +52,11 @@ elif [ "$mode" = pooled ]; then
     grep -h -o '"images_per_second": [0-9.]*' "$out/vit_b_pooled_bf16.json"
 elif [ "$mode" = grads ]; then
     python3 benchmarks/triton_block.py grads 2>&1 | grep -v -i warn | tee "$out/grads_settings.jsonl"
+elif [ "$mode" = compiled ]; then
+    precision=${3:?precision}
+    bench_into "$out/vit_b_compiled_$precision.json" --backbones vit_b --methods decoder cad \
+        cad-fast cad-cache cad-cache-nockpt-graph sam-adapter-paper sam-adapter-paper-ckpt \
+        sam-adapter-ckpt --precision "$precision" --steps 8
+    grep -h -o '"variant": "[a-z-]*"\|"peak_allocated_mib": [0-9.]*\|"images_per_second": [0-9.]*' \
+        "$out/vit_b_compiled_$precision.json"
 fi
