@@ -25,7 +25,12 @@ ROWS = [
 
 # the runs behind each backbone's tables, a later file's rows replacing an earlier one's
 RUNS = {
-    "vit_b": ["h100_vit_b_tables_fp32.json", "h100_vit_b_tables_bf16.json"],
+    "vit_b": [
+        "h100_vit_b_tables_fp32.json",
+        "h100_vit_b_tables_bf16.json",
+        "h100_vit_b_compiled_fp32.json",  # the compiled decoder and blocks: all but -plain rows
+        "h100_vit_b_compiled_bf16.json",
+    ],
     "vit_h": ["h100_vit_h.json"],
 }
 
@@ -70,6 +75,7 @@ def speed(backbone: str) -> str:
         "cad",
         "cad-fast",
         "cad-cache",
+        "cad-cache-nockpt-graph",
         "sam-adapter-paper",
         "sam-adapter-paper-ckpt",
         "sam-adapter-ckpt",
@@ -127,9 +133,9 @@ if __name__ == "__main__":
     print(table("vit_h", 2))
     print()
     print(
-        "| backbone | decoder | cad | cad-fast | cad-cache | sam-adapter-paper | sam-adapter-paper-ckpt | sam-adapter-ckpt | precision |"
+        "| backbone | decoder | cad | cad-fast | cad-cache | cad-cache-nockpt-graph | sam-adapter-paper | sam-adapter-paper-ckpt | sam-adapter-ckpt | precision |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     print(speed("vit_b"))
     print(speed("vit_h"))
     print()
