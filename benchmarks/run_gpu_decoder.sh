@@ -12,8 +12,9 @@
 # compiled PRECISION: the rows of the memory and speed tables that the compiled decoder and
 # blocks change (the plain rows stay from run_gpu_triton.sh's tables), with the graphed cached
 # step that train runs by default with --cuda-graph.
+# repeat: the cached graphed step against sam-adapter-paper, ViT-B bf16 twice, then ViT-H.
 # grads: the launch settings of the first block's weight-gradient kernel (triton_block.py).
-# Usage: benchmarks/run_gpu_decoder.sh OUT_DIR [levers|blocks|bench [PRECISION]|checks|pooled|grads|compiled PRECISION]
+# Usage: benchmarks/run_gpu_decoder.sh OUT_DIR [levers|blocks|bench [PRECISION]|checks|pooled|grads|compiled PRECISION|repeat]
 set -uo pipefail
 out=${1:?output folder}
 mode=${2:-levers}
@@ -59,4 +60,14 @@ elif [ "$mode" = compiled ]; then
         sam-adapter-ckpt --precision "$precision" --steps 8
     grep -h -o '"variant": "[a-z-]*"\|"peak_allocated_mib": [0-9.]*\|"images_per_second": [0-9.]*' \
         "$out/vit_b_compiled_$precision.json"
+elif [ "$mode" = repeat ]; then
+    for run in 1 2; do
+        bench_into "$out/vit_b_repeat$run.json" --backbones vit_b \
+            --methods cad-cache-nockpt-graph sam-adapter-paper --precision bf16 --steps 10
+        grep -h -o '"images_per_second": [0-9.]*' "$out/vit_b_repeat$run.json"
+    done
+    bench_into "$out/vit_h_compiled_bf16.json" --backbones vit_h \
+        --methods cad-cache-nockpt-graph sam-adapter-paper --precision bf16 --steps 5
+    grep -h -o '"peak_allocated_mib": [0-9.]*\|"images_per_second": [0-9.]*' \
+        "$out/vit_h_compiled_bf16.json"
 fi
