@@ -156,12 +156,12 @@ class ConvAdapter(nn.Module):
             compiles = x.is_cuda and torch.is_grad_enabled() and not self.checkpoint_blocks
         if compiles:
             compiled = self.__dict__.setdefault("_compiled_blocks", {})  # out of the module tree
-            if block not in compiled:
-                size = self.embedding_size if pool_input else 0
+            size = self.embedding_size if pool_input else 0
+            if (block, size) not in compiled:
                 # (one function for every block: its shapes are told apart, not made symbolic)
                 run = functools.partial(_block_and_pool, block, size)
-                compiled[block] = torch.compile(run, dynamic=False)
-            return compiled[block](x)
+                compiled[block, size] = torch.compile(run, dynamic=False)
+            return compiled[block, size](x)
         pooled = pool_to(x, self.embedding_size) if pool_input else None
         if not (self.checkpoint_blocks and torch.is_grad_enabled()):
             return block(x), pooled
