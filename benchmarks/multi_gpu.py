@@ -1,6 +1,7 @@
 """The two-GPU check: ``torchrun --nproc_per_node 2`` training against one GPU with the same
 global batch (the weights each run ends with), and the embedding cache built by one and by two
-processes (the rate past each command's startup). Random ViT-B weights, synthetic images. Writes a JSON report to OUT_DIR/multi_gpu.json.
+processes (the rate past each command's startup). Random ViT-B weights, synthetic images.
+Writes a JSON report to OUT_DIR/multi_gpu.json.
 
 Run: python benchmarks/multi_gpu.py OUT_DIR  (needs two CUDA GPUs)
 """
@@ -83,27 +84,22 @@ def main(out: Path) -> None:
     # build itself: so each is built for two numbers of images, and the rate is the extra
     # images over the extra time. On a RAM disk where there is room: at 2 MiB an image, a
     # machine's disk would limit two GPUs.
-    images = work / "images"
-    images.mkdir(exist_ok=True)
     made = sorted((data / "images").iterdir())
     sizes = (1536, 4608)
-    for i in range(max(sizes)):
-        link = images / f"{i:05d}.png"
-        if not link.exists():
-            link.hardlink_to(made[i % len(made)])
+    folders = {size: work / f"images-{size}" for size in sizes}  # the 16 under new names
+    for size, folder in folders.items():
+        folder.mkdir(exist_ok=True)
+        for i in range(size):
+            link = folder / f"{i:05d}.png"
+            if not link.exists():
+                link.hardlink_to(made[i % len(made)])
     ram = Path("/dev/shm")
     room = ram.is_dir() and shutil.disk_usage(ram).free > 2 * max(sizes) * 2**21
     caches = ram / "cadsam-multi-gpu" if room else work / "caches"
     report["cache"] = {"images": list(sizes), "on": str(caches)}
     for nproc, gpus in ((1, "0"), (2, "0,1")):
         walls = []
-        for size in sizes:
-            folder = work / f"images-{size}"
-            folder.mkdir(exist_ok=True)
-            for i in range(size):
-                link = folder / f"{i:05d}.png"
-                if not link.exists():
-                    link.hardlink_to(images / f"{i:05d}.png")
+        for size, folder in folders.items():
             cache = ["cache", "--backbone", "vit_b", "--checkpoint", str(checkpoint)]
             cache += ["--images", str(folder), "--num-workers", "6", "--batch-size", "32"]
             target = caches / f"cache-{nproc}-{size}"

@@ -4,7 +4,8 @@ mask decoder through ``torch.compile`` (``compile_decoder``), and the adapter's 
 (those that run whole, not in bands) through it (``compile_blocks``); and the step of the
 decoder alone (``decoder`` from the cache, graphed), the floor the adapter's part stands on.
 
-Each case is the bench's step (:func:`cadsam.bench.bench_step`), captured after its warm-up;
+Each case is the training step (:func:`cadsam.train.training_step`, graphed) at the bench's
+settings, with its own AdamW (fused or not), captured after its warm-up;
 its time is the median of 30 replays, timed by CUDA events. Prints one JSON line per case.
 
 Run: python benchmarks/step_levers.py [CASE ...]   (default: every case)
@@ -20,9 +21,8 @@ from typing import Any
 import torch
 
 from cadsam.bench import PAPER_BATCH, variant_options
-from cadsam.graphs import GraphedStep
 from cadsam.methods import build_model
-from cadsam.train import forward_backward
+from cadsam.train import training_step
 
 # case -> (bench variant, fused AdamW, compiled mask decoder, compiled later adapter blocks)
 CASES: dict[str, tuple[str, bool, bool, bool]] = {
@@ -63,14 +63,7 @@ def step_ms(
     images = torch.rand(batch, 3, 512, 512, device="cuda", generator=generator) * 255
     masks = (torch.rand(batch, 1, 512, 512, device="cuda", generator=generator) > 0.5).float()
     embeddings = torch.randn(batch, 256, 64, 64, device="cuda", generator=generator)
-
-    def step(images, masks, embeddings):
-        loss = forward_backward(model, images, masks, embeddings, "bf16", autocast_cache=False)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    graphed = GraphedStep(step)
+    graphed = training_step(model, optimizer, "bf16", graphed=True)
     losses = [graphed(images, masks, embeddings).item() for _ in range(4)]  # warm-up, capture
     times = []
     for _ in range(30):

@@ -19,6 +19,8 @@ from gpu_checks import as_close_as_plain, cad_adapter_check
 
 from cadsam.methods import triton_block
 
+GRAD_SHARED = ("GRAD_CELLS_PER_TILE", "GRAD_NUM_WARPS")  # set with CELLS_PER_TILE, NUM_WARPS
+
 
 def checks() -> None:
     for precision in ("fp32", "bf16"):
@@ -31,7 +33,28 @@ def checks() -> None:
             print(json.dumps({"check": precision, "triton_kernels": kernels, **check}))
 
 
+def time_case(case: dict, run, adapter, state, reference: tuple | None) -> tuple:
+    """Runs the adapter with the kernels' settings as they stand and prints a JSON line: the
+    case, its GPU time, and its distance from ``reference`` (from itself where None). Returns
+    its result and the profile's table, or Nones where it failed."""
+    try:
+        result = run()
+        ms, table = gpu_ms(run)
+    except Exception as exc:  # report, and go on to the other cases
+        print(json.dumps({**case, "error": str(exc).splitlines()[-1][:300]}))
+        return None, None
+    adapter.load_state_dict(state)
+    diffs = rel_diffs(adapter, result, reference or result)
+    worst = max(diffs, key=diffs.get)
+    print(
+        json.dumps({**case, "gpu_ms": round(ms, 2), "max_rel_diff": diffs[worst], "worst": worst})
+    )
+    return result, table
+
+
 def timings() -> dict[str, str]:
+    """Every kernel's launch settings together (the weight-gradient kernel's cells and warps
+    set with the others'), against the banded torch passes."""
     adapter, run, state = bench_adapter()
     # (name, kernels, cells per tile, warps, channels per program, the same in grads)
     cases = [("bands", False, 32, 4, 128, 128)]
@@ -45,28 +68,16 @@ def timings() -> dict[str, str]:
     ]:
         name = f"kernels {cells} cells, {warps} warps, {block_c}/{grad_block_c} channels"
         cases.append((name, True, cells, warps, block_c, grad_block_c))
+    names = ("CELLS_PER_TILE", "NUM_WARPS", "BLOCK_C", "GRAD_BLOCK_C")
+    defaults = _settings(names + GRAD_SHARED)
     reference, tables = None, {}
-    for name, kernels, *settings in cases:
+    for name, kernels, cells, warps, block_c, grad_block_c in cases:
         adapter.triton_kernels = kernels
-        (
-            triton_block.CELLS_PER_TILE,
-            triton_block.NUM_WARPS,
-            triton_block.BLOCK_C,
-            triton_block.GRAD_BLOCK_C,
-        ) = settings
-        try:
-            out, grads = run()
-        except Exception as exc:
-            print(json.dumps({"case": name, "error": str(exc).splitlines()[-1][:300]}))
-            continue
-        if reference is None:
-            reference = (out, grads)
-        diffs = rel_diffs(adapter, (out, grads), reference)
-        ms, tables[name] = gpu_ms(run)
-        adapter.load_state_dict(state)
-        worst = max(diffs, key=diffs.get)
-        report = {"case": name, "gpu_ms": round(ms, 2), "max_rel_diff": diffs[worst]}
-        print(json.dumps({**report, "worst": worst}))
+        _set(names + GRAD_SHARED, (cells, warps, block_c, grad_block_c, cells, warps))
+        result, table = time_case({"case": name}, run, adapter, state, reference)
+        if result is not None:
+            reference, tables[name] = reference or result, table
+    _set(names + GRAD_SHARED, defaults)
     return tables
 
 
@@ -75,7 +86,7 @@ def grads_timings() -> None:
     adapter, run, state = bench_adapter()
     adapter.triton_kernels = True
     names = ("GRAD_CELLS_PER_TILE", "GRAD_BLOCK_C", "GRAD_NUM_WARPS", "GRAD_PROGRAMS")
-    defaults = tuple(getattr(triton_block, name) for name in names)
+    defaults = _settings(names)
     reference = run()
     for settings in [
         defaults,
@@ -91,20 +102,17 @@ def grads_timings() -> None:
         (64, 128, 8, 128),
         (64, 64, 8, 264),
     ]:
-        for name, value in zip(names, settings, strict=True):
-            setattr(triton_block, name, value)
-        case = dict(zip(names, settings, strict=True))
-        try:
-            out, grads = run()
-            ms, _ = gpu_ms(run)
-        except Exception as exc:
-            print(json.dumps({**case, "error": str(exc).splitlines()[-1][:300]}))
-            continue
-        diffs = rel_diffs(adapter, (out, grads), reference)
-        adapter.load_state_dict(state)
-        worst = max(diffs, key=diffs.get)
-        print(json.dumps({**case, "gpu_ms": round(ms, 2), "max_rel_diff": diffs[worst]}))
-    for name, value in zip(names, defaults, strict=True):
+        _set(names, settings)
+        time_case(dict(zip(names, settings, strict=True)), run, adapter, state, reference)
+    _set(names, defaults)
+
+
+def _settings(names: tuple[str, ...]) -> tuple:
+    return tuple(getattr(triton_block, name) for name in names)
+
+
+def _set(names: tuple[str, ...], values: tuple) -> None:
+    for name, value in zip(names, values, strict=True):
         setattr(triton_block, name, value)
 
 
