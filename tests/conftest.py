@@ -1,4 +1,10 @@
-"""Shared test helpers: Meta's reference package (torchvision stubbed) and the real data."""
+"""Shared test helpers: Meta's reference package (torchvision stubbed), the real data, the
+CPU suite's device and Triton's interpreter.
+
+The suite runs on the CPU on any machine, a GPU's too: every test outside ``tests/gpu`` sees no
+CUDA device, so commands pick the CPU as they would on a machine without one. The GPU tier
+(``tests/gpu``, marker ``gpu``) runs on CUDA and is skipped where there is none.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,40 @@ from pathlib import Path
 import pytest
 import torch
 
-# The Triton kernels run on CPU tensors under Triton's interpreter, which must be chosen before
-# Triton is first imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def cpu_only(request, monkeypatch):
+    """Outside the GPU tier, no CUDA device is visible: to this process through torch, and to
+    the processes tests start through the environment."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture
+def interpreted_triton():
+    """``cadsam.fast.triton_block`` with its kernels run by Triton's interpreter on CPU tensors.
+    The interpreter must be chosen before Triton is first imported, and a process that has it
+    cannot run Triton on a GPU: tests asking for it run in a process of their own
+    (``test_interpreted_triton.py`` starts it), and are skipped in this one."""
+    if not INTERPRETED:
+        pytest.skip(
+            "runs under Triton's interpreter, in the process test_interpreted_triton starts"
+        )
+    pytest.importorskip("triton")
+    return importlib.import_module("cadsam.fast.triton_block")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "interpreted_triton" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.triton_interpreter)
 
 
 def _stub_torchvision() -> None:

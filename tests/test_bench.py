@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cadsam.bench import markdown_table
 from cadsam.cli import main
+from cadsam.runtime import LEAN, Runtime
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "h100_vit_b.json"
 
@@ -29,23 +30,23 @@ def test_paper_figures_stand_beside_their_methods_only():
     assert rows["decoder"][7] == "910"  # peak allocated, from the JSON
 
 
-def test_bench_set_checks_options_against_each_method_before_running(capsys, monkeypatch):
+def test_bench_set_checks_runtime_settings_before_running(capsys, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert main(["bench", "--methods", "decoder", "--set", "adapter_tile_mib=8"]) == 1
-    assert "method decoder does not take adapter_tile_mib" in capsys.readouterr().err
+    assert main(["bench", "--methods", "decoder", "--set", "warp_speed=8"]) == 1
+    assert "unknown runtime setting warp_speed" in capsys.readouterr().err
     assert main(["bench", "--methods", "cad", "--set", "adapter_tile_mib"]) == 1
-    assert "--set takes OPTION=VALUE" in capsys.readouterr().err
-    # a valid option gets as far as the GPU check
+    assert "--set takes NAME=VALUE" in capsys.readouterr().err
+    # a valid setting gets as far as the GPU check
     assert main(["bench", "--methods", "cad-cache", "--set", "adapter-tile-mib=8"]) == 1
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_bench_set_refuses_to_contradict_a_variant(capsys, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    args = ["bench", "--methods", "cad-cache", "cad-cache-untiled", "--set", "adapter_tile_mib=96"]
+    args = ["bench", "--methods", "cad-cache", "cad-cache-graph", "--set", "cuda_graph=false"]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "contradicts variant cad-cache-untiled" in err and "adapter_tile_mib=0" in err
+    assert "contradicts variant cad-cache-graph" in err and "cuda_graph=True" in err
 
 
 def test_overridden_options_appear_in_the_report():
@@ -55,15 +56,16 @@ def test_overridden_options_appear_in_the_report():
     assert f"| {row['variant']} adapter_tile_mib=32 |" in table
 
 
-def test_every_variant_is_a_valid_method_configuration():
-    """The bench's own keys (``_cache``, ``_graph``) never reach the model; the rest are
-    options its method takes."""
-    from cadsam.bench import VARIANTS, variant_options
+def test_every_variant_is_a_valid_method_and_runtime():
+    """Each variant's method exists and its runtime settings are valid, on any device; the
+    cached and graphed ones are what their names say."""
+    from cadsam.bench import VARIANTS, variant_runtime
     from cadsam.methods import resolve_options
 
     for variant in VARIANTS:
-        method, options, _, _ = variant_options(variant)
-        assert not [k for k in options if k.startswith("_")], variant
-        resolve_options(method, options)
-    assert variant_options("cad-cache-graph")[2:] == (True, True)
-    assert variant_options("cad-cache")[2:] == (True, False)
+        method, runtime, _ = variant_runtime(variant, device="cpu")
+        resolve_options(method, {})
+        assert runtime.cuda_graph == variant.endswith("-graph"), variant
+        assert (runtime == Runtime()) == variant.endswith("-plain"), variant
+    assert variant_runtime("cad-cache-graph", device="cpu")[2] is True
+    assert variant_runtime("cad-lean", device="cpu")[1] == LEAN

@@ -160,7 +160,7 @@ def test_training_from_the_cache_has_no_encoder(data, tmp_path, sam_file):
         epochs=1,
         num_workers=0,
         progress=False,
-        method_options={"adapter_size": 32},
+        options={"adapter_size": 32},
     )
     model = train(TrainConfig(**cfg, cache=str(tmp_path / "cache"), out=str(tmp_path / "run")))
     assert model.sam.image_encoder is None
@@ -168,7 +168,7 @@ def test_training_from_the_cache_has_no_encoder(data, tmp_path, sam_file):
     with pytest.raises(CadsamError, match="acts inside the image encoder"):
         train(
             TrainConfig(
-                **{**cfg, "method": "sam-adapter-paper", "method_options": {}},
+                **{**cfg, "method": "sam-adapter-paper", "options": {}},
                 cache=str(tmp_path / "cache"),
                 out=str(tmp_path / "sa"),
             )

@@ -192,3 +192,45 @@ def test_dataset_items_from_real_greyscale_and_jpeg_data():
         assert item["image"].shape == (3, 96, 96) and item["image"].dtype == torch.uint8
         assert item["mask"].shape == (1, 96, 96)
         assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_skip_bad_skips_unpaired_files_and_says_so(tmp_path, capsys):
+    for stem in ("a", "b", "lonely"):
+        _save(tmp_path / "img" / f"{stem}.png", _rgb())
+    for stem in ("a", "b", "orphan"):
+        _save(tmp_path / "gt" / f"{stem}.png", np.zeros((6, 8), np.uint8))
+    pairs = pair_folders(tmp_path / "img", tmp_path / "gt", skip_bad=True)
+    assert [p.id for p in pairs] == ["a", "b"]
+    err = capsys.readouterr().err
+    assert err.startswith("cadsam: warning: skipped unpaired files: 1 image(s) in ")
+    assert "no mask in" in err and "lonely" in err and "1 mask(s)" in err and "orphan" in err
+    found = find_pairs(tmp_path / "img", tmp_path / "gt", skip_bad=True)
+    assert [p.id for p in found] == ["a", "b"]
+    for stem in ("a", "b"):
+        (tmp_path / "gt" / f"{stem}.png").unlink()
+    with pytest.raises(CadsamError, match=r"no image in .* has a mask in .*: 3 image\(s\)"):
+        pair_folders(tmp_path / "img", tmp_path / "gt", skip_bad=True)
+
+
+def test_mask_suffix_pairs_stem_with_stem_plus_suffix(tmp_path):
+    images = sorted((KVASIR / "images").iterdir())
+    (tmp_path / "masks").mkdir()
+    for image in images:  # 00.jpg pairs with 00_mask.jpg
+        (tmp_path / "masks" / f"{image.stem}_mask.jpg").symlink_to(KVASIR / "masks" / image.name)
+    pairs = pair_folders(KVASIR / "images", tmp_path / "masks", mask_suffix="_mask")
+    assert [p.id for p in pairs] == [p.stem for p in images]
+    assert all(p.mask.name == f"{p.id}_mask.jpg" for p in pairs)
+    # the suffix may include the extension
+    with_ext = find_pairs(KVASIR / "images", tmp_path / "masks", mask_suffix="_mask.jpg")
+    assert with_ext == pairs
+    with pytest.raises(CadsamError, match=r"5 image\(s\) .* have no mask"):
+        pair_folders(KVASIR / "images", tmp_path / "masks")  # without the suffix
+    _save(tmp_path / "masks" / "notes.png", np.zeros((6, 8), np.uint8))
+    with pytest.raises(
+        CadsamError, match=r"1 file\(s\) .* do not end in --mask-suffix _mask: notes"
+    ):
+        pair_folders(KVASIR / "images", tmp_path / "masks", mask_suffix="_mask")
+    assert (
+        pair_folders(KVASIR / "images", tmp_path / "masks", mask_suffix="_mask", skip_bad=True)
+        == pairs
+    )

@@ -10,7 +10,7 @@ import torch
 from test_train import FAST, _isbi_subset
 
 from cadsam.cli import main
-from cadsam.graphs import adamw, match_graph_mode
+from cadsam.fast.graphs import adamw, match_graph_mode
 from cadsam.train import lr_factor
 
 
@@ -68,22 +68,25 @@ def test_a_graphed_runs_state_resumes_eagerly_as_if_never_graphed():
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--grad-accum", "2"], "--cuda-graph captures whole optimiser steps"),
-        (["--device", "cpu"], "--cuda-graph needs a CUDA device; this run is on cpu"),
+        (["--set", "grad_accum=2"], "cuda_graph captures whole optimiser steps"),
+        (["--device", "cpu"], "cuda_graph needs a CUDA device; this run is on cpu"),
     ],
 )
 def test_cuda_graph_refusals_come_before_any_work(tmp_path, capsys, extra, message):
     data = _isbi_subset(tmp_path, 2)
     out = tmp_path / "run"
-    args = ["train", "--method", "cad", "--cuda-graph", *FAST, *data, "--out", str(out), *extra]
+    args = ["train", "--method", "cad", "--set", "cuda_graph=true", *FAST, *data]
+    args += ["--out", str(out), *extra]
     assert main(args) == 1
     assert message in capsys.readouterr().err
     assert not out.exists()
 
 
-def test_resume_keeps_the_runs_cuda_graph_unless_told_otherwise(tmp_path, capsys):
-    """--cuda-graph is how a run runs, not what it trains: a run made with it (here on paper,
-    as if on a GPU) resumes on a CPU with --no-cuda-graph."""
+@pytest.mark.parametrize("written", ["runtime", "before runtimes"])
+def test_resume_keeps_the_runs_cuda_graph_unless_told_otherwise(tmp_path, capsys, written):
+    """cuda_graph is how a run runs, not what it trains: a run made with it (here on paper,
+    as if on a GPU; its config written now, or before the runtime was a section of its own)
+    resumes on a CPU with --set cuda_graph=false."""
     import yaml
 
     run = tmp_path / "run"
@@ -93,15 +96,21 @@ def test_resume_keeps_the_runs_cuda_graph_unless_told_otherwise(tmp_path, capsys
         == 0
     )
     config = yaml.safe_load((run / "config.yaml").read_text())
-    (run / "config.yaml").write_text(yaml.safe_dump({**config, "cuda_graph": True}))
+    if written == "runtime":
+        config["runtime"]["cuda_graph"] = True
+    else:
+        config = {**config, "cuda_graph": True, "method_options": config.pop("options")}
+        del config["runtime"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 1
-    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
-    assert main(["train", "--out", str(run), "--resume", "--no-cuda-graph", "--no-progress"]) == 0
+    assert "cuda_graph needs a CUDA device" in capsys.readouterr().err
+    resume = ["train", "--out", str(run), "--resume", "--set", "cuda_graph=false"]
+    assert main([*resume, "--no-progress"]) == 0
 
 
 def test_the_graph_is_captured_on_a_full_batch_not_the_short_last_one(monkeypatch):
     """Captured on a short batch, the graph would leave every full batch after it eager."""
-    from cadsam.graphs import GraphedStep
+    from cadsam.fast.graphs import GraphedStep
 
     class CapturedError(Exception):
         pass

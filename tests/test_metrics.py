@@ -71,3 +71,19 @@ def test_merge_equals_one_meter():
     merged.merge(a.state())
     merged.merge(b.state())
     assert merged.compute() == pytest.approx(whole.compute())
+
+
+def test_constant_predictions_are_counted():
+    gt = torch.tensor([[[[1.0, 0], [0, 0]]]])
+    meter = SegmentationMeter()
+    meter.update(_logits([[1, 1], [1, 1]]), gt)  # all foreground
+    meter.update(_logits([[0, 0], [0, 0]]), gt)  # all background
+    meter.update(_logits([[1, 0], [0, 0]]), gt)  # a real mask
+    m = meter.compute()
+    assert (m["predicted_all_foreground"], m["predicted_all_background"]) == (1, 1)
+    # BER is a percentage: all foreground errs on every background pixel, none of the shadow
+    assert meter.per_image["ber"][0] == pytest.approx(50.0)
+    other = SegmentationMeter()
+    other.update(_logits([[1, 1], [1, 1]]), gt)
+    meter.merge(other.state())
+    assert meter.compute()["predicted_all_foreground"] == 2

@@ -27,43 +27,30 @@ import torch
 
 from .errors import CadsamError
 from .figures import pyplot
-from .methods import AdaptedSam, build_model, resolve_options
+from .methods import AdaptedSam, build_model
 from .paper import AUTHORS_CODE_H100_MIB, MEMORY_TABLES
+from .runtime import Runtime, named_runtime
 
-# variant -> (method, options). "plain" variants are the reference formulation (explicit
-# attention scores, whole-batch encoder, the mask decoder not compiled): they reproduce what
-# the authors' code allocates.
-# The bench's own options: "_cache", train from cached embeddings (no encoder); "_graph", the
-# step replayed as a CUDA graph (cadsam train --cuda-graph).
-PLAIN = {"fused_attention": False, "encoder_chunk": 0, "compile_decoder": False}
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "decoder-plain": ("decoder", PLAIN),
-    "decoder": ("decoder", {}),
-    "cad-plain": ("cad", {**PLAIN, "compile_blocks": False}),
-    "cad": ("cad", {}),
-    "cad-untiled": ("cad", {"adapter_tile_mib": 0}),
-    "cad-ckpt": ("cad", {"checkpoint_adapter": True}),
-    "cad-cache": ("cad", {"checkpoint_adapter": True, "_cache": True}),
-    "cad-cache-untiled": (
-        "cad",
-        {"adapter_tile_mib": 0, "checkpoint_adapter": True, "_cache": True},
-    ),
-    "cad-cache-graph": ("cad", {"checkpoint_adapter": True, "_cache": True, "_graph": True}),
-    # as cadsam train --cache --cuda-graph runs by default: whole blocks kept, not recomputed
-    "cad-cache-nockpt-graph": ("cad", {"_cache": True, "_graph": True}),
-    "cad-cache-untiled-graph": (
-        "cad",
-        {"adapter_tile_mib": 0, "checkpoint_adapter": True, "_cache": True, "_graph": True},
-    ),
-    "cad-fast": ("cad", {"encoder_chunk": 0, "compile_encoder": True}),
-    "sam-adapter-paper-plain": (
-        "sam-adapter-paper",
-        {"fused_attention": False, "compile_decoder": False},
-    ),
-    "sam-adapter-paper": ("sam-adapter-paper", {}),
-    "sam-adapter-paper-ckpt": ("sam-adapter-paper", {"checkpoint_blocks": True}),
-    "sam-adapter": ("sam-adapter", {}),
-    "sam-adapter-ckpt": ("sam-adapter", {"checkpoint_blocks": True}),
+# variant -> (method, runtime, its settings, trains from cached embeddings). A variant is named
+# by its method and runtime: none for "auto" (the commands' default), "-lean" (the least
+# memory), "-plain" (the reference formulation, which reproduces what the authors' code
+# allocates); "-cache": from cached embeddings, no encoder (the paper's section 5); "-graph":
+# the step replayed as a CUDA graph (cadsam train --set cuda_graph=true).
+VARIANTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
+    "decoder-plain": ("decoder", "plain", {}, False),
+    "decoder": ("decoder", "auto", {}, False),
+    "decoder-lean": ("decoder", "lean", {}, False),
+    "cad-plain": ("cad", "plain", {}, False),
+    "cad": ("cad", "auto", {}, False),
+    "cad-lean": ("cad", "lean", {}, False),
+    "cad-cache": ("cad", "auto", {}, True),
+    "cad-cache-lean": ("cad", "lean", {}, True),
+    "cad-cache-graph": ("cad", "auto", {"cuda_graph": True}, True),
+    "sam-adapter-paper-plain": ("sam-adapter-paper", "plain", {}, False),
+    "sam-adapter-paper": ("sam-adapter-paper", "auto", {}, False),
+    "sam-adapter-paper-lean": ("sam-adapter-paper", "lean", {}, False),
+    "sam-adapter": ("sam-adapter", "auto", {}, False),
+    "sam-adapter-lean": ("sam-adapter", "lean", {}, False),
 }
 WARMUP = 3  # untimed steps first: compilation, cuDNN's choices
 PAPER_BATCH = {"vit_b": 4, "vit_l": 4, "vit_h": 2, "vit_tiny": 4}
@@ -92,51 +79,40 @@ def _nvml_mib() -> dict[str, float | None]:
         pynvml.nvmlShutdown()
 
 
-def variant_options(
-    variant: str, overrides: dict[str, Any] | None = None
-) -> tuple[str, dict[str, Any], bool, bool]:
-    """A bench variant's method, its model options (``overrides`` replacing the variant's),
-    whether it trains from cached embeddings, and whether its step is a CUDA graph."""
-    method, options = VARIANTS[variant]
-    options = {**options, **(overrides or {})}
-    graphed = bool(options.get("_graph", False))
-    return method, _model_options(options), bool(options.get("_cache", False)), graphed
-
-
-def parse_setting(text: str) -> tuple[str, Any]:
-    """``--set OPTION=VALUE``: the value read as YAML (numbers, true/false, strings)."""
-    import yaml
-
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise CadsamError(f"--set takes OPTION=VALUE, got {text!r}")
-    return name.replace("-", "_"), yaml.safe_load(value)
+def variant_runtime(
+    variant: str, overrides: dict[str, Any] | None = None, device: str = "cuda"
+) -> tuple[str, Runtime, bool]:
+    """A bench variant's method, its runtime on ``device`` (``overrides``: runtime settings
+    replacing the variant's), and whether it trains from cached embeddings."""
+    method, name, settings, from_cache = VARIANTS[variant]
+    runtime, _ = named_runtime(name, device)
+    return method, runtime.replace(**{**settings, **(overrides or {})}), from_cache
 
 
 def warmed_step(
     variant: str, precision: str, overrides: dict[str, Any] | None = None, backbone: str = "vit_b"
 ) -> tuple[Callable[[], None], dict[str, Any]]:
-    """A variant's training step on the GPU after its warm-up steps, and its model options:
+    """A variant's training step on the GPU after its warm-up steps, and its runtime settings:
     what the profiling scripts in ``benchmarks/`` look at."""
-    method, options, from_cache, graphed = variant_options(variant, overrides)
+    method, runtime, from_cache = variant_runtime(variant, overrides)
     with torch.device("cuda"):
-        model = build_model(method, backbone, with_encoder=not from_cache, **options)
-    step = bench_step(model, precision, from_cache, graphed)
-    for _ in range(WARMUP + graphed):
+        model = build_model(method, backbone, with_encoder=not from_cache, runtime=runtime)
+    step = bench_step(model, precision, from_cache)
+    for _ in range(WARMUP + runtime.cuda_graph):
         step()
     torch.cuda.synchronize()
-    return step, options
+    return step, runtime.changes()
 
 
-def bench_step(
-    model: AdaptedSam, precision: str, from_cache: bool, graphed: bool = False
-) -> Callable[[], torch.Tensor]:
+def bench_step(model: AdaptedSam, precision: str, from_cache: bool) -> Callable[[], torch.Tensor]:
     """One training step at the paper's settings (batch, 512 x 512 images, whole-image box,
-    BCE + IoU, AdamW) on seeded random data, on the model's device; ``graphed``: three eager
-    calls, then captured as a CUDA graph and replayed (:class:`~cadsam.graphs.GraphedStep`)."""
-    from .graphs import adamw
+    BCE + IoU, AdamW) on seeded random data, on the model's device; with the runtime's
+    ``cuda_graph``: three eager calls, then captured as a CUDA graph and replayed
+    (:class:`~cadsam.fast.graphs.GraphedStep`)."""
+    from .fast.graphs import adamw
     from .train import training_step
 
+    graphed = model.runner.runtime.cuda_graph
     batch = PAPER_BATCH[model.backbone]
     device = next(model.parameters()).device
     model.train()
@@ -162,15 +138,16 @@ def measure_training(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One variant's training step on the current CUDA device: peak memory and images/s.
-    ``overrides``: method options that replace the variant's."""
-    method, options, from_cache, graphed = variant_options(variant, overrides)
+    ``overrides``: runtime settings that replace the variant's."""
+    method, runtime, from_cache = variant_runtime(variant, overrides)
+    graphed = runtime.cuda_graph
     batch = PAPER_BATCH[backbone]
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     with torch.device("cuda"):
-        model = build_model(method, backbone, with_encoder=not from_cache, **options)
+        model = build_model(method, backbone, with_encoder=not from_cache, runtime=runtime)
     weights_mib = torch.cuda.memory_allocated() / MIB
-    step = bench_step(model, precision, from_cache, graphed)
+    step = bench_step(model, precision, from_cache)
     warmup = WARMUP + graphed  # a graphed step is captured on the call after its warm-up
 
     times = []
@@ -186,7 +163,7 @@ def measure_training(
         "backbone": backbone,
         "variant": variant,
         "method": method,
-        "options": options,
+        "runtime": runtime.changes(),
         "overrides": overrides or {},
         "from_cache": from_cache,
         "cuda_graph": graphed,
@@ -210,8 +187,8 @@ def measure_encoder(
     from .sam import build_sam
 
     device = torch.device("cuda")
-    with device:
-        encoder = build_sam(backbone).image_encoder.eval()
+    with device:  # fused attention, the whole batch at once: what the cache build runs
+        encoder = build_sam(backbone, fused_attention=True).image_encoder.eval()
     x = torch.randn(batch, 3, encoder.img_size, encoder.img_size, device=device)
     times = []
     for i in range(3 + steps):
@@ -239,6 +216,7 @@ def environment() -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "triton": _version("triton"),  # the first adapter block's kernels
+        "commit": git_commit(),
         "command": " ".join(["cadsam", *sys.argv[1:]]) if sys.argv else "",
         "weights": "random (memory and speed do not depend on their values)",
     }
@@ -255,16 +233,30 @@ def environment() -> dict[str, Any]:
     return info
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (with "+changes" if its tracked files differ), if in one."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _model_options(options: dict[str, Any]) -> dict[str, Any]:
-    """A variant's options without the bench's own (``_cache``, ``_graph``)."""
-    return {k: v for k, v in options.items() if not k.startswith("_")}
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -294,24 +286,24 @@ def run_bench(
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Each (backbone, variant, precision) in a fresh process; ``overrides``: method options
-    set in every variant (each variant's method must take them)."""
+    """Each (backbone, variant, precision) in a fresh process; ``overrides``: runtime settings
+    set in every variant."""
     unknown = sorted(set(variants) - set(VARIANTS) - {"encoder-forward"})
     if unknown:
         raise CadsamError(
             f"unknown bench variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}, encoder-forward"
         )
     overrides = overrides or {}
+    Runtime().replace(**overrides)  # a bad name or value is an error before any run
     for variant in variants:
         if overrides and variant != "encoder-forward":
-            method, options = VARIANTS[variant]
+            settings = VARIANTS[variant][2]
             for name, value in overrides.items():
-                if name in options and options[name] != value:
+                if name in settings and settings[name] != value:
                     raise CadsamError(
                         f"--set {name}={value} contradicts variant {variant}, which is "
-                        f"defined by {name}={options[name]}: leave it out of --methods"
+                        f"defined by {name}={settings[name]}: leave it out of --methods"
                     )
-            resolve_options(method, {**_model_options(options), **overrides})
     if not torch.cuda.is_available():
         raise CadsamError("cadsam bench measures GPU memory and needs a CUDA GPU; none is visible")
     out.mkdir(parents=True, exist_ok=True)
@@ -441,7 +433,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         dest="overrides",
         metavar="OPTION=VALUE",
-        help="set a method option in every variant, e.g. --set adapter_tile_mib=32 (repeatable)",
+        help="set a runtime setting in every variant, e.g. --set adapter_tile_mib=32 "
+        "(repeatable; see cadsam.runtime.Runtime)",
     )
     parser.add_argument(
         "--out", default="bench", help="folder for bench.json, bench.md, bench_memory.png"

@@ -38,6 +38,7 @@ from .data.transforms import VIEWS, apply_view, resize_image
 from .errors import CadsamError
 from .files import write_atomic
 from .precision import autocast
+from .runtime import Runtime
 from .sam.sam import PIXEL_MEAN, PIXEL_STD
 
 FORMAT = 1
@@ -265,9 +266,9 @@ def build_cache(
         distributed.barrier(dist)
         cache = open_cache(root, writable=True)
         todo = [int(e) for e in np.flatnonzero(cache.done == 0) if e % dist.world_size == dist.rank]
-        model = build_model(
-            "zero-shot", backbone, checkpoint, encoder_chunk=0, compile_encoder=compile_encoder
-        )
+        # the whole batch per encoder call, with the fused attention: nothing is kept
+        runtime = Runtime(fused_attention=True, compile_encoder=compile_encoder)
+        model = build_model("zero-shot", backbone, checkpoint, runtime=runtime)
         model.to(dist.device).eval()
         on_gpu = dist.device.type == "cuda"
         loader = DataLoader(

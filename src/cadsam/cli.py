@@ -6,38 +6,22 @@ User mistakes raise :class:`CadsamError`; they are printed as one line and exit 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from . import __version__
 from .errors import CadsamError
 from .methods import METHOD_OPTIONS, METHODS, build_model
 from .precision import PRECISIONS
+from .runtime import RUNTIMES, Runtime, parse_setting, resolve_runtime
 from .sam import SAM_CONFIGS
-
-METHOD_OPTION_FLAGS = (
-    "adapter_size",
-    "cad_layout",
-    "checkpoint_blocks",
-    "checkpoint_adapter",
-    "adapter_tile_mib",
-    "compile_tiles",
-    "triton_kernels",
-    "compile_blocks",
-    "compile_decoder",
-    "encoder_chunk",
-)
-
-
-def _auto_or_bool(text: str) -> str | bool:
-    choices = {"auto": "auto", "true": True, "false": False}
-    if text.lower() not in choices:
-        raise argparse.ArgumentTypeError(f"choose auto, true or false, not {text!r}")
-    return choices[text.lower()]
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -56,39 +40,61 @@ def cmd_params(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .train import TrainConfig, train
 
-    given = {
-        k: v
-        for k, v in vars(args).items()
-        if v is not None and k not in ("func", "command", "config")
-    }
-    options = {k: given.pop(k) for k in METHOD_OPTION_FLAGS if k in given}
-    if options:
-        given["method_options"] = options
-    if given.pop("no_augment", False):
-        given["augment"] = False
-    if given.pop("no_progress", False):
-        given["progress"] = False
-    if args.resume:
-        given = _resume_settings(args, given)
-    config = TrainConfig.from_sources(args.config, given)
+    config = TrainConfig.from_sources(args.config, train_settings(args))
     train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"weights: {Path(config.out) / 'last.safetensors'}")
 
 
+def train_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line, in TrainConfig's keys: each flag's ``dest`` is
+    its key, and ``--set NAME=VALUE`` reaches the rest by name (model options, runtime
+    settings, training settings without a flag). On --resume the run's own config decides."""
+    from .train import TrainConfig
+
+    skip = ("func", "command", "config", "overrides", "runtime_name")
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
+    runtime = {"name": args.runtime_name} if args.runtime_name else {}
+    options: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"options", "runtime"}
+    model_options = {name for accepted in METHOD_OPTIONS.values() for name in accepted}
+    runtime_fields = {f.name for f in dataclasses.fields(Runtime)}
+    for name, value in (parse_setting(text) for text in args.overrides):
+        if name in runtime_fields:
+            runtime[name] = value
+        elif name in model_options:
+            options[name] = value
+        elif name in fields:
+            given[name] = value
+        else:
+            raise CadsamError(
+                f"--set {name}: no such setting (model options: {', '.join(sorted(model_options))}; "
+                "runtime settings and training settings: see cadsam train --help)"
+            )
+    if options:
+        given["options"] = options
+    if runtime:
+        given["runtime"] = runtime
+    return _resume_settings(args, given) if args.resume else given
+
+
 def _resume_settings(args: argparse.Namespace, given: dict) -> dict:
-    """On --resume the run's own config.yaml decides; flags that contradict it are errors."""
-    from .train import RUNTIME_KEYS, load_yaml
+    """On --resume the run's own config.yaml decides; settings that contradict it are errors."""
+    from .train import RUNTIME_KEYS, _upgraded, load_yaml
 
     saved_path = Path(args.out) / "config.yaml"
     if not saved_path.is_file():
         raise CadsamError(f"nothing to resume in {args.out} (no config.yaml)")
-    saved = load_yaml(saved_path)
+    saved = _upgraded(load_yaml(saved_path))
     for key, value in given.items():
+        if key == "options":
+            value = {**saved.get("options", {}), **value}
         if key not in RUNTIME_KEYS and saved.get(key) != value:
             raise CadsamError(
                 f"--{key.replace('_', '-')} {value} differs from the run's {saved.get(key)}"
             )
+    if "runtime" in given:  # how to run may change; the run's own choice holds otherwise
+        given = {**given, "runtime": {**saved.get("runtime", {}), **given["runtime"]}}
     return {**saved, **{k: v for k, v in given.items() if k in RUNTIME_KEYS}}
 
 
@@ -113,37 +119,84 @@ def _data_args(sub: argparse.ArgumentParser, default_split: str) -> None:
         help="resize a mask whose size differs from its image's (default: an error)",
     )
     data.add_argument(
+        "--mask-suffix",
+        metavar="SUFFIX",
+        help="masks are named <image stem>SUFFIX: --mask-suffix _mask pairs 00.png with "
+        "00_mask.png",
+    )
+    data.add_argument(
         "--skip-bad",
         action="store_true",
         default=None,
-        help="skip unreadable or mismatched pairs instead of stopping",
+        help="skip (and report) unpaired files and unreadable or mismatched pairs instead "
+        "of stopping",
     )
 
 
-def _load_eval_model(args: argparse.Namespace):
+def _runtime_args(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--runtime",
+        dest="runtime_name",
+        choices=list(RUNTIMES),
+        default="auto",
+        help="how to run (default auto: the fastest path that fits the device; plain: the "
+        "reference path); never changes a result beyond rounding",
+    )
+    sub.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="NAME=VALUE",
+        help="a runtime setting (repeatable; README 'Runtime')",
+    )
+
+
+def _runtime(args: argparse.Namespace, device: torch.device) -> Runtime:
+    """The runtime --runtime and --set ask for, checked for ``device``; said on stderr."""
+    settings = dict(parse_setting(text) for text in args.overrides)
+    runtime, chosen = resolve_runtime(args.runtime_name, settings, device)
+    print(chosen, file=sys.stderr)
+    return runtime
+
+
+def _load_eval_model(args: argparse.Namespace, runtime: Runtime):
+    from .sam import base_weights_note
     from .weights import load_weights
 
     if args.weights:
         if args.method not in (None, "zero-shot") or args.backbone:
             raise CadsamError("--weights already says the method and backbone")
-        model, meta = load_weights(args.weights, args.checkpoint)
+        model, meta = load_weights(args.weights, args.checkpoint, runtime)
         return model, args.image_size or meta["image_size"]
     if args.method != "zero-shot" or not args.backbone:
         raise CadsamError(
             "give --weights FILE, or --method zero-shot --backbone B [--checkpoint C]"
         )
-    return build_model("zero-shot", args.backbone, args.checkpoint), args.image_size or 512
+    note = base_weights_note(args.backbone, args.checkpoint, bool(args.random_weights))
+    if note:
+        print(note, file=sys.stderr)
+    model = build_model("zero-shot", args.backbone, args.checkpoint, runtime=runtime)
+    return model, args.image_size or 512
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from . import distributed
     from .data import SegmentationDataset, find_pairs, scan_pairs
-    from .evaluate import evaluate, format_table
+    from .evaluate import constant_prediction_warning, evaluate, format_table
 
     dist = distributed.setup(args.device)
     try:
-        model, size = _load_eval_model(args)
-        pairs = find_pairs(args.images, args.masks, args.dataset, args.data_root, args.split)
+        model, size = _load_eval_model(args, _runtime(args, dist.device))
+        pairs = find_pairs(
+            args.images,
+            args.masks,
+            args.dataset,
+            args.data_root,
+            args.split,
+            skip_bad=bool(args.skip_bad),
+            mask_suffix=args.mask_suffix,
+        )
         threshold = 127 if args.mask_threshold is None else args.mask_threshold
         pairs, bad = scan_pairs(
             pairs, threshold, bool(args.resize_masks), bool(args.skip_bad), progress=dist.is_main
@@ -169,6 +222,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
             metrics["skipped"] = len(bad)
         if dist.is_main:
             print(json.dumps(metrics) if args.json else format_table(metrics))
+            warning = constant_prediction_warning(metrics)
+            if warning:
+                print(f"cadsam: {warning}", file=sys.stderr)
     finally:
         distributed.teardown(dist)
 
@@ -178,23 +234,27 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .predict import input_files, predict
     from .weights import load_weights
 
+    device = pick_device(args.device)
     inputs = input_files(args.input)
-    model, meta = load_weights(args.weights, args.checkpoint)
+    model, meta = load_weights(args.weights, args.checkpoint, _runtime(args, device))
     written = predict(
         model,
         inputs,
         args.output,
         meta["image_size"],
-        pick_device(args.device),
+        device,
         args.precision,
         args.probabilities,
         args.overlay,
+        skip_bad=args.skip_bad,
     )
-    print(f"wrote {len(written)} mask(s) to {args.output}")
+    skipped = len(inputs) - len(written)
+    note = f"; skipped {skipped} unreadable input(s)" if skipped else ""
+    print(f"wrote {len(written)} mask(s) to {args.output}{note}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import parse_setting, run_bench
+    from .bench import run_bench
 
     overrides = dict(parse_setting(text) for text in args.overrides)
     run_bench(
@@ -275,35 +335,21 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cadsam",
-        description="Adapt Segment Anything to a new segmentation domain with CAD, the "
-        "parallel convolutional adapter, or one of its baselines.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, func: Callable[[argparse.Namespace], None], help: str):
-        sub = commands.add_parser(name, help=help, description=help)
-        sub.set_defaults(func=func)
-        return sub
-
-    params = command("params", cmd_params, "Count a method's trainable and total parameters.")
-    params.add_argument("--backbone", required=True, choices=list(SAM_CONFIGS))
-    params.add_argument("--method", required=True, choices=list(METHODS))
-    params.add_argument("--json", action="store_true", help="print one JSON object")
-
-    train = command(
-        "train",
-        cmd_train,
-        "Train a method on a data set; writes weights, config and metrics into --out.",
-    )
+def add_train_arguments(train: argparse.ArgumentParser) -> None:
+    """``cadsam train``'s flags: what a user decides. Each flag's ``dest`` is its TrainConfig
+    key; everything else is reached by ``--set NAME=VALUE`` (listed in the epilogue)."""
     train.add_argument("--config", help="YAML file of settings (command-line flags override it)")
     train.add_argument("--method", choices=[m for m in METHODS if m != "zero-shot"])
     train.add_argument("--backbone", choices=list(SAM_CONFIGS))
     train.add_argument(
         "--checkpoint",
         help="SAM checkpoint: a .pth path or vit_b / vit_l / vit_h (downloaded if absent)",
+    )
+    train.add_argument(
+        "--random-weights",
+        action="store_true",
+        default=None,
+        help="train on randomly initialised SAM on purpose (no --checkpoint)",
     )
     train.add_argument("--out", help="run directory")
     _data_args(train, "train")
@@ -318,106 +364,90 @@ def build_parser() -> argparse.ArgumentParser:
     opt = train.add_argument_group("optimisation (defaults: the paper's)")
     opt.add_argument("--epochs", type=int, help="default 20")
     opt.add_argument("--batch-size", type=int, help="per process; default 4 (2 for vit_h)")
-    opt.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (default 1)")
     opt.add_argument("--lr", type=float, help="default 2e-4 (AdamW)")
-    opt.add_argument("--weight-decay", type=float, help="default 0.01")
+    opt.add_argument("--image-size", type=int, help="training resolution (default 512)")
     opt.add_argument(
-        "--schedule",
-        choices=["cosine", "constant"],
-        help="per-step cosine (default) or constant, which reproduces the authors' effective schedule",
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        default=None,
+        help="resize only, no flips or rotations",
     )
-    opt.add_argument("--seed", type=int, help="default 21")
     opt.add_argument(
         "--precision", choices=list(PRECISIONS), help="fp32 (default) or bf16 autocast"
     )
-    opt.add_argument("--image-size", type=int, help="training resolution (default 512)")
-    opt.add_argument(
-        "--no-augment", action="store_true", default=None, help="resize only, no flips or rotations"
-    )
-    meth = train.add_argument_group("method options")
-    meth.add_argument(
-        "--adapter-size", type=int, help="cad: the adapter's input resolution (default 512)"
-    )
-    meth.add_argument(
-        "--cad-layout", choices=["official", "paper"], help="cad: block layout (default official)"
-    )
-    meth.add_argument(
-        "--checkpoint-blocks",
-        action="store_true",
-        default=None,
-        help="sam-adapter*: recompute each encoder block in backward to save memory",
-    )
-    meth.add_argument(
-        "--checkpoint-adapter",
-        action="store_true",
-        default=None,
-        help="cad: recompute each adapter block that runs whole in backward to save memory",
-    )
-    meth.add_argument(
-        "--adapter-tile-mib",
-        type=float,
-        help="cad: run an adapter block band by band when its activation exceeds this many MiB "
-        f"(default {METHOD_OPTIONS['cad']['adapter_tile_mib']:g}; 0: never), keeping only its "
-        "input: the same values, far less memory",
-    )
-    meth.add_argument(
-        "--compile-tiles",
-        type=_auto_or_bool,
-        metavar="{auto,true,false}",
-        help="cad: fuse the banded blocks' elementwise arithmetic with torch.compile "
-        "(default auto: on CUDA; false skips the compilation's warm-up)",
-    )
-    meth.add_argument(
-        "--triton-kernels",
-        type=_auto_or_bool,
-        metavar="{auto,true,false}",
-        help="cad: run the banded first block as Triton kernels that never write its "
-        "256-channel activation (default auto: on CUDA where Triton imports)",
-    )
-    meth.add_argument(
-        "--compile-blocks",
-        type=_auto_or_bool,
-        metavar="{auto,true,false}",
-        help="cad: the adapter blocks that run whole through torch.compile, which fuses their "
-        "elementwise arithmetic (default auto: while training on CUDA without "
-        "--checkpoint-adapter, with which it does not combine)",
-    )
-    meth.add_argument(
-        "--compile-decoder",
-        type=_auto_or_bool,
-        metavar="{auto,true,false}",
-        help="the mask decoder through torch.compile, which fuses its many small kernels "
-        "(default auto: while training on CUDA; false skips the compilation's warm-up)",
-    )
-    meth.add_argument(
-        "--encoder-chunk",
-        type=int,
-        help="images per frozen-encoder call (default 1; 0: the whole batch, faster, more memory)",
-    )
-    train.add_argument(
+    run = train.add_argument_group("running")
+    run.add_argument(
         "--cache", help="train from this embedding cache (cadsam cache): no image encoder in memory"
     )
-    run = train.add_argument_group("running")
     run.add_argument(
         "--resume", action="store_true", default=None, help="continue the run in --out"
     )
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    run.add_argument("--num-workers", type=int, help="data loading processes (default 2)")
-    run.add_argument("--no-progress", action="store_true", default=None, help="no progress bars")
     run.add_argument(
-        "--cuda-graph",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="capture the training step as a CUDA graph after 3 eager steps and replay it: "
-        "the same arithmetic, launched at once (one GPU, no --grad-accum; a short last "
-        "batch runs eagerly). Speeds up steps bound by kernel launches, such as from --cache. "
-        "On --resume the run's own choice holds unless given",
+        "--runtime",
+        dest="runtime_name",
+        choices=list(RUNTIMES),
+        help="how to run, never what is trained: auto (default: the fastest path that fits "
+        "the device), lean (the least memory) or plain (the reference path)",
     )
     run.add_argument(
-        "--tensorboard",
-        action="store_true",
-        default=None,
-        help="also log loss, learning rate and validation to RUN/tensorboard",
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="NAME=VALUE",
+        help="any other setting, by name (repeatable): see below",
+    )
+    run.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None, help="no bars"
+    )
+    train.epilog = _set_epilog()
+    train.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _set_epilog() -> str:
+    runtime = ", ".join(f.name for f in dataclasses.fields(Runtime))
+    options = "; ".join(
+        f"{method}: {', '.join(f'{k} (default {v})' for k, v in accepted.items())}"
+        for method, accepted in METHOD_OPTIONS.items()
+        if accepted
+    )
+    return (
+        "--set NAME=VALUE reaches every other setting (also a key of a --config file):\n"
+        f"  model options (saved with the weights): {options}\n"
+        "  training: grad_accum (1), weight_decay (0.01), schedule (cosine|constant), seed (21),\n"
+        "    num_workers (2), tensorboard (false), mask_threshold (127)\n"
+        f"  runtime (speed and memory only; README 'Runtime'): {runtime}\n"
+        "e.g. --set adapter_size=256 --set schedule=constant --set cuda_graph=true"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cadsam",
+        description="Adapt Segment Anything to a new segmentation domain with CAD, the "
+        "parallel convolutional adapter, or one of its baselines.",
+    )
+    parser.add_argument("--version", action="version", version=f"cadsam {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], None], help: str):
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(func=func)
+        return sub
+
+    params = command("params", cmd_params, "Count a method's trainable and total parameters.")
+    params.add_argument("--backbone", required=True, choices=list(SAM_CONFIGS))
+    params.add_argument("--method", required=True, choices=list(METHODS))
+    params.add_argument("--json", action="store_true", help="print one JSON object")
+
+    add_train_arguments(
+        command(
+            "train",
+            cmd_train,
+            "Train a method on a data set; writes weights, config and metrics into --out.",
+        )
     )
 
     ev = command(
@@ -425,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_eval,
         "Score trained weights (or zero-shot SAM) on a data set: Dice, IoU, MAE, BER ...",
     )
-    ev.add_argument("--weights", help="a weights file written by cadsam train")
+    ev.add_argument("--weights", help="a weights file written by cadsam train, or its run folder")
     ev.add_argument(
         "--method", choices=["zero-shot"], help="zero-shot: plain SAM with a whole-image box"
     )
@@ -433,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--checkpoint",
         help="SAM checkpoint (zero-shot), or where the weights' base checkpoint now is",
+    )
+    ev.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="zero-shot on randomly initialised SAM, on purpose (no --checkpoint)",
     )
     _data_args(ev, "test")
     ev.add_argument(
@@ -453,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
-    ev.add_argument("--device")
+    ev.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ev.add_argument("--num-workers", type=int, default=2)
+    _runtime_args(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
 
     pr = command(
@@ -462,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_predict,
         "Write a trained model's masks for images, at each image's own size.",
     )
-    pr.add_argument("--weights", required=True, help="a weights file written by cadsam train")
+    pr.add_argument(
+        "--weights", required=True, help="a weights file written by cadsam train, or its run folder"
+    )
     pr.add_argument("--input", required=True, help="an image or a folder of images")
     pr.add_argument("--output", required=True, help="folder for <name>.png masks (0/255)")
     pr.add_argument(
@@ -477,7 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlay", action="store_true", help="also write <name>_overlay.png (mask over the image)"
     )
     pr.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
-    pr.add_argument("--device")
+    pr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _runtime_args(pr)
+    pr.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="exit 0 even if some inputs cannot be read (they are still reported)",
+    )
 
     from .data.transforms import VIEWS
 
@@ -518,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument(
         "--compile", action="store_true", help="torch.compile the encoder (faster for large sets)"
     )
-    ca.add_argument("--device")
+    ca.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ca.add_argument("--num-workers", type=int, default=4)
 
     demo = command(

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .errors import CadsamError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -25,9 +27,48 @@ class Dist:
 
 
 def pick_device(requested: str | None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device ``--device`` names, checked to exist here (default: cuda if available).
+
+    A misspelt name, a CUDA device on a torch build without CUDA or on a machine where no GPU
+    is visible, and a GPU index beyond the visible ones are :class:`CadsamError`, not a
+    traceback from deep inside the first tensor moved there."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError, TypeError):
+        raise CadsamError(
+            f"unknown --device {requested!r}: use cpu, cuda or cuda:N (N counts from 0)"
+        ) from None
+    if device.type == "cuda":
+        _check_cuda(requested, device)
+    elif device.type != "cpu" and not _available(device.type):
+        raise CadsamError(f"--device {requested}: no {device.type} device here; use --device cpu")
+    return device
+
+
+def _check_cuda(requested: str, device: torch.device) -> None:
+    if not torch.cuda.is_available():
+        why = (
+            "this torch was built without CUDA"
+            if torch.version.cuda is None
+            else f"this torch (CUDA {torch.version.cuda}) sees no GPU"
+        )
+        raise CadsamError(f"--device {requested}: {why}; use --device cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise CadsamError(
+            f"--device {requested}: only {count} GPU(s) visible (cuda:0 to cuda:{count - 1})"
+        )
+
+
+def _available(kind: str) -> bool:
+    """Whether torch can use an accelerator of this kind (mps, xpu, ...) here."""
+    if kind == "mps":
+        return torch.backends.mps.is_available()
+    backend = getattr(torch, kind, None)
+    is_available = getattr(backend, "is_available", None)
+    return bool(is_available and is_available())
 
 
 def setup(requested_device: str | None = None) -> Dist:

@@ -66,10 +66,35 @@ def evaluate(
     return merged.compute()
 
 
+# Units shown beside a metric's name in the table; the JSON keys are the bare names.
+UNITS = {"ber": "%", "ber_dataset": "%"}
+
+
 def format_table(metrics: dict[str, float]) -> str:
-    width = max(len(k) for k in metrics)
+    """One ``name  value`` line per metric; BER's name carries its unit: ``ber (%)``."""
+    names = {k: f"{k} ({UNITS[k]})" if k in UNITS else k for k in metrics}
+    width = max(len(name) for name in names.values())
     lines = []
     for key, value in metrics.items():
         shown = f"{value:d}" if isinstance(value, int) else f"{value:.4f}"
-        lines.append(f"{key:<{width}}  {shown}")
+        lines.append(f"{names[key]:<{width}}  {shown}")
     return "\n".join(lines)
+
+
+def constant_prediction_warning(metrics: dict[str, float]) -> str | None:
+    """A warning line when the model's mask was the same constant on every image, else None."""
+    n = metrics.get("images", 0)
+    fg = metrics.get("predicted_all_foreground", 0)
+    bg = metrics.get("predicted_all_background", 0)
+    if not n or fg + bg < n:
+        return None
+    if fg == n:
+        what = f"foreground everywhere on every image ({fg} of {n})"
+    elif bg == n:
+        what = f"background everywhere on every image ({bg} of {n})"
+    else:
+        what = f"a constant mask on every image ({fg} all foreground, {bg} all background)"
+    return (
+        f"warning: the model predicted {what}: the scores describe no segmentation; "
+        "check that the weights are trained ones for this kind of data"
+    )

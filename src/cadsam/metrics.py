@@ -7,6 +7,9 @@
   official SAM-Adapter code) and accumulated over the data set (as the shadow literature).
   In a per-image BER an image without shadow (or without background) counts that class's
   error rate as 0.
+* BER is a percentage (0-100; lower is better), the other metrics are fractions (0-1).
+* ``predicted_all_foreground`` / ``predicted_all_background``: how many images the model
+  marked foreground (or background) everywhere, the sign of an untrained or broken model.
 * With the ``sod`` extra (PySODMetrics): S-measure (alpha 0.5), mean E-measure, weighted
   F-measure, on probabilities min-max normalised per image, as the official SAM-Adapter.
 """
@@ -43,6 +46,8 @@ class SegmentationMeter:
         self.sod = sod
         # tp, fp, fn, tn over the whole data set
         self.totals = torch.zeros(4, dtype=torch.float64)
+        # images predicted foreground everywhere, background everywhere
+        self.constant = [0, 0]
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """One image at a time or a batch: B x 1 x H x W logits and 0/1 targets."""
@@ -59,18 +64,25 @@ class SegmentationMeter:
             fn, tn = (~p & g).sum().item(), (~p & ~g).sum().item()
             self.totals += torch.tensor([tp, fp, fn, tn], dtype=torch.float64)
             self.per_image["ber"].append(_ber(tp, fp, fn, tn))
+            self.constant[0] += int(fn + tn == 0)
+            self.constant[1] += int(tp + fp == 0)
             if self.sod:
                 for key, value in sod_scores(pr[0].numpy(), g[0].numpy()).items():
                     self.per_image[key].append(value)
 
     def state(self) -> dict:
         """What another rank needs to merge (see :meth:`merge`)."""
-        return {"per_image": self.per_image, "totals": self.totals.tolist()}
+        return {
+            "per_image": self.per_image,
+            "totals": self.totals.tolist(),
+            "constant": list(self.constant),
+        }
 
     def merge(self, state: dict) -> None:
         for key, values in state["per_image"].items():
             self.per_image[key] += values
         self.totals += torch.tensor(state["totals"], dtype=torch.float64)
+        self.constant = [a + b for a, b in zip(self.constant, state["constant"], strict=True)]
 
     def compute(self) -> dict[str, float]:
         tp, fp, fn, tn = self.totals.tolist()
@@ -80,6 +92,8 @@ class SegmentationMeter:
             "dice_dataset": (2 * tp + SMOOTH) / (2 * tp + fp + fn + SMOOTH),
             "iou_dataset": (tp + SMOOTH) / (tp + fp + fn + SMOOTH),
             "ber_dataset": _ber(tp, fp, fn, tn),
+            "predicted_all_foreground": self.constant[0],
+            "predicted_all_background": self.constant[1],
         }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,27 +57,59 @@ def predict(
     probabilities: bool = False,
     overlay: bool = False,
     progress: bool = True,
+    *,
+    skip_bad: bool = False,
 ) -> list[Path]:
     """Write ``<stem>.png`` (0/255 mask) per input, plus ``<stem>_prob.png`` (8-bit
-    probability) and ``<stem>_overlay.png`` (mask blended over the image) if asked."""
+    probability) and ``<stem>_overlay.png`` (mask blended over the image) if asked.
+
+    An input that cannot be read is reported on stderr (one line each) and the others are
+    still written; afterwards that is an error naming how many failed and the first, unless
+    ``skip_bad``. Returns the masks written."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     model.to(device).eval()
-    written = []
+    written, failed = [], []
     for path in tqdm(inputs, desc="predicting", unit="image", disable=not progress):
-        image = read_image(path)
-        logits = predict_logits(model, image, size, device, precision)
-        mask = (logits > 0).numpy()
-        target = output / f"{path.stem}.png"
-        Image.fromarray((mask * 255).astype(np.uint8)).save(target)
-        written.append(target)
-        if probabilities:
-            prob = torch.sigmoid(logits).numpy()
-            Image.fromarray(np.rint(prob * 255).astype(np.uint8)).save(
-                output / f"{path.stem}_prob.png"
+        try:
+            image = read_image(path)
+        except CadsamError as exc:
+            tqdm.write(f"cadsam: warning: {exc} (no mask written)", file=sys.stderr)
+            failed.append(str(exc))
+            continue
+        written.append(
+            _write_outputs(
+                model, image, path.stem, output, size, device, precision, probabilities, overlay
             )
-        if overlay:
-            blend = image.astype(np.float32)
-            blend[mask] = 0.5 * blend[mask] + 0.5 * OVERLAY_COLOUR
-            Image.fromarray(blend.astype(np.uint8)).save(output / f"{path.stem}_overlay.png")
+        )
+    if failed and not skip_bad:
+        raise CadsamError(
+            f"{len(failed)} of {len(inputs)} input(s) could not be read (first: {failed[0]}); "
+            f"the other {len(written)} mask(s) are in {output} (--skip-bad: exit 0 anyway)"
+        )
     return written
+
+
+def _write_outputs(
+    model: AdaptedSam,
+    image: np.ndarray,
+    stem: str,
+    output: Path,
+    size: int,
+    device: torch.device,
+    precision: str,
+    probabilities: bool,
+    overlay: bool,
+) -> Path:
+    logits = predict_logits(model, image, size, device, precision)
+    mask = (logits > 0).numpy()
+    target = output / f"{stem}.png"
+    Image.fromarray((mask * 255).astype(np.uint8)).save(target)
+    if probabilities:
+        prob = torch.sigmoid(logits).numpy()
+        Image.fromarray(np.rint(prob * 255).astype(np.uint8)).save(output / f"{stem}_prob.png")
+    if overlay:
+        blend = image.astype(np.float32)
+        blend[mask] = 0.5 * blend[mask] + 0.5 * OVERLAY_COLOUR
+        Image.fromarray(blend.astype(np.uint8)).save(output / f"{stem}_overlay.png")
+    return target

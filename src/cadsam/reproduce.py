@@ -15,15 +15,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .data import SegmentationDataset, layout_pairs, scan_pairs
-from .distributed import Dist
+from .distributed import Dist, pick_device
 from .errors import CadsamError
 from .evaluate import evaluate
+from .fast import fit
 from .figures import mask_rows, pyplot, save_grid
 from .methods import build_model
 from .paper import MEMORY_TABLES, SCORES
+from .runtime import resolve_runtime
 from .sam.checkpoint import META_CHECKPOINTS
 from .train import TrainConfig, train
 from .weights import load_weights
@@ -164,7 +164,7 @@ def _run_one(
             epochs=epochs,
             image_size=image_size,
             schedule="constant",
-            method_options={"adapter_size": adapter_size} if method == "cad" else {},
+            options={"adapter_size": adapter_size} if method == "cad" else {},
             device=device,
             num_workers=num_workers,
             progress=progress,
@@ -174,7 +174,8 @@ def _run_one(
         model, _ = load_weights(run / "last.safetensors")
         lines = (run / "metrics.jsonl").read_text().splitlines()
         peak = max((json.loads(x).get("peak_memory_mib") or 0 for x in lines), default=0) or None
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = pick_device(device)
+    fit(model, resolve_runtime("auto", None, target)[0])
     metrics = evaluate(
         model.to(target),
         SegmentationDataset(test_pairs, image_size),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import CadsamError
 from .files import write_atomic
-from .methods import AdaptedSam, build_model
+from .methods import METHOD_OPTIONS, AdaptedSam, build_model
+from .runtime import Runtime
 from .sam.checkpoint import file_sha256, resolve_checkpoint
 
 FORMAT = 1
@@ -59,28 +61,64 @@ def save_weights(
     )
 
 
-def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
+def weights_file(path: str | os.PathLike) -> Path:
+    """``path``, or for a run folder the weights ``train`` wrote in it (best, else last)."""
     path = Path(path)
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise CadsamError(f"{path} is a folder without best.safetensors or last.safetensors")
     if not path.is_file():
         raise CadsamError(f"weights not found: {path}")
+    return path
+
+
+def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    path = weights_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = (f.metadata() or {}).get("cadsam")
-    except (SafetensorError, OSError) as exc:
-        raise CadsamError(f"cannot read weights {path}: {exc}") from None
+    except (SafetensorError, OSError):
+        raise CadsamError(f"{path} is not a cadsam weights file: {_what_it_is(path)}") from None
     if meta is None:
         raise CadsamError(f"{path} is not a cadsam weights file (no cadsam metadata)")
     return json.loads(meta)
 
 
+def _what_it_is(path: Path) -> str:
+    """A guess at what a file given as weights is, and what to pass instead."""
+    if path.name == "state.pt":
+        return (
+            "it is a run's training state (for --resume); pass the run folder or its "
+            "last.safetensors"
+        )
+    try:
+        import torch
+
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return "not a safetensors file"
+    if isinstance(content, dict) and any(str(k).startswith("image_encoder.") for k in content):
+        return "it is a SAM checkpoint; give it as --checkpoint, and trained weights as --weights"
+    if isinstance(content, dict) and {"optimizer", "model"} <= set(content):
+        return "it is a run's training state (for --resume); pass its last.safetensors"
+    return "a PyTorch file, not a safetensors file written by cadsam train"
+
+
 def load_weights(
-    path: str | os.PathLike, checkpoint: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    runtime: Runtime | None = None,
 ) -> tuple[AdaptedSam, dict[str, Any]]:
-    """Rebuild the trained model from a weights file. ``checkpoint`` overrides where the base
-    SAM checkpoint is found (its sha256 must still match the recorded one)."""
+    """Rebuild the trained model from a weights file (or a run folder), to run under
+    ``runtime`` (the plain path if none). ``checkpoint`` overrides where the base SAM
+    checkpoint is found (its sha256 must still match the recorded one)."""
+    path = weights_file(path)
     meta = read_weights_metadata(path)
     base = None if meta["includes_base"] else _verified_base(path, meta, checkpoint)
-    model = build_model(meta["method"], meta["backbone"], base, **meta["options"])
+    options = model_options(meta, path)
+    model = build_model(meta["method"], meta["backbone"], base, runtime=runtime, **options)
     tensors = load_file(str(path))
     if meta["includes_base"]:  # sam.* holds all of SAM, the trained decoder included
         model.sam.load_state_dict(
@@ -89,6 +127,21 @@ def load_weights(
     expected = model.trainable_state_dict()
     model.load_trainable_state_dict({k: v for k, v in tensors.items() if k in expected})
     return model, meta
+
+
+def model_options(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The model options in a weights file's metadata. Files written before runtime and model
+    options were told apart also hold how they were trained to run: that is ignored."""
+    known = METHOD_OPTIONS.get(meta["method"], {})
+    options = {k: v for k, v in meta["options"].items() if k in known}
+    ignored = sorted(set(meta["options"]) - set(known))
+    if ignored:
+        print(
+            f"note: {path.name} records how it was run ({', '.join(ignored)}); ignored, "
+            "since that is the runtime's choice now",
+            file=sys.stderr,
+        )
+    return options
 
 
 def _verified_base(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import CadsamError
-from .io import list_images, read_image, read_mask
+from .io import IMAGE_EXTENSIONS, list_images, read_image, read_mask
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,32 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-def _by_stem(files: list[Path], folder: Path) -> dict[str, Path]:
+def _by_stem(files: list[Path], folder: Path, suffix: str | None = None) -> dict[str, Path]:
+    """Files by pair id: the stem, or with ``suffix`` the name (or stem) minus the suffix.
+    Files whose name does not end in the suffix are left out."""
     stems: dict[str, Path] = {}
     for path in files:
-        if path.stem in stems:
+        stem = _pair_id(path, suffix)
+        if stem is None:
+            continue
+        if stem in stems:
             raise CadsamError(
-                f"two files named {path.stem} in {folder}: {stems[path.stem].name}, {path.name}"
+                f"two files for {stem} in {folder}: {stems[stem].name}, {path.name}"
+                if suffix
+                else f"two files named {stem} in {folder}: {stems[stem].name}, {path.name}"
             )
-        stems[path.stem] = path
+        stems[stem] = path
     return stems
+
+
+def _pair_id(path: Path, suffix: str | None) -> str | None:
+    if not suffix:
+        return path.stem
+    # "_mask" is matched against the stem, "_mask.png" against the whole name
+    name = path.name if Path(suffix).suffix.lower() in IMAGE_EXTENSIONS else path.stem
+    if not name.endswith(suffix) or name == suffix:
+        return None
+    return name[: -len(suffix)]
 
 
 def _listing(names: list[str]) -> str:
@@ -74,36 +92,83 @@ def _listing(names: list[str]) -> str:
     return shown + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
 
+def _unpaired(
+    images: Path,
+    masks: Path,
+    no_mask: list[str],
+    no_image: list[str],
+    unmatched: list[str],
+    suffix: str | None,
+) -> list[str]:
+    """One phrase per kind of file left without a partner."""
+    parts = []
+    if no_mask:
+        parts.append(
+            f"{len(no_mask)} image(s) in {images} have no mask in {masks}: {_listing(no_mask)}"
+        )
+    if no_image:
+        parts.append(f"{len(no_image)} mask(s) in {masks} have no image: {_listing(no_image)}")
+    if unmatched:
+        parts.append(
+            f"{len(unmatched)} file(s) in {masks} do not end in --mask-suffix {suffix}: "
+            f"{_listing(unmatched)}"
+        )
+    return parts
+
+
+def _warn(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+        print(f"cadsam: warning: {message}", file=sys.stderr)
+
+
 def pair_folders(
     images: str | os.PathLike,
     masks: str | os.PathLike,
     name_filter: str | None = None,
     extra_masks_ok: bool = False,
+    *,
+    skip_bad: bool = False,
+    mask_suffix: str | None = None,
 ) -> list[Pair]:
-    """Pair the images in one folder with the masks in another by file stem."""
+    """Pair the images in one folder with the masks in another by file stem.
+
+    With ``mask_suffix`` (``"_mask"``) a mask's stem minus the suffix is its pair's id, so
+    ``00.png`` pairs with ``00_mask.png``. Files without a partner are an error naming them;
+    with ``skip_bad`` they are left out and reported on stderr."""
     images, masks = Path(images), Path(masks)
     image_files = [p for p in list_images(images) if name_filter is None or name_filter in p.name]
     mask_files = [p for p in list_images(masks) if name_filter is None or name_filter in p.name]
-    by_image, by_mask = _by_stem(image_files, images), _by_stem(mask_files, masks)
+    by_image, by_mask = _by_stem(image_files, images), _by_stem(mask_files, masks, mask_suffix)
     no_mask = sorted(set(by_image) - set(by_mask))
     no_image = [] if extra_masks_ok else sorted(set(by_mask) - set(by_image))
-    if no_mask or no_image:
-        parts = []
-        if no_mask:
-            parts.append(
-                f"{len(no_mask)} image(s) in {images} have no mask in {masks}: {_listing(no_mask)}"
-            )
-        if no_image:
-            parts.append(f"{len(no_image)} mask(s) in {masks} have no image: {_listing(no_image)}")
-        raise CadsamError("; ".join(parts))
+    unmatched = (
+        []
+        if extra_masks_ok or not mask_suffix
+        else sorted(p.name for p in mask_files if _pair_id(p, mask_suffix) is None)
+    )
+    parts = _unpaired(images, masks, no_mask, no_image, unmatched, mask_suffix)
+    if parts and not skip_bad:
+        raise CadsamError("; ".join(parts) + " (--skip-bad skips unpaired files)")
     if not by_image:
         raise CadsamError(
             f"no images found in {images} (looked for {', '.join(('png', 'jpg', 'tif', '...'))})"
         )
-    return [Pair(stem, by_image[stem], by_mask[stem]) for stem in sorted(by_image)]
+    stems = sorted(set(by_image) & set(by_mask))
+    if not stems:
+        raise CadsamError(f"no image in {images} has a mask in {masks}: " + "; ".join(parts))
+    if parts:
+        _warn("skipped unpaired files: " + "; ".join(parts))
+    return [Pair(stem, by_image[stem], by_mask[stem]) for stem in stems]
 
 
-def layout_pairs(layout: str, root: str | os.PathLike, split: str) -> list[Pair]:
+def layout_pairs(
+    layout: str,
+    root: str | os.PathLike,
+    split: str,
+    *,
+    skip_bad: bool = False,
+    mask_suffix: str | None = None,
+) -> list[Pair]:
     """The pairs of one split of a named layout (``istd``, ``camo``, ``cod10k``, ``sinet``)."""
     if layout not in LAYOUTS:
         raise CadsamError(f"unknown --dataset {layout!r}: choose from {', '.join(LAYOUTS)}")
@@ -116,7 +181,14 @@ def layout_pairs(layout: str, root: str | os.PathLike, split: str) -> list[Pair]
             raise CadsamError(
                 f"{layout} {split} split: expected folder {folder} (is --data-root right?)"
             )
-    return pair_folders(image_dir, mask_dir, spec.name_filter, extra_masks_ok=spec.shared_masks)
+    return pair_folders(
+        image_dir,
+        mask_dir,
+        spec.name_filter,
+        extra_masks_ok=spec.shared_masks,
+        skip_bad=skip_bad,
+        mask_suffix=mask_suffix,
+    )
 
 
 def split_validation(

@@ -9,6 +9,8 @@ The methods differ only in how the image embedding is made, and that lives in
   its activations are part of the graph.
 
 Everything after the embedding (whole-image box prompt, mask decoder, upsampling) is shared.
+How each stage runs (chunked, compiled, recomputed, in bands) is the model's ``runner``'s
+business: :class:`PlainRunner` here, the reference; :func:`cadsam.fast.fit` swaps in another.
 """
 
 from __future__ import annotations
@@ -20,11 +22,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CadsamError
+from ..runtime import Runtime
 from ..sam import Sam
 from .cad import ConvAdapter
 from .sam_adapter import OfficialSamAdapter, PaperSamAdapter
 
 CAD_SCALE = 0.1  # how much of the adapter's tanh map joins the embedding
+
+
+class PlainRunner:
+    """How a model's stages run on the plain path, the reference for every faster one."""
+
+    runtime = Runtime()
+
+    def frozen_embeddings(self, model: AdaptedSam, images: torch.Tensor) -> torch.Tensor:
+        return model.sam.image_encoder(model.sam_input(images))
+
+    def encoder_block(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return block(tokens)
+
+    def adapter(self, adapter: ConvAdapter, images: torch.Tensor) -> torch.Tensor:
+        return adapter(images)
+
+    def mask_logits(self, model: AdaptedSam, embeddings: torch.Tensor, size: int) -> torch.Tensor:
+        return model.mask_logits(embeddings, size)
 
 
 class AdaptedSam(nn.Module):
@@ -44,6 +65,7 @@ class AdaptedSam(nn.Module):
         self.options = dict(options)
         self.adapter = adapter
         self.encoder_adapter = encoder_adapter
+        self.runner: PlainRunner = PlainRunner()  # not a module: never in the state_dict
         sam.requires_grad_(False)
         if method != "zero-shot":
             sam.mask_decoder.requires_grad_(True)
@@ -102,37 +124,26 @@ class AdaptedSam(nn.Module):
         if self.encoder_adapter is not None:
             assert embeddings is None, "SAM-Adapter changes the encoder's output"
             return self.encoder_adapter.encode(
-                self.sam.image_encoder, self.sam_input(images), self.options["checkpoint_blocks"]
+                self.sam.image_encoder, self.sam_input(images), self.runner.encoder_block
             )
         if embeddings is None:
             assert self.sam.image_encoder is not None, "built without an encoder: pass embeddings"
             embeddings = self.frozen_embeddings(images)
         if self.adapter is not None:
-            embeddings = embeddings + CAD_SCALE * self.adapter(self.adapter_input(images))
+            adapter = self.runner.adapter(self.adapter, self.adapter_input(images))
+            embeddings = embeddings + CAD_SCALE * adapter
         return embeddings
 
     @torch.no_grad()
     def frozen_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen encoder's embeddings, ``encoder_chunk`` images at a time (0: all): without
-        autograd nothing is kept, so the peak is one chunk's activations."""
-        chunk = self.options.get("encoder_chunk", 0) or len(images)
-        encoder = self.sam.image_encoder
-        if self.options.get("compile_encoder"):
-            if "_compiled_encoder" not in self.__dict__:  # kept out of the module tree
-                self.__dict__["_compiled_encoder"] = torch.compile(encoder)
-            encoder = self.__dict__["_compiled_encoder"]
-        return torch.cat([encoder(self.sam_input(part)) for part in images.split(chunk)])
+        """The frozen encoder's embeddings, outside autograd: it keeps nothing for backward."""
+        return self.runner.frozen_embeddings(self, images)
 
     def forward(self, images: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """B x 3 x S x S RGB in 0..255 -> B x 1 x S x S mask logits (whole-image box prompt)."""
         height, width = images.shape[-2:]
         assert height == width, "images are resized to a square before the model"
-        image_embeddings = self.image_embeddings(images, embeddings)
-        if not self._compiled_decoder(images):
-            return self.mask_logits(image_embeddings, height)
-        if "_compiled_mask_logits" not in self.__dict__:  # kept out of the module tree
-            self.__dict__["_compiled_mask_logits"] = torch.compile(self.mask_logits)
-        return self.__dict__["_compiled_mask_logits"](image_embeddings, height)
+        return self.runner.mask_logits(self, self.image_embeddings(images, embeddings), height)
 
     def mask_logits(self, image_embeddings: torch.Tensor, size: int) -> torch.Tensor:
         """Image embeddings -> B x 1 x size x size mask logits, prompted by the whole-image box.
@@ -156,12 +167,3 @@ class AdaptedSam(nn.Module):
         if frame != size:
             logits = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
         return logits
-
-    def _compiled_decoder(self, images: torch.Tensor) -> bool:
-        """Whether :meth:`mask_logits` runs through ``torch.compile`` (``compile_decoder``; "auto":
-        while training on CUDA, where fusing the decoder's hundreds of small kernels pays for
-        the compilation)."""
-        option = self.options.get("compile_decoder", False)
-        if option == "auto":
-            return images.is_cuda and torch.is_grad_enabled()
-        return bool(option)

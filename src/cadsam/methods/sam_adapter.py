@@ -1,7 +1,7 @@
 """SAM-Adapter: prompts computed from the image and added to the encoder's tokens.
 
 Unlike CAD these act *inside* the frozen encoder, so every block's activations stay in the
-autograd graph; ``checkpoint_blocks`` recomputes them per block in backward instead.
+autograd graph (the runtime's ``checkpoint_encoder`` recomputes them per block in backward).
 
 * :class:`OfficialSamAdapter`: Chen et al.'s prompt generator (scale factor 32).
 * :class:`PaperSamAdapter`: the CAD authors' re-implementation, which the paper's tables
@@ -15,10 +15,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..frequency import high_pass
 from ..sam.image_encoder import ImageEncoderViT
+
+RunBlock = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _plain_block(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return block(tokens)
 
 
 def run_blocks(
@@ -26,18 +31,13 @@ def run_blocks(
     tokens: torch.Tensor,
     prompt: Callable[[int], torch.Tensor],
     num_prompts: int,
-    checkpoint_blocks: bool,
+    run_block: RunBlock,
 ) -> torch.Tensor:
     """Add ``prompt(i)`` before block i, and ``prompt(depth)`` after the last block if
     ``num_prompts`` is depth + 1. Each prompt is made just before it is added, so only one
-    B x H x W x E prompt is alive at a time."""
+    B x H x W x E prompt is alive at a time. ``run_block(block, tokens)``: the runner's."""
     for i, block in enumerate(encoder.blocks):
-        tokens = tokens + prompt(i)
-        if checkpoint_blocks and torch.is_grad_enabled():
-            # nothing random inside; without the RNG's state a CUDA graph can capture it
-            tokens = checkpoint(block, tokens, use_reentrant=False, preserve_rng_state=False)
-        else:
-            tokens = block(tokens)
+        tokens = run_block(block, tokens + prompt(i))
     if num_prompts > len(encoder.blocks):
         tokens = tokens + prompt(len(encoder.blocks))
     return encoder.neck(tokens.permute(0, 3, 1, 2))
@@ -65,7 +65,7 @@ class OfficialSamAdapter(nn.Module):
         self.prompt_generator = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
     def encode(
-        self, encoder: ImageEncoderViT, x: torch.Tensor, checkpoint_blocks: bool = False
+        self, encoder: ImageEncoderViT, x: torch.Tensor, run_block: RunBlock = _plain_block
     ) -> torch.Tensor:
         """Normalised encoder input -> image embedding, with prompts before every block."""
         patches = encoder.patch_embed(x)  # B x H x W x E, before the position embedding
@@ -76,7 +76,7 @@ class OfficialSamAdapter(nn.Module):
             return self.shared_mlp(getattr(self, f"lightweight_mlp_{i}")(task))
 
         tokens = patches + encoder.pos_embed
-        return run_blocks(encoder, tokens, prompt, self.depth, checkpoint_blocks)
+        return run_blocks(encoder, tokens, prompt, self.depth, run_block)
 
 
 class PaperSamAdapter(nn.Module):
@@ -102,7 +102,7 @@ class PaperSamAdapter(nn.Module):
         self.shared_up = nn.Linear(hidden_dim, embed_dim)
 
     def encode(
-        self, encoder: ImageEncoderViT, x: torch.Tensor, checkpoint_blocks: bool = False
+        self, encoder: ImageEncoderViT, x: torch.Tensor, run_block: RunBlock = _plain_block
     ) -> torch.Tensor:
         tokens = encoder.patch_embed(x) + encoder.pos_embed
         batch, height, width, _ = tokens.shape
@@ -115,4 +115,4 @@ class PaperSamAdapter(nn.Module):
         def prompt(i: int) -> torch.Tensor:  # 0 after the embedding, i + 1 after block i
             return self.shared_up(self.adapters[i](task))
 
-        return run_blocks(encoder, tokens, prompt, len(self.adapters), checkpoint_blocks)
+        return run_blocks(encoder, tokens, prompt, len(self.adapters), run_block)

@@ -1,6 +1,13 @@
 """Segment Anything, implemented here with Meta's state-dict names so its checkpoints load."""
 
-from .build import SAM_CONFIGS, SamConfig, build_sam, load_sam_checkpoint, sam_config
+from .build import (
+    SAM_CONFIGS,
+    SamConfig,
+    base_weights_note,
+    build_sam,
+    load_sam_checkpoint,
+    sam_config,
+)
 from .checkpoint import META_CHECKPOINTS, resolve_checkpoint
 from .sam import Sam
 
@@ -9,6 +16,7 @@ __all__ = [
     "SAM_CONFIGS",
     "Sam",
     "SamConfig",
+    "base_weights_note",
     "build_sam",
     "load_sam_checkpoint",
     "resolve_checkpoint",

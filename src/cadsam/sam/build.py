@@ -52,6 +52,27 @@ def sam_config(backbone: str) -> SamConfig:
     return SAM_CONFIGS[backbone]
 
 
+def base_weights_note(
+    backbone: str, checkpoint: str | os.PathLike | None, random_weights: bool
+) -> str | None:
+    """Refuse a pretrained backbone without its weights unless random ones are asked for:
+    one forgotten flag would otherwise mean hours of meaningless results. Returns a line to
+    print when the weights are random, else None."""
+    config = sam_config(backbone)
+    if checkpoint is not None:
+        if random_weights:
+            raise CadsamError("--random-weights and --checkpoint contradict each other: drop one")
+        return None
+    if not config.pretrained:
+        return f"note: {backbone} is a small test configuration: its SAM weights are random"
+    if not random_weights:
+        raise CadsamError(
+            f"{backbone} needs its pretrained weights: --checkpoint {backbone} (downloaded once) "
+            "or a .pth path; --random-weights to use random ones on purpose"
+        )
+    return f"note: SAM {backbone} with RANDOM weights (--random-weights): results mean nothing"
+
+
 def build_sam(
     backbone: str = "vit_b",
     checkpoint: str | os.PathLike | None = None,

@@ -1,0 +1,141 @@
+"""How a model runs is apart from what it trains: named runtimes, their checks, and weights
+that load and predict under any runtime, old files included."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import rel_err
+from safetensors.torch import safe_open, save_file
+from test_train import FAST, _isbi_subset
+
+from cadsam import build_model
+from cadsam.cli import main
+from cadsam.errors import CadsamError
+from cadsam.runtime import LEAN, ROOMY, Runtime, check_settings, resolve_runtime
+from cadsam.train import TrainConfig, train
+from cadsam.weights import load_weights, save_weights
+
+
+def test_named_runtimes_and_what_they_say():
+    plain, said = resolve_runtime("plain", None, "cpu")
+    assert plain == Runtime() and plain.is_plain and "plain" in said
+    lean, said = resolve_runtime("lean", {"adapter_tile_mib": 64}, "cpu")
+    assert lean == LEAN.replace(adapter_tile_mib=64) and "adapter_tile_mib=64" in said
+    auto, said = resolve_runtime("auto", None, "cpu")
+    assert auto == Runtime(fused_attention=True) and "auto on cpu" in said
+    assert ROOMY.encoder_chunk == 0 and not ROOMY.checkpoint_encoder
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "message"),
+    [
+        ("fast", {}, "--runtime must be one of auto, plain, lean"),
+        ("plain", {"warp": 1}, "unknown runtime setting warp"),
+        ("plain", {"cuda_graph": "yes"}, "cuda_graph must be true or false"),
+        ("plain", {"adapter_tile_mib": True}, "adapter_tile_mib must be a number"),
+        ("plain", {"encoder_chunk": 1.5}, "encoder_chunk must be a whole number"),
+        ("lean", {"compile_blocks": True}, "does not combine with checkpoint_adapter"),
+    ],
+)
+def test_settings_are_checked_where_given(name, settings, message):
+    with pytest.raises(CadsamError, match=message):
+        check_settings(name, settings)
+
+
+def test_a_switch_that_cannot_apply_on_this_device_is_an_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(CadsamError, match="triton_kernels=true needs a CUDA device"):
+        resolve_runtime("lean", {"triton_kernels": True}, "cpu")
+    with pytest.raises(CadsamError, match="cuda_graph needs a CUDA device"):
+        resolve_runtime("plain", {"cuda_graph": True}, "cpu")
+
+
+def test_weights_hold_no_runtime_and_load_under_another(tmp_path, interpreted_triton):
+    """Trained with the Triton kernels forced (here under Triton's interpreter), the weights
+    record none of it, and load and predict on a CPU where no kernel can run."""
+    data = _isbi_subset(tmp_path, 2)
+    config = TrainConfig(
+        method="cad",
+        backbone="vit_tiny",
+        out=str(tmp_path / "run"),
+        images=data[1],
+        masks=data[3],
+        image_size=64,
+        epochs=1,
+        batch_size=2,
+        num_workers=0,
+        progress=False,
+        options={"adapter_size": 32},
+        runtime={"name": "lean", "triton_kernels": True, "adapter_tile_mib": 0.01},
+    )
+    trained = train(config)
+    assert trained.runner.runtime.triton_kernels is True
+    weights = tmp_path / "run" / "last.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        meta = json.loads(f.metadata()["cadsam"])
+    assert meta["options"] == {"adapter_size": 32, "cad_layout": "official"}
+    out = tmp_path / "predicted"
+    assert main(["predict", "--weights", str(tmp_path / "run"), "--input", data[1],
+                 "--output", str(out), "--device", "cpu", "--runtime", "plain"]) == 0  # fmt: skip
+    assert len(list(out.glob("*.png"))) == 2
+    reloaded, _ = load_weights(weights)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.no_grad():
+        expected = trained.eval()(images)
+        assert rel_err(reloaded.eval()(images), expected) < 1e-5
+
+
+def test_weights_written_before_runtimes_load_and_say_what_they_ignore(tmp_path, capsys):
+    """Older files kept how they were run among their options: loading ignores that, with a
+    one-line note, and rebuilds the same model."""
+    torch.manual_seed(0)
+    model = build_model("cad", "vit_tiny", adapter_size=32)
+    path = tmp_path / "new.safetensors"
+    save_weights(path, model, {"name": None, "sha256": None}, 64)
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["cadsam"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta["options"].update(
+        encoder_chunk=1, checkpoint_adapter=False, adapter_tile_mib=128, triton_kernels=True,
+        compile_decoder="auto", fused_attention=True, channels_last=True,
+    )  # fmt: skip
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"cadsam": json.dumps(meta)})
+    loaded, _ = load_weights(old)
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and "triton_kernels" in note[0] and "ignored" in note[0]
+    assert loaded.options == {"adapter_size": 32, "cad_layout": "official"}
+    assert loaded.runner.runtime == Runtime()
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 255
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(images), model.eval()(images))
+
+
+def test_eval_under_any_runtime_scores_alike(tmp_path, capsys):
+    """--runtime changes how eval runs, never its scores beyond rounding."""
+    data = _isbi_subset(tmp_path, 2)
+    run = tmp_path / "run"
+    args = ["train", "--method", "cad", "--epochs", "1", "--set", "adapter_size=32", *FAST]
+    assert main([*args, *data, "--out", str(run)]) == 0
+    scores = {}
+    for name in ("plain", "lean", "auto"):
+        capsys.readouterr()
+        assert main(["eval", "--weights", str(run), *data, "--json", "--num-workers", "0",
+                     "--runtime", name, "--set", "adapter_tile_mib=0.01"]) == 0  # fmt: skip
+        scores[name] = json.loads(capsys.readouterr().out)
+    for name in ("lean", "auto"):
+        for key in ("dice", "iou", "mae"):
+            assert scores[name][key] == pytest.approx(scores["plain"][key], abs=1e-4), name
+
+
+def test_training_on_a_cpu_picks_a_cpu_sized_adapter_and_says_so(tmp_path, capsys):
+    data = _isbi_subset(tmp_path, 2)
+    args = ["train", "--method", "cad", "--epochs", "1", *FAST, *data]
+    assert main([*args, "--image-size", "256", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "cad's adapter reads 128 x 128 images" in out
+    with safe_open(str(tmp_path / "run" / "last.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["cadsam"])["options"]["adapter_size"] == 128
