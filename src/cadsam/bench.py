@@ -51,6 +51,8 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
     "sam-adapter-paper-lean": ("sam-adapter-paper", "lean", {}, False),
     "sam-adapter": ("sam-adapter", "auto", {}, False),
     "sam-adapter-lean": ("sam-adapter", "lean", {}, False),
+    "lora": ("lora", "auto", {}, False),
+    "lora-lean": ("lora", "lean", {}, False),
 }
 WARMUP = 3  # untimed steps first: compilation, cuDNN's choices
 PAPER_BATCH = {"vit_b": 4, "vit_l": 4, "vit_h": 2, "vit_tiny": 4}

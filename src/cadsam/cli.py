@@ -188,6 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     dist = distributed.setup(args.device)
     try:
         model, size = _load_eval_model(args, _runtime(args, dist.device))
+        model.for_inference()
         pairs = find_pairs(
             args.images,
             args.masks,
@@ -237,6 +238,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     inputs = input_files(args.input)
     model, meta = load_weights(args.weights, args.checkpoint, _runtime(args, device))
+    model.for_inference()
     written = predict(
         model,
         inputs,

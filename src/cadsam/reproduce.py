@@ -29,7 +29,7 @@ from .train import TrainConfig, train
 from .weights import load_weights
 
 DATASETS = {"istd": "ISTD", "camo": "CAMO", "cod10k": "COD10K"}
-METHODS = ("zero-shot", "decoder", "sam-adapter-paper", "cad")
+METHODS = ("zero-shot", "decoder", "sam-adapter-paper", "lora", "cad")
 
 
 def checkpoint_file(checkpoint_dir: Path, backbone: str) -> Path:

@@ -9,6 +9,7 @@ from ..errors import CadsamError
 from ..runtime import Runtime
 from ..sam import build_sam, sam_config
 from .cad import CAD_LAYOUTS, ConvAdapter
+from .lora import LoraAdapter
 from .model import AdaptedSam
 from .sam_adapter import OfficialSamAdapter, PaperSamAdapter
 
@@ -20,6 +21,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "cad": {"adapter_size": 512, "cad_layout": "official"},
     "sam-adapter": {},
     "sam-adapter-paper": {},
+    "lora": {"lora_rank": 4, "lora_alpha": None},  # alpha None: the rank (scale 1)
 }
 METHODS = tuple(METHOD_OPTIONS)
 # Methods whose encoder runs frozen, outside autograd: they can train from cached embeddings.
@@ -42,6 +44,12 @@ def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         size = resolved["adapter_size"]
         if isinstance(size, bool) or not isinstance(size, int) or size < 8:
             raise CadsamError(f"adapter_size must be a whole number of pixels >= 8, not {size!r}")
+    if method == "lora":
+        rank, alpha = resolved["lora_rank"], resolved["lora_alpha"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise CadsamError(f"lora_rank must be a whole number >= 1, not {rank!r}")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+            raise CadsamError(f"lora_alpha must be a number, not {alpha!r}")
     return resolved
 
 
@@ -77,6 +85,9 @@ def build_model(
         kind = OfficialSamAdapter if method == "sam-adapter" else PaperSamAdapter
         encoder_adapter = kind(config.embed_dim, config.depth, config.patch_size)
         model = AdaptedSam(**common, encoder_adapter=encoder_adapter)
+    elif method == "lora":
+        lora = LoraAdapter(sam.image_encoder, options["lora_rank"], options["lora_alpha"])
+        model = AdaptedSam(**common, encoder_adapter=lora)
     else:
         model = AdaptedSam(**common)
     if runtime is not None:

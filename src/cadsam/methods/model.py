@@ -6,7 +6,8 @@ The methods differ only in how the image embedding is made, and that lives in
 * ``zero-shot`` / ``decoder``: the frozen encoder, run without autograd;
 * ``cad``: the same, plus ``0.1 * adapter(image)`` (the adapter runs beside the encoder);
 * ``sam-adapter`` / ``sam-adapter-paper``: the encoder with prompts added to its tokens, so
-  its activations are part of the graph.
+  its activations are part of the graph;
+* ``lora``: the encoder with low-rank updates of its q and v projections, likewise.
 
 Everything after the embedding (whole-image box prompt, mask decoder, upsampling) is shared.
 How each stage runs (chunked, compiled, recomputed, in bands) is the model's ``runner``'s
@@ -25,6 +26,7 @@ from ..errors import CadsamError
 from ..runtime import Runtime
 from ..sam import Sam
 from .cad import ConvAdapter
+from .lora import LoraAdapter
 from .sam_adapter import OfficialSamAdapter, PaperSamAdapter
 
 CAD_SCALE = 0.1  # how much of the adapter's tanh map joins the embedding
@@ -56,7 +58,7 @@ class AdaptedSam(nn.Module):
         backbone: str,
         options: dict[str, Any],
         adapter: ConvAdapter | None = None,
-        encoder_adapter: OfficialSamAdapter | PaperSamAdapter | None = None,
+        encoder_adapter: OfficialSamAdapter | PaperSamAdapter | LoraAdapter | None = None,
     ) -> None:
         super().__init__()
         self.sam = sam
@@ -90,6 +92,14 @@ class AdaptedSam(nn.Module):
             )
         self.load_state_dict(state, strict=False)
 
+    def for_inference(self) -> AdaptedSam:
+        """Evaluation mode, with LoRA's updates folded into the encoder's weights once: the
+        same function, less work per image. Not for training further."""
+        self.eval()
+        if isinstance(self.encoder_adapter, LoraAdapter):
+            self.encoder_adapter.merge()
+        return self
+
     def parameter_counts(self) -> dict[str, int]:
         return {
             "trainable": sum(p.numel() for p in self.trainable_parameters()),
@@ -122,7 +132,7 @@ class AdaptedSam(nn.Module):
         """The one place the methods differ. ``embeddings``: the frozen encoder's output for
         these images, computed earlier (e.g. from a cache); then the encoder does not run."""
         if self.encoder_adapter is not None:
-            assert embeddings is None, "SAM-Adapter changes the encoder's output"
+            assert embeddings is None, "this method changes the encoder's output"
             return self.encoder_adapter.encode(
                 self.sam.image_encoder, self.sam_input(images), self.runner.encoder_block
             )
