@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from cadsam.bench import parse_setting, warmed_step
+from cadsam.bench import warmed_step
+from cadsam.runtime import parse_setting
 
 MIB = 2**20
 

@@ -51,8 +51,8 @@ def main(out: Path) -> None:
     # takes the whole-block path)
     train = ["train", "--method", "cad", "--backbone", "vit_b", "--checkpoint", str(checkpoint)]
     train += ["--images", str(data / "images"), "--masks", str(data / "masks")]
-    train += ["--epochs", "2", "--image-size", "256", "--precision", "fp32", "--num-workers", "0"]
-    train += ["--adapter-tile-mib", "0"]
+    train += ["--epochs", "2", "--image-size", "256", "--precision", "fp32"]
+    train += ["--set", "num_workers=0", "--set", "adapter_tile_mib=0"]
     seconds = {}
     for nproc, batch, gpus in ((1, 4, "0"), (2, 2, "0,1")):
         command = [*cadsam(nproc), *train, "--batch-size", str(batch), "--out"]

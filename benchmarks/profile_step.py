@@ -13,7 +13,8 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cadsam.bench import parse_setting, warmed_step
+from cadsam.bench import warmed_step
+from cadsam.runtime import parse_setting
 
 
 def main(variant: str, precision: str = "fp32", *settings: str) -> None:

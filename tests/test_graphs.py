@@ -1,5 +1,5 @@
 """The CUDA-graph training step's CPU-side contract. Its capture and replay need a GPU:
-``benchmarks/graph_checks.py`` compares them there with the eager step."""
+the GPU tier (``tests/gpu``) compares them there with the eager step."""
 
 from __future__ import annotations
 

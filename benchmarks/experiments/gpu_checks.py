@@ -1,6 +1,9 @@
 """Equality checks of the fast paths on a CUDA GPU (the CPU suite checks them on CPU).
 
-Run: python benchmarks/gpu_checks.py  (prints one JSON object; exits 1 if a check fails)
+Ran on the API before cadsam.runtime (runtime options as build_model keywords): kept
+for reference until tests/gpu/ covers these checks.
+
+Run: python benchmarks/experiments/gpu_checks.py  (prints one JSON object; exits 1 if a check fails)
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The CUDA-graph training step against the eager one, on a CUDA GPU.
 
+Ran on the API before cadsam.runtime (runtime options as build_model keywords): kept
+for reference until tests/gpu/ covers these checks.
+
 Three runs of the same seven steps (six batches of 4, then a short one of 3, with a cosine
 schedule), from the same weights:
 
@@ -15,7 +18,7 @@ schedule), from the same weights:
 weight gradients, and ``eager`` up to AdamW's arithmetic (bias corrections in float32 on the
 GPU instead of float64 on the CPU) and the compiler's order of float operations.
 
-Run: python benchmarks/graph_checks.py [LABEL ...]  (the cases with those labels, default all;
+Run: python benchmarks/experiments/graph_checks.py [LABEL ...]  (the cases with those labels, default all;
 prints one JSON object; exits 1 if a check fails)
 """
 
@@ -27,7 +30,7 @@ import sys
 import torch
 
 from cadsam import build_model
-from cadsam.graphs import adamw
+from cadsam.fast.graphs import adamw
 from cadsam.train import lr_factor, training_step
 
 STEPS = [4] * 6 + [3]

@@ -77,7 +77,7 @@ class _CellMean(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         # each cell's gradient spread evenly over its pixels by a broadcast copy into a view of
-        # the cells: 2.4x faster than upsampling and padding (benchmarks/unpool_speed.py)
+        # the cells: 2.4x faster than upsampling and padding (benchmarks/experiments/HISTORY.md)
         layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
         if ctx.cell == 1:
             return grad.contiguous(memory_format=layout), None
