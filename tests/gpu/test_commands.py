@@ -1,0 +1,111 @@
+"""The commands end to end on CUDA, as a user runs them: a SAM checkpoint in Meta's format, an
+embedding cache, training (from the cache and with the encoder, fp32 and bf16, graphed),
+evaluation and prediction, each checked against the same work on the CPU; and a graphed run
+killed after an epoch resumes to the end of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from test_train import _isbi_subset
+
+import cadsam.train
+from cadsam.cli import main
+from cadsam.sam import build_sam
+
+SIZE = "128"  # training resolution: small, so each command takes seconds
+
+
+@pytest.fixture(scope="module")
+def sam_file(tmp_path_factory):
+    """Random SAM weights saved as Meta's checkpoints are: a plain state_dict."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sam") / "sam_vit_tiny.pth"
+    torch.save(build_sam("vit_tiny").state_dict(), path)
+    return str(path)
+
+
+def _train(sam_file, data, out, *extra):
+    args = ["train", "--method", "cad", "--backbone", "vit_tiny", "--checkpoint", sam_file]
+    args += [*data, "--image-size", SIZE, "--batch-size", "2", "--set", "num_workers=0"]
+    args += ["--no-progress", "--out", str(out), *extra]
+    assert main(args) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cache_train_eval_predict_on_cuda(tmp_path, sam_file, capsys):
+    data = _isbi_subset(tmp_path, 6)
+    cache = tmp_path / "cache"
+    assert main(["cache", "--backbone", "vit_tiny", "--checkpoint", sam_file, "--images", data[1],
+                 "--out", str(cache), "--image-size", SIZE, "--device", "cuda",
+                 "--num-workers", "0", "--views", "identity", "hflip"]) == 0  # fmt: skip
+    common = ("--epochs", "2", "--device", "cuda", "--set", "adapter_size=128")
+    cached = _train(sam_file, data, tmp_path / "cached", *common, "--cache", str(cache))
+    graphed = _train(sam_file, data, tmp_path / "graphed", *common, "--cache", str(cache),
+                     "--set", "cuda_graph=true", "--precision", "bf16")  # fmt: skip
+    encoder = _train(sam_file, data, tmp_path / "encoder", *common, "--precision", "bf16")
+    for records in (cached, graphed, encoder):
+        assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)
+        assert records[-1]["peak_memory_mib"] > 0  # it ran on the GPU
+    capsys.readouterr()
+
+    scores = {}
+    for device in ("cuda", "cpu"):
+        assert main(["eval", "--weights", str(tmp_path / "cached"), *data, "--device", device,
+                     "--json", "--num-workers", "0"]) == 0  # fmt: skip
+        scores[device] = json.loads(capsys.readouterr().out)
+    # the same weights on two devices: TF32 convolutions and matmuls on the GPU move logits by
+    # ~1e-3 relative, which can flip a handful of pixels near 0 out of 6 x 128 x 128
+    for key in ("dice", "iou", "mae"):
+        assert scores["cuda"][key] == pytest.approx(scores["cpu"][key], abs=2e-3), key
+
+    masks = {}
+    for device in ("cuda", "cpu"):
+        out = tmp_path / f"predicted-{device}"
+        assert main(["predict", "--weights", str(tmp_path / "graphed"), "--input", data[1],
+                     "--output", str(out), "--device", device]) == 0  # fmt: skip
+        masks[device] = [np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))]
+    assert len(masks["cuda"]) == 6
+    agree = np.mean([np.mean(a == b) for a, b in zip(masks["cuda"], masks["cpu"], strict=True)])
+    assert agree > 0.99  # the same masks, bar pixels whose logit is within rounding of 0
+
+
+def test_a_killed_graphed_run_resumes_to_the_uninterrupted_end(tmp_path, sam_file, monkeypatch):
+    """Graphed from its fourth step, killed after epoch 1, resumed (graphed again): it ends
+    where the run that was never stopped ends, schedule and data order included."""
+    data = _isbi_subset(tmp_path, 6)
+    common = ("--epochs", "3", "--device", "cuda", "--set", "cuda_graph=true")
+    common += ("--set", "adapter_size=64", "--set", "schedule=cosine")
+    _train(sam_file, data, tmp_path / "whole", *common)
+
+    save = cadsam.train._save_epoch
+
+    def save_then_stop(run, record):
+        save(run, record)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cadsam.train, "_save_epoch", save_then_stop)
+    args = ["train", "--method", "cad", "--backbone", "vit_tiny", "--checkpoint", sam_file]
+    args += [*data, "--image-size", SIZE, "--batch-size", "2", "--set", "num_workers=0"]
+    assert main([*args, "--no-progress", "--out", str(tmp_path / "killed"), *common]) == 130
+    monkeypatch.setattr(cadsam.train, "_save_epoch", save)
+    resume = ["train", "--out", str(tmp_path / "killed"), "--resume", "--no-progress"]
+    assert main(resume) == 0
+
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+    for a, b in zip(lines, whole, strict=True):
+        # graph replays run the eager step's kernels; cuDNN and atomics may order float
+        # additions differently between two processes, so equal to float32 rounding
+        assert json.loads(a)["loss"] == pytest.approx(json.loads(b)["loss"], rel=1e-4)
+        assert json.loads(a)["lr"] == pytest.approx(json.loads(b)["lr"], rel=1e-9)
+    resumed = load_file(str(tmp_path / "killed" / "last.safetensors"))
+    uninterrupted = load_file(str(tmp_path / "whole" / "last.safetensors"))
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-3, atol=1e-5, msg=name)
