@@ -240,29 +240,8 @@ def build_cache(
             dtype,
             precision,
         )
-        manifest_path, emb_path, done_path = _paths(root)
         if dist.is_main:
-            if manifest_path.exists():
-                existing = json.loads(manifest_path.read_text())
-                problems = _differences(existing, manifest, (*SETTINGS_KEYS, "ids", "digests"))
-                if problems:
-                    raise CadsamError(
-                        f"{root} holds a cache made differently ({problems[0]}): choose another --out"
-                    )
-            else:
-                root.mkdir(parents=True, exist_ok=True)
-                entries = len(images) * len(views)
-                shape = (entries, manifest["channels"], manifest["grid"], manifest["grid"])
-                np.lib.format.open_memmap(
-                    emb_path, mode="w+", dtype=np.dtype(dtype), shape=shape
-                ).flush()
-                np.lib.format.open_memmap(
-                    done_path, mode="w+", dtype=np.uint8, shape=(entries,)
-                ).flush()
-                # Written last: a folder without a manifest is not a cache.
-                write_atomic(
-                    manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1))
-                )
+            _prepare_folder(root, manifest)
         distributed.barrier(dist)
         cache = open_cache(root, writable=True)
         todo = [int(e) for e in np.flatnonzero(cache.done == 0) if e % dist.world_size == dist.rank]
@@ -270,12 +249,11 @@ def build_cache(
         runtime = Runtime(fused_attention=True, compile_encoder=compile_encoder)
         model = build_model("zero-shot", backbone, checkpoint, runtime=runtime)
         model.to(dist.device).eval()
-        on_gpu = dist.device.type == "cuda"
         loader = DataLoader(
             _ViewImages(images, views, image_size, todo),
             batch_size=batch_size,
             num_workers=num_workers,
-            pin_memory=on_gpu,
+            pin_memory=dist.device.type == "cuda",
         )
         bar = tqdm(
             total=len(todo) * dist.world_size,
@@ -285,23 +263,14 @@ def build_cache(
         )
         writer = _EntryWriter(cache)
         try:
-            with torch.no_grad():
-                for step, (entries, batch) in enumerate(loader):
-                    if stop_after is not None and step >= stop_after:
-                        break
-                    with autocast(dist.device, precision):
-                        emb = model.frozen_embeddings(batch.to(dist.device, non_blocking=True))
-                    emb, ready = emb.to(getattr(torch, dtype)), None
-                    if on_gpu:  # copy back without waiting: the writer waits on the event
-                        emb = torch.empty_like(emb, device="cpu", pin_memory=True).copy_(
-                            emb, non_blocking=True
-                        )
-                        ready = torch.cuda.Event()
-                        ready.record()
-                    writer.put(entries.numpy(), emb, ready)
-                    bar.update(len(entries) * dist.world_size)
-                    if on_batch is not None:
-                        on_batch(len(entries))
+            for step, (entries, batch) in enumerate(loader):
+                if stop_after is not None and step >= stop_after:
+                    break
+                emb, ready = _embed(model, batch, dist.device, precision, getattr(torch, dtype))
+                writer.put(entries.numpy(), emb, ready)
+                bar.update(len(entries) * dist.world_size)
+                if on_batch is not None:
+                    on_batch(len(entries))
         finally:
             writer.close()
         bar.close()
@@ -309,6 +278,48 @@ def build_cache(
         return open_cache(root)
     finally:
         distributed.teardown(dist)
+
+
+def _prepare_folder(root: Path, manifest: dict[str, Any]) -> None:
+    """A new cache's preallocated arrays and manifest; an existing cache must be this one."""
+    manifest_path, emb_path, done_path = _paths(root)
+    if manifest_path.exists():
+        existing = json.loads(manifest_path.read_text())
+        problems = _differences(existing, manifest, (*SETTINGS_KEYS, "ids", "digests"))
+        if problems:
+            raise CadsamError(
+                f"{root} holds a cache made differently ({problems[0]}): choose another --out"
+            )
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    entries = len(manifest["ids"]) * len(manifest["views"])
+    shape = (entries, manifest["channels"], manifest["grid"], manifest["grid"])
+    dtype = np.dtype(manifest["dtype"])
+    np.lib.format.open_memmap(emb_path, mode="w+", dtype=dtype, shape=shape).flush()
+    np.lib.format.open_memmap(done_path, mode="w+", dtype=np.uint8, shape=(entries,)).flush()
+    # Written last: a folder without a manifest is not a cache.
+    write_atomic(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+
+
+@torch.no_grad()
+def _embed(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    device: torch.device,
+    precision: str,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """One batch's embeddings on the CPU in ``dtype``, and on a GPU the event after which they
+    are there: they come back without waiting, and the writer waits on the event."""
+    with autocast(device, precision):
+        emb = model.frozen_embeddings(batch.to(device, non_blocking=True))
+    emb = emb.to(dtype)
+    if device.type != "cuda":
+        return emb, None
+    emb = torch.empty_like(emb, device="cpu", pin_memory=True).copy_(emb, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return emb, ready
 
 
 class _EntryWriter:

@@ -198,102 +198,78 @@ def _run_one(
 
 def write_report(out: Path, results: list[dict[str, Any]], data_root: Path) -> Path:
     """Tables 1-4 (markdown and CSV) and Figures 6-8 from ``results``."""
-    with open(out / "tables.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(
-            [
-                "dataset",
-                "backbone",
-                "method",
-                "dice",
-                "iou",
-                "paper_dice",
-                "paper_iou",
-                "trainable",
-                "peak_memory_mib",
-            ]
-        )
-        for r in results:
-            paper = SCORES.get((r["backbone"], r["dataset"]), {}).get(r["method"], ("", ""))
-            writer.writerow(
-                [
-                    r["dataset"],
-                    r["backbone"],
-                    r["method"],
-                    f"{r['dice']:.4f}",
-                    f"{r['iou']:.4f}",
-                    *paper,
-                    r["trainable"],
-                    r["peak_memory_mib"] or "",
-                ]
-            )
+    _write_csv(out / "tables.csv", results)
     lines = ["# The paper's experiments, reproduced", ""]
     backbones = sorted({r["backbone"] for r in results})
     for number, backbone in enumerate(backbones, start=1):
-        rows = [r for r in results if r["backbone"] == backbone and r["method"] != "zero-shot"]
-        lines += [
-            f"## Table {number}: trainable parameters and training memory ({backbone})",
-            "",
-            "| method | trainable | paper: trainable | peak memory (MiB) | paper: memory (MiB) |",
-            "| --- | ---: | ---: | ---: | ---: |",
-        ]
-        seen = set()
-        for r in rows:
-            if r["method"] in seen:
-                continue
-            seen.add(r["method"])
-            peaks = [
-                x["peak_memory_mib"]
-                for x in rows
-                if x["method"] == r["method"] and x["peak_memory_mib"]
-            ]
-            paper = MEMORY_TABLES.get((backbone, r["method"]), ("-", "-"))
-            memory = f"{max(peaks):,.0f}" if peaks else "- (CPU run)"
-            lines.append(
-                f"| {r['method']} | {r['trainable']:,} | {_fmt(paper[0])} | {memory} | {_fmt(paper[1])} |"
-            )
-        lines.append("")
+        lines += _memory_table(number, backbone, results)
     for number, backbone in enumerate(backbones, start=3):
-        lines += [f"## Table {number}: Dice / IoU ({backbone}; ours, paper's in brackets)", ""]
-        datasets = [
-            d
-            for d in DATASETS
-            if any(r["dataset"] == d and r["backbone"] == backbone for r in results)
-        ]
-        lines += [
-            "| method | "
-            + " | ".join(f"{d.upper()} Dice | {d.upper()} IoU" for d in datasets)
-            + " |",
-            "| --- |" + " ---: | ---: |" * len(datasets),
-        ]
-        for method in METHODS:
-            cells = []
-            for d in datasets:
-                r = next(
-                    (
-                        x
-                        for x in results
-                        if (x["dataset"], x["backbone"], x["method"]) == (d, backbone, method)
-                    ),
-                    None,
-                )
-                paper = SCORES.get((backbone, d), {}).get(method)
-                for i, key in enumerate(("dice", "iou")):
-                    ours = f"{r[key]:.4f}" if r else "-"
-                    cells.append(f"{ours} ({paper[i]:.4f})" if paper else ours)
-            if any(c != "-" for c in cells):
-                lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _score_table(number, backbone, results)
     figures = _plot_tradeoffs(out, results, backbones)
     _example_grid(out / "fig8_examples.png", results, data_root)
-    lines += [f"![{Path(p).stem}]({Path(p).name})" for p in figures] + [
-        "",
-        "![fig8](fig8_examples.png)",
-        "",
-    ]
+    lines += [f"![{Path(p).stem}]({Path(p).name})" for p in figures]
+    lines += ["", "![fig8](fig8_examples.png)", ""]
     report = out / "tables.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _write_csv(path: Path, results: list[dict[str, Any]]) -> None:
+    columns = ["dataset", "backbone", "method", "dice", "iou", "paper_dice", "paper_iou"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*columns, "trainable", "peak_memory_mib"])
+        for r in results:
+            paper = SCORES.get((r["backbone"], r["dataset"]), {}).get(r["method"], ("", ""))
+            scores = [f"{r['dice']:.4f}", f"{r['iou']:.4f}", *paper]
+            row = [r["dataset"], r["backbone"], r["method"], *scores, r["trainable"]]
+            writer.writerow([*row, r["peak_memory_mib"] or ""])
+
+
+def _memory_table(number: int, backbone: str, results: list[dict[str, Any]]) -> list[str]:
+    """Tables 1-2: per method, trainable parameters and the largest training peak."""
+    rows = [r for r in results if r["backbone"] == backbone and r["method"] != "zero-shot"]
+    lines = [
+        f"## Table {number}: trainable parameters and training memory ({backbone})",
+        "",
+        "| method | trainable | paper: trainable | peak memory (MiB) | paper: memory (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        ours = [r for r in rows if r["method"] == method]
+        peaks = [r["peak_memory_mib"] for r in ours if r["peak_memory_mib"]]
+        paper = MEMORY_TABLES.get((backbone, method), ("-", "-"))
+        memory = f"{max(peaks):,.0f}" if peaks else "- (CPU run)"
+        lines.append(
+            f"| {method} | {ours[0]['trainable']:,} | {_fmt(paper[0])} | {memory} "
+            f"| {_fmt(paper[1])} |"
+        )
+    return [*lines, ""]
+
+
+def _score_table(number: int, backbone: str, results: list[dict[str, Any]]) -> list[str]:
+    """Tables 3-4: Dice / IoU per data set, the paper's beside ours."""
+    datasets = [
+        d for d in DATASETS if any(r["dataset"] == d and r["backbone"] == backbone for r in results)
+    ]
+    lines = [
+        f"## Table {number}: Dice / IoU ({backbone}; ours, paper's in brackets)",
+        "",
+        "| method | " + " | ".join(f"{d.upper()} Dice | {d.upper()} IoU" for d in datasets) + " |",
+        "| --- |" + " ---: | ---: |" * len(datasets),
+    ]
+    found = {(r["dataset"], r["backbone"], r["method"]): r for r in results}
+    for method in METHODS:
+        cells = []
+        for d in datasets:
+            r = found.get((d, backbone, method))
+            paper = SCORES.get((backbone, d), {}).get(method)
+            for i, key in enumerate(("dice", "iou")):
+                ours = f"{r[key]:.4f}" if r else "-"
+                cells.append(f"{ours} ({paper[i]:.4f})" if paper else ours)
+        if any(c != "-" for c in cells):
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _fmt(value) -> str:
