@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from cadsam.data.synthetic import make_synthetic_set
-from cadsam.demo import run_demo
+from cadsam.demo import METHODS, _memory_at_paper_scale, kept_for_backward, run_demo
+from cadsam.errors import CadsamError
+from cadsam.methods import build_model
+from cadsam.paper import MEMORY_TABLES
+from cadsam.train import segmentation_loss
 from cadsam.weights import load_weights
 
 
@@ -27,23 +35,138 @@ def test_synthetic_masks_mark_what_differs(tmp_path):
             assert abs(np.median(angle[mask]) - np.median(angle[~mask])) > 0.3
 
 
-def test_demo_writes_a_consistent_report(tmp_path):
-    report = run_demo(
-        tmp_path, n_train=8, n_test=4, size=64, epochs=1, adapter_size=32, progress=False
+DEMO_ARGS = ["--train-images", "8", "--test-images", "4", "--image-size", "64", "--epochs", "1"]
+
+
+def _cli_demo(out) -> str:
+    """``cadsam demo`` on a small budget; its console output."""
+    from cadsam.cli import main
+
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        assert main(["demo", "--out", str(out), *DEMO_ARGS]) == 0
+    return console.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One demo run through the CLI, then a rerun in the same folder."""
+    out = tmp_path_factory.mktemp("demo")
+    first = _cli_demo(out)
+    saved = {name: (out / name).read_bytes() for name in ("results.json", "report.md")}
+    epochs = {m: (out / "runs" / m / "metrics.jsonl").read_text() for m in METHODS}
+    second = _cli_demo(out)
+    return out, first, second, saved, epochs
+
+
+def _table_row(method: str, r: dict) -> str:
+    return (
+        f"| {method} | {r['trainable']:,} | {r['train_seconds']:.1f} | {r['dice']:.4f} "
+        f"| {r['iou']:.4f} | {r['mae']:.4f} | {r['kept_mib']:,.1f} |"
     )
-    text = report.read_text()
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert [r["method"] for r in results] == ["decoder", "cad", "sam-adapter-paper (not trained)"]
-    for r in results[:2]:
-        assert f"| {r['method']} | {r['trainable']:,} | {r['activations_mib']:.1f} |" in text
-        assert f"{r['dice']:.4f}" in text and 0 <= r["dice"] <= 1
-    for picture in ("tradeoff.png", "examples.png"):
-        assert Image.open(tmp_path / picture).size[0] > 0
-    examples = Image.open(tmp_path / "examples.png")
-    assert examples.size == (64 * 4, 64 * 4)  # image, truth, decoder, cad x four examples
-    model, meta = load_weights(tmp_path / "runs" / "cad" / "last.safetensors")
+
+
+def test_demo_trains_and_scores_all_three_methods(demo):
+    out, *_ = demo
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == list(METHODS)  # SAM-Adapter is trained too
+    assert results["cache_seconds"] > 0
+    for method, r in results["methods"].items():
+        assert 0 <= r["dice"] <= 1 and 0 <= r["iou"] <= r["dice"] and 0 <= r["mae"] <= 1
+        lines = (out / "runs" / method / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 1
+        assert r["train_seconds"] == pytest.approx(json.loads(lines[0])["seconds"], abs=0.06)
+        assert r["train_seconds"] > 0
+    model, meta = load_weights(out / "runs" / "cad" / "last.safetensors")
     assert meta["base_checkpoint"]["name"].endswith("sam_vit_tiny_random.pth")
     assert model.sam.image_encoder is not None  # trained from the cache, usable with the encoder
+
+
+def test_demo_console_ends_with_the_table_and_the_report(demo):
+    out, first, *_ = demo
+    results = json.loads((out / "results.json").read_text())
+    lines = first.rstrip("\n").splitlines()
+    assert lines[-1] == f"report: {out / 'report.md'}"
+    assert lines[-2] == ""
+    rows = lines[-2 - len(METHODS) : -2]
+    for method, row in zip(METHODS, rows, strict=True):
+        assert row.startswith(_table_row(method, results["methods"][method]))
+    assert lines[-3 - len(METHODS)].startswith("| ---")
+    assert len(lines) < 25  # a few progress lines, no bar per epoch
+
+
+def test_demo_rerun_keeps_its_results(demo):
+    out, first, second, saved, epochs = demo
+    assert (out / "results.json").read_bytes() == saved["results.json"]
+    assert (out / "report.md").read_bytes() == saved["report.md"]
+    for method in METHODS:  # nothing trained again
+        assert (out / "runs" / method / "metrics.jsonl").read_text() == epochs[method]
+    assert "training" not in second
+    table = first[first.index("| method") :]
+    assert second.endswith(table)
+
+
+def test_demo_report_sets_the_run_beside_the_paper_scale(demo):
+    out, *_ = demo
+    text = (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    for method, r in results["methods"].items():
+        assert _table_row(method, r) in text
+    scale = _memory_at_paper_scale()
+    kept = {m: scale[m]["kept_mib"] for m in METHODS}
+    assert kept["decoder"] < kept["cad"] < kept["sam-adapter-paper"]
+    for method, s in scale.items():
+        paper = MEMORY_TABLES[("vit_b", method)][1]
+        assert (
+            f"| {method} | {s['trainable']:,} | {s['kept_mib']:,.0f} "
+            f"| {s['gpu_bench_mib']:,} | {paper:,} |"
+        ) in text
+    assert "2026-11-24" in text and "benchmarks/BENCHMARKS.md" in text
+
+
+def test_demo_figures_are_labelled(demo):
+    out, *_ = demo
+    assert Image.open(out / "tradeoff.png").size[0] > 0
+    examples = np.asarray(Image.open(out / "examples.png").convert("L"))
+    columns = 2 + len(METHODS)  # image, ground truth, one per method
+    header = examples.shape[0] - 64 * 4  # four examples below a row of labels
+    assert examples.shape[1] == 64 * columns and 8 < header < 40
+    for c in range(columns):  # text in every column's label
+        assert (examples[:header, 64 * c : 64 * (c + 1)] < 128).any()
+
+
+def test_demo_refuses_a_folder_with_other_settings(demo):
+    out, *_ = demo
+    with pytest.raises(CadsamError, match=r"other settings.*epochs 1 -> 2"):
+        run_demo(out, n_train=8, n_test=4, size=64, epochs=2, progress=False)
+
+
+def test_kept_for_backward_on_meta_matches_a_real_step():
+    """The meta-device count equals what autograd keeps in a real CPU step."""
+    for method, options in (
+        ("decoder", {}),
+        ("cad", {"adapter_size": 32}),
+        ("sam-adapter-paper", {}),
+    ):
+        torch.manual_seed(0)
+        model = build_model(method, "vit_tiny", **options).train()
+        images = torch.rand(2, 3, 64, 64) * 255
+        masks = (torch.rand(2, 1, 64, 64) > 0.5).float()
+        weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        kept = {}
+
+        def pack(tensor, weights=weights, kept=kept):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                kept[storage.data_ptr()] = (storage, storage.nbytes())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            segmentation_loss(model(images), masks)
+        on_cpu = sum(n for _, n in kept.values()) / 2**20
+        on_meta, trainable = kept_for_backward(method, "vit_tiny", 64, options, batch=2)
+        assert on_meta == pytest.approx(on_cpu, rel=1e-6)
+        assert trainable == model.parameter_counts()["trainable"]
 
 
 def test_demo_picks_the_given_then_a_cached_then_a_random_sam(tmp_path, monkeypatch):

@@ -59,7 +59,9 @@ def test_reproduce_writes_every_table_and_figure(istd_like, capsys):
     assert "| cad | 5,831,908 |" in table and "Table 3" in table
     assert Image.open(out / "fig6_vit_tiny.png").size[0] > 0
     grid = Image.open(out / "fig8_examples.png")
-    assert grid.size == (256 * (2 + 3), 256 * 2)  # image, truth, 3 runs x 2 examples
+    width, height = grid.size
+    assert width == 256 * (2 + 3)  # image, truth, 3 runs
+    assert 0 < height - 256 * 2 < 64  # 2 examples under a strip of column labels
     capsys.readouterr()
     assert main(args) == 0  # a rerun skips what is done
     assert capsys.readouterr().out.count("done, skipped") == 3

@@ -235,15 +235,22 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .predict import input_files, predict
     from .weights import load_weights
 
-    device = pick_device(args.device)
-    inputs = input_files(args.input)
-    model, meta = load_weights(args.weights, args.checkpoint, _runtime(args, device))
-    model.for_inference()
+    if args.onnx:
+        device, inputs = torch.device("cpu"), input_files(args.input)
+        model, size = _onnx_model(args)
+    else:
+        if not args.weights:
+            raise CadsamError("give --weights FILE (or --onnx FILE.onnx, from cadsam export)")
+        device = pick_device(args.device)
+        inputs = input_files(args.input)
+        model, meta = load_weights(args.weights, args.checkpoint, _runtime(args, device))
+        model.for_inference()
+        size = meta["image_size"]
     written = predict(
         model,
         inputs,
         args.output,
-        meta["image_size"],
+        size,
         device,
         args.precision,
         args.probabilities,
@@ -253,6 +260,38 @@ def cmd_predict(args: argparse.Namespace) -> None:
     skipped = len(inputs) - len(written)
     note = f"; skipped {skipped} unreadable input(s)" if skipped else ""
     print(f"wrote {len(written)} mask(s) to {args.output}{note}")
+
+
+def _onnx_model(args: argparse.Namespace) -> tuple[Any, int]:
+    """predict --onnx: an exported graph run by onnxruntime, behind the model interface."""
+    from .export import OnnxModel
+
+    flags = (
+        ("--weights", args.weights),
+        ("--checkpoint", args.checkpoint),
+        ("--set", args.overrides),
+    )
+    given = [flag for flag, value in flags if value]
+    if given:
+        raise CadsamError(f"--onnx runs an exported graph: {', '.join(given)} does not apply")
+    if args.precision != "fp32":
+        raise CadsamError("--precision is for PyTorch models; export --half writes a float16 graph")
+    model = OnnxModel(args.onnx, args.device)
+    return model, model.image_size
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_onnx
+
+    model, size = _load_eval_model(args, None)
+    print(f"exporting {model.method} on {model.backbone}, {size} x {size} images", file=sys.stderr)
+    report = export_onnx(model, size, args.out, args.split, args.half, args.opset, args.sample)
+    for path in report.files:
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    print(
+        f"onnxruntime vs PyTorch on {report.samples} {report.sample_source} image(s): largest "
+        f"difference {report.difference:.1e} of the logits' scale (limit {report.limit:.0e})"
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -408,6 +447,48 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
+def add_export_arguments(ex: argparse.ArgumentParser) -> None:
+    ex.add_argument("--weights", help="a weights file written by cadsam train, or its run folder")
+    ex.add_argument(
+        "--method", choices=["zero-shot"], help="zero-shot: plain SAM with a whole-image box"
+    )
+    ex.add_argument("--backbone", choices=list(SAM_CONFIGS), help="with --method zero-shot")
+    ex.add_argument(
+        "--checkpoint",
+        help="SAM checkpoint (zero-shot), or where the weights' base checkpoint now is",
+    )
+    ex.add_argument(
+        "--random-weights", action="store_true", help="zero-shot on random SAM, on purpose"
+    )
+    ex.add_argument(
+        "--image-size",
+        type=int,
+        help="the graph's image size S (default: the weights' training size, or 512)",
+    )
+    ex.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE.onnx",
+        help="the graph (with --split: FILE.encoder.onnx and FILE.decoder.onnx)",
+    )
+    ex.add_argument(
+        "--split",
+        action="store_true",
+        help="two graphs, as SAM's ONNX demo: images -> embeddings, and images + embeddings "
+        "-> logits",
+    )
+    ex.add_argument(
+        "--half",
+        action="store_true",
+        help="a float16 graph (float32 inputs and outputs), checked to 5e-2 of the logits' "
+        "scale instead of 1e-3",
+    )
+    ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest)")
+    ex.add_argument(
+        "--sample", help="a folder of images to check the graph on (default: 2 random images)"
+    )
+
+
 def _set_epilog() -> str:
     runtime = ", ".join(f.name for f in dataclasses.fields(Runtime))
     options = "; ".join(
@@ -500,8 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_predict,
         "Write a trained model's masks for images, at each image's own size.",
     )
+    pr.add_argument("--weights", help="a weights file written by cadsam train, or its run folder")
     pr.add_argument(
-        "--weights", required=True, help="a weights file written by cadsam train, or its run folder"
+        "--onnx",
+        metavar="FILE.onnx",
+        help="instead of --weights: a graph written by cadsam export, run by onnxruntime "
+        "(pip install 'cadsam[onnx]')",
     )
     pr.add_argument("--input", required=True, help="an image or a folder of images")
     pr.add_argument("--output", required=True, help="folder for <name>.png masks (0/255)")
@@ -523,6 +608,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad",
         action="store_true",
         help="exit 0 even if some inputs cannot be read (they are still reported)",
+    )
+
+    add_export_arguments(
+        command(
+            "export",
+            cmd_export,
+            "Export trained weights (or zero-shot SAM) to ONNX: one graph from RGB images to "
+            "mask logits, checked against PyTorch with onnxruntime (pip install 'cadsam[onnx]').",
+        )
     )
 
     from .data.transforms import VIEWS
@@ -570,8 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command(
         "demo",
         cmd_demo,
-        "Train and compare decoder and CAD on a synthetic set, on a CPU, "
-        "with nothing to download; writes a report.",
+        "Train and compare decoder-only, SAM-Adapter and CAD on a synthetic set, on a CPU, "
+        "with nothing to download; writes a report with the paper-scale memory beside them.",
     )
     demo.add_argument("--out", default="cadsam-demo", help="folder for data, runs and report.md")
     demo.add_argument(

@@ -7,7 +7,7 @@ from types import ModuleType
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .data import Pair, SegmentationDataset
 
@@ -37,13 +37,44 @@ def mask_rows(models: list[torch.nn.Module], pairs: list[Pair], size: int) -> li
     return rows
 
 
-def save_grid(rows: list[np.ndarray], path: Path) -> None:
-    """Stack rows (padded to the widest) into one PNG."""
+def save_grid(rows: list[np.ndarray], path: Path, columns: list[str] | None = None) -> None:
+    """Stack rows (padded to the widest) into one PNG. ``columns``: a label for each column,
+    drawn above it (the widest row is split evenly among them)."""
     if not rows:
         return
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    if columns:
+        rows.insert(0, column_header(columns, width))
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def column_header(labels: list[str], width: int) -> np.ndarray:
+    """A white strip ``width`` pixels wide with each label centred over its column, in the
+    largest font size (at most 14 px) at which every label fits its column."""
+    cell = width // len(labels)
+    font = _fitting_font(labels, cell - 4)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [probe.textbbox((0, 0), label, font=font) for label in labels]
+    height = max(b[3] for b in boxes) + 8
+    strip = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, (label, box) in enumerate(zip(labels, boxes, strict=True)):
+        x = i * cell + max(0, (cell - (box[2] - box[0])) // 2) - box[0]
+        draw.text((x, 4), label, fill="black", font=font)
+    return np.asarray(strip)
+
+
+def _fitting_font(labels: list[str], room: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    try:
+        for size in range(14, 6, -1):
+            font = ImageFont.load_default(size=size)
+            if all(probe.textlength(label, font=font) <= room for label in labels):
+                return font
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType: one bitmap size
+        return ImageFont.load_default()
+    return font
 
 
 def _grey(mask: np.ndarray) -> np.ndarray:

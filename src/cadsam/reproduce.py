@@ -316,15 +316,16 @@ def _example_grid(
 ) -> None:
     """Figure 8: per row an image, its ground truth, then each run's mask in the order of
     ``results`` (backbones, then methods)."""
-    rows = []
+    rows, columns = [], []
     for dataset in dict.fromkeys(r["dataset"] for r in results):
+        runs = [r for r in results if r["dataset"] == dataset]
         models = [
-            load_weights(r["weights"])[0]
+            load_weights(r["weights"])[0].for_inference()
             if r["weights"]
             else build_model("zero-shot", r["backbone"], r["checkpoint"])
-            for r in results
-            if r["dataset"] == dataset
+            for r in runs
         ]
+        columns = ["image", "ground truth", *(f"{r['method']} ({r['backbone']})" for r in runs)]
         pairs = layout_pairs(dataset, dataset_root(data_root, dataset), "test")[:per_dataset]
         rows += mask_rows(models, pairs, size)
-    save_grid(rows, path)
+    save_grid(rows, path, columns)
