@@ -1,0 +1,51 @@
+"""SAM 2's prompt encoder (``sam_prompt_encoder.*``): SAM's, with box corners as labelled points.
+
+The weights and the encodings are SAM's. What differs is how SAM 2's image predictor gives it a
+box: as two points labelled 2 (top-left) and 3 (bottom-right), placed before any clicks, and with
+no ``boxes`` argument, so a padding point (label -1) is always appended to the points.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sam.prompt_encoder import PromptEncoder as SamPromptEncoder
+
+BOX_CORNER_LABELS = (2, 3)
+
+
+class PromptEncoder(SamPromptEncoder):
+    @property
+    def mask_input_size(self) -> tuple[int, int]:
+        """The size of a dense mask prompt: four times the embedding grid."""
+        h, w = self.image_embedding_size
+        return 4 * h, 4 * w
+
+    def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        """Points labelled -1 (padding), 0/1 (background/foreground), 2/3 (box corners)."""
+        coords = coords + 0.5  # to the pixel centre
+        if pad:
+            coords = torch.cat((coords, coords.new_zeros(coords.shape[0], 1, 2)), dim=1)
+            labels = torch.cat((labels, -labels.new_ones(labels.shape[0], 1)), dim=1)
+        emb = self.pe_layer.forward_with_coords(coords, self.input_image_size)
+        labels = labels[..., None]
+        emb = torch.where(labels == -1, self.not_a_point_embed.weight, emb)
+        for label, embedding in enumerate(self.point_embeddings):
+            emb = emb + torch.where(labels == label, embedding.weight, 0.0)
+        return emb
+
+
+def boxes_as_points(
+    boxes: torch.Tensor | None, points: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """B x 4 boxes (x0, y0, x1, y1) and optional clicks -> one labelled point set, corners first,
+    as SAM 2's image predictor hands prompts to the encoder."""
+    if boxes is None:
+        return points
+    corners = boxes.reshape(-1, 2, 2)
+    labels = torch.tensor(BOX_CORNER_LABELS, dtype=torch.int32, device=boxes.device)
+    labels = labels.expand(corners.shape[0], -1)
+    if points is None:
+        return corners, labels
+    coords, point_labels = points
+    return torch.cat((corners, coords), dim=1), torch.cat((labels, point_labels.to(labels)), dim=1)
