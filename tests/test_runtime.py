@@ -139,3 +139,22 @@ def test_training_on_a_cpu_picks_a_cpu_sized_adapter_and_says_so(tmp_path, capsy
     assert "cad's adapter reads 128 x 128 images" in out
     with safe_open(str(tmp_path / "run" / "last.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["cadsam"])["options"]["adapter_size"] == 128
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "expected", "said"),
+    [
+        (100, ROOMY, "fast"),
+        (20, ROOMY.replace(checkpoint_encoder=True), "encoder blocks recomputed"),
+        (4, LEAN, "lean"),
+    ],
+)
+def test_auto_fits_the_gpus_free_memory(monkeypatch, free_gib, expected, said):
+    """The GPU is stood in for: auto reads its free memory and name, nothing else."""
+    from cadsam.runtime import named_runtime
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gib * 2**30, 2**40))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Stand-in GPU")
+    runtime, why = named_runtime("auto", "cuda")
+    assert runtime == expected
+    assert why.startswith(f"auto on Stand-in GPU ({free_gib} GiB free)") and said in why

@@ -12,9 +12,10 @@ Three named runtimes:
   compiled), which every other path is tested against;
 * ``lean``: the least memory (bands and kernels for CAD's full-resolution blocks, one image per
   frozen-encoder call, SAM-Adapter's and LoRA's encoder blocks recomputed in backward);
-* ``auto`` (the commands' default): ``lean`` on a GPU with little free memory; with room, the
-  fastest path that fits (the frozen encoder batched and compiled, encoder blocks kept); on a
-  CPU, ``plain`` with the fused attention.
+* ``auto`` (the commands' default): on a GPU, the fastest path that fits its free memory (the
+  frozen encoder batched and compiled, CAD's blocks kept for backward; the encoder's blocks
+  kept too where there is room for SAM-Adapter's and LoRA's activations), ``lean`` where
+  little is free; on a CPU, ``plain`` with the fused attention.
 
 Individual switches (``--set NAME=VALUE``, or a ``runtime:`` section of a training config) pin
 any path on top of a named runtime.
@@ -34,9 +35,11 @@ from .errors import CadsamError
 
 RUNTIMES = ("auto", "plain", "lean")
 AUTO = "auto"
-# Free GPU memory from which ``auto`` batches and compiles the frozen encoder and keeps the
-# encoder's activations for methods that act inside it, instead of recomputing them: ViT-H's
-# SAM-Adapter keeps 21 GiB in fp32 at batch 2 (benchmarks/BENCHMARKS.md).
+# Free GPU memory from which ``auto`` batches and compiles the frozen encoder and keeps CAD's
+# blocks for backward (ViT-H CAD at batch 2 in fp32 peaks near 5.3 GiB that way) ...
+FAST_GIB = 8
+# ... and from which it also keeps the encoder's activations for methods that act inside it
+# (ViT-H's SAM-Adapter keeps 21 GiB in fp32 at batch 2; benchmarks/BENCHMARKS.md)
 ROOMY_GIB = 48
 
 
