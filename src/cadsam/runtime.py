@@ -139,14 +139,13 @@ def named_runtime(name: str, device: torch.device | str = "cpu") -> tuple[Runtim
         raise CadsamError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {name!r}")
     if device.type != "cuda":
         return Runtime(fused_attention=True), f"auto on {device.type}: plain, fused attention"
-    free, _ = torch.cuda.mem_get_info(device)
-    free_gib = free / 2**30
+    free_gib = torch.cuda.mem_get_info(device)[0] / 2**30
+    where = f"auto on {torch.cuda.get_device_name(device)} ({free_gib:.0f} GiB free)"
     if free_gib >= ROOMY_GIB:
-        return (
-            ROOMY,
-            f"auto on {torch.cuda.get_device_name(device)} ({free_gib:.0f} GiB free): fast",
-        )
-    return LEAN, f"auto on {torch.cuda.get_device_name(device)} ({free_gib:.0f} GiB free): lean"
+        return ROOMY, f"{where}: fast"
+    if free_gib >= FAST_GIB:
+        return ROOMY.replace(checkpoint_encoder=True), f"{where}: fast, encoder blocks recomputed"
+    return LEAN, f"{where}: lean"
 
 
 def resolve_runtime(
