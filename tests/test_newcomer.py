@@ -225,3 +225,36 @@ def test_predict_skip_bad_still_reports_but_exits_0(tmp_path, monkeypatch, capsy
     assert code == 0 and "Traceback" not in err
     assert out.strip() == f"wrote 2 mask(s) to {tmp_path / 'out'}; skipped 2 unreadable input(s)"
     assert err.count("cadsam: warning: cannot read image") == 2
+
+
+def test_a_pretrained_backbone_without_its_weights_is_refused(tmp_path, capsys):
+    """One forgotten --checkpoint would otherwise train (or score) random SAM for hours."""
+    args = ["train", "--method", "decoder", "--backbone", "vit_b", "--out", str(tmp_path / "r")]
+    assert main([*args, "--images", "i", "--masks", "m"]) == 1
+    err = capsys.readouterr().err
+    assert "vit_b needs its pretrained weights: --checkpoint vit_b" in err
+    assert "--random-weights" in err and not (tmp_path / "r").exists()
+    assert main(["eval", "--method", "zero-shot", "--backbone", "vit_h", "--images", "i",
+                 "--masks", "m"]) == 1  # fmt: skip
+    assert "vit_h needs its pretrained weights" in capsys.readouterr().err
+    both = [*args, "--images", "i", "--masks", "m", "--random-weights", "--checkpoint", "x.pth"]
+    assert main(both) == 1
+    assert "contradict each other" in capsys.readouterr().err
+
+
+def test_random_weights_on_purpose_are_said_and_recorded(tmp_path, capsys, monkeypatch):
+    """--random-weights trains on random SAM, says so at the start and keeps it in the run's
+    config; a test configuration is random by nature and says that once."""
+    import yaml
+
+    from cadsam.sam import base_weights_note
+
+    note = base_weights_note("vit_b", None, True)
+    assert "RANDOM weights" in note and "vit_b" in note
+    assert "small test configuration" in base_weights_note("vit_tiny", None, False)
+    seen = {}
+    monkeypatch.setattr("cadsam.train.train", lambda config: seen.setdefault("config", config))
+    args = ["train", "--method", "decoder", "--backbone", "vit_b", "--random-weights"]
+    assert main([*args, "--images", "i", "--masks", "m", "--out", str(tmp_path)]) == 0
+    assert seen["config"].random_weights is True
+    assert yaml.safe_load(yaml.safe_dump(seen["config"].to_dict()))["random_weights"] is True
