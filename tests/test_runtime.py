@@ -158,3 +158,22 @@ def test_auto_fits_the_gpus_free_memory(monkeypatch, free_gib, expected, said):
     runtime, why = named_runtime("auto", "cuda")
     assert runtime == expected
     assert why.startswith(f"auto on Stand-in GPU ({free_gib} GiB free)") and said in why
+
+
+def test_a_runtime_is_checked_however_it_is_made(monkeypatch):
+    """Built directly (the Python API) as well as by name: bad values and combinations are
+    errors, and kernels forced where none can run say so instead of failing in Triton."""
+    with pytest.raises(CadsamError, match="compile_tiles must be auto, true or false"):
+        Runtime(compile_tiles="yes")
+    with pytest.raises(CadsamError, match="does not combine with checkpoint_adapter"):
+        Runtime(compile_blocks=True, checkpoint_adapter=True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pytest.importorskip("triton")
+    model = build_model(
+        "cad",
+        "vit_tiny",
+        adapter_size=32,
+        runtime=Runtime(adapter_tile_mib=0.01, triton_kernels=True),
+    )
+    with pytest.raises(CadsamError, match="triton_kernels=true needs a CUDA device"):
+        model(torch.rand(1, 3, 32, 32) * 255)

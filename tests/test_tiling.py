@@ -9,8 +9,10 @@ import torch
 from conftest import rel_err
 
 from cadsam import build_model
-from cadsam.methods.cad import ResidualDilatedBlock
-from cadsam.methods.tiling import _Bands, band_rows, pool2x2, pool_cells, tiled_residual_block
+from cadsam.fast.adapter import _band_rows, run_adapter
+from cadsam.fast.tiling import _Bands, band_rows, pool2x2, pool_cells, tiled_residual_block
+from cadsam.methods.cad import ConvAdapter, ResidualDilatedBlock
+from cadsam.runtime import Runtime
 
 CHANNELS = 8
 
@@ -58,6 +60,19 @@ def test_banded_block_equals_the_plain_block(batch, height, width, rows, fused, 
     assert rel_err(x_banded.grad, x_plain.grad) < 1e-5
     assert_trained_alike((block, conv_up if fused else None), (plain_block, plain_up), training)
     assert block.bn.num_batches_tracked.item() == (2 if training else 0)
+
+
+def run_from_input(
+    adapter: ConvAdapter, x: torch.Tensor, runtime: Runtime, compiled: dict | None = None
+) -> torch.Tensor:
+    """``run_adapter`` from the adapter's input ``x`` (B x 6 x S x S) instead of from images,
+    as ``forward_from_input`` is to ``forward``: ``adapter_input`` always gives float32, and
+    this runs the fast paths in float64 too."""
+    adapter.adapter_input = lambda images: x  # shadows the method on this instance
+    try:
+        return run_adapter(adapter, x, runtime, {} if compiled is None else compiled)
+    finally:
+        del adapter.adapter_input
 
 
 def assert_trained_alike(pair, plain_pair, training: bool) -> None:
@@ -179,43 +194,42 @@ def test_band_rows_fit_the_budget_and_stay_even():
 
 
 def test_the_budget_counts_the_dtype_the_activation_is_computed_in():
-    adapter = build_model("cad", "vit_tiny", adapter_size=64, adapter_tile_mib=1).adapter
+    adapter = build_model("cad", "vit_tiny", adapter_size=64).adapter
     x = torch.rand(2, 6, 64, 64)
-    assert adapter._band_rows(adapter.blocks[0], x) == 16  # float32: 1 MiB is 16 rows
+    assert _band_rows(adapter.blocks[0], x, 1) == 16  # float32: 1 MiB is 16 rows
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert adapter._band_rows(adapter.blocks[0], x) == 32
-    assert adapter._band_rows(adapter.blocks[0], x.double()) == 8
+        assert _band_rows(adapter.blocks[0], x, 1) == 32
+    assert _band_rows(adapter.blocks[0], x.double(), 1) == 8
 
 
 def test_adapter_bands_only_what_exceeds_the_budget():
     torch.manual_seed(1)
-    adapter = build_model("cad", "vit_tiny", adapter_size=64, adapter_tile_mib=1).adapter
+    adapter = build_model("cad", "vit_tiny", adapter_size=64).adapter
     x = torch.rand(2, 6, 64, 64)  # block 1: 2 x 256 x 64 x 64 x 4 B = 8 MiB
-    assert adapter._band_rows(adapter.blocks[0], x) == 16  # 1 MiB of one image
-    assert adapter._band_rows(adapter.blocks[2], torch.rand(2, 256, 16, 16)) == 0  # 0.5 MiB
-    adapter.tile_mib = 0
-    assert adapter._band_rows(adapter.blocks[0], x) == 0
-    adapter.tile_mib = 1
+    assert _band_rows(adapter.blocks[0], x, 1) == 16  # 1 MiB of one image
+    assert _band_rows(adapter.blocks[2], torch.rand(2, 256, 16, 16), 1) == 0  # 0.5 MiB
+    assert _band_rows(adapter.blocks[0], x, 0) == 0
     adapter.blocks[0].bn = torch.nn.SyncBatchNorm(256)  # statistics across processes: plain
-    assert adapter._band_rows(adapter.blocks[0], x) == 0
+    assert _band_rows(adapter.blocks[0], x, 1) == 0
 
 
 def test_banded_adapter_equals_the_plain_adapter_in_float64():
-    """The whole adapter, banded blocks against plain ones, both in float64: in float32 the
-    LeakyReLU's kinks and BatchNorm's sums amplify rounding (the plain float32 path itself
-    drifts from float64 by up to 1e-2 in some gradients here), so this checks the algebra."""
+    """The whole adapter, banded blocks (``run_adapter``) against the plain module, both in
+    float64: in float32 the LeakyReLU's kinks and BatchNorm's sums amplify rounding (the plain
+    float32 path itself drifts from float64 by up to 1e-2 in some gradients here), so this
+    checks the algebra."""
     torch.manual_seed(2)
-    banded = build_model("cad", "vit_tiny", adapter_size=64, adapter_tile_mib=1).adapter
-    plain = build_model("cad", "vit_tiny", adapter_size=64, adapter_tile_mib=0).adapter
-    plain.load_state_dict(banded.state_dict())
+    plain = build_model("cad", "vit_tiny", adapter_size=64).adapter
+    banded = copy.deepcopy(plain)
     banded.double(), plain.double()
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 255
     x = banded.adapter_input(images).double()
     # two blocks banded, the second over its predecessor's output, in 12-row bands
-    banded.tile_mib = 12 * 32 * 256 * 8 / 2**20
-    assert banded._band_rows(banded.blocks[0], x) == 6
-    assert banded._band_rows(banded.blocks[1], torch.empty(2, 256, 32, 32).double()) == 12
-    expected, actual = plain.forward_from_input(x), banded.forward_from_input(x)
+    runtime = Runtime(adapter_tile_mib=12 * 32 * 256 * 8 / 2**20)
+    assert _band_rows(banded.blocks[0], x, runtime.adapter_tile_mib) == 6
+    second = torch.empty(2, 256, 32, 32).double()
+    assert _band_rows(banded.blocks[1], second, runtime.adapter_tile_mib) == 12
+    expected, actual = plain.forward_from_input(x), run_from_input(banded, x, runtime)
     assert rel_err(actual, expected) < 1e-10
     upstream = torch.randn_like(expected)
     expected.backward(upstream)

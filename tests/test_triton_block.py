@@ -1,5 +1,7 @@
 """The first block's Triton kernels (under Triton's interpreter, on CPU) against the banded
-torch passes, the plain module and float64."""
+torch passes, the plain module and float64. Each test that runs the kernels asks for the
+``interpreted_triton`` fixture, so it runs in the process with ``TRITON_INTERPRET=1`` that
+test_interpreted_triton starts (and is skipped in any other)."""
 
 from __future__ import annotations
 
@@ -9,20 +11,22 @@ import torch.nn.functional as F
 from conftest import rel_err
 from test_tiling import _block_pair, assert_trained_alike
 
+import cadsam.runtime
 from cadsam import build_model
 from cadsam.errors import CadsamError
-from cadsam.methods.tiling import tiled_residual_block
-
-triton_block = pytest.importorskip("cadsam.methods.triton_block")
+from cadsam.fast import FastRunner
+from cadsam.fast.tiling import tiled_residual_block
+from cadsam.runtime import Runtime, resolve_runtime
 
 
 @pytest.fixture
-def small_launches(monkeypatch):
+def small_launches(monkeypatch, interpreted_triton):
     """Launch settings that give these small images several channel blocks (the last one
     partial) and several tiles per ``grads`` program."""
-    monkeypatch.setattr(triton_block, "BLOCK_C", 16)
-    monkeypatch.setattr(triton_block, "GRAD_BLOCK_C", 16)
-    monkeypatch.setattr(triton_block, "GRAD_PROGRAMS", 5)
+    monkeypatch.setattr(interpreted_triton, "BLOCK_C", 16)
+    monkeypatch.setattr(interpreted_triton, "GRAD_BLOCK_C", 16)
+    monkeypatch.setattr(interpreted_triton, "GRAD_PROGRAMS", 5)
+    return interpreted_triton
 
 
 # (batch, height, width, BatchNorm in training mode, input needs a gradient, channels_last)
@@ -62,9 +66,10 @@ def test_kernels_equal_the_plain_block(
     assert_trained_alike((block, conv_up), (plain_block, plain_up), training)
 
 
-def test_moments_match_float64():
+def test_moments_match_float64(interpreted_triton):
     """The per-tile means and squared deviations, combined over tiles, against the mean and
     variance of the convolution computed in float64."""
+    triton_block = interpreted_triton
     torch.manual_seed(0)
     source = torch.rand(2, 8, 10, 36) + 3  # a mean far from zero, as with [x, 1]
     weight = torch.randn(20, 8, 3, 3)
@@ -76,7 +81,8 @@ def test_moments_match_float64():
     assert rel_err(var, expected_var) < 1e-5
 
 
-def test_kernel_matrix_round_trips_and_tiles_count_every_pixel():
+def test_kernel_matrix_round_trips_and_tiles_count_every_pixel(interpreted_triton):
+    triton_block = interpreted_triton
     weight = torch.randn(5, 8, 3, 3)
     matrix = triton_block.kernel_matrix(weight)
     assert matrix.shape == (triton_block.PATCH, 5)
@@ -89,26 +95,34 @@ def test_kernel_matrix_round_trips_and_tiles_count_every_pixel():
 
 
 @pytest.mark.parametrize("choice", ["auto", True])
-def test_the_adapter_runs_the_kernels_where_asked(monkeypatch, choice):
+def test_the_adapter_runs_the_kernels_where_asked(monkeypatch, interpreted_triton, choice):
     """'auto' leaves CPU tensors to the bands; True runs the kernels, as close to float64 as
     the bands. (Float32 rounding is amplified by BatchNorm over 256 channels, so the two float32
-    paths are compared through their distances to float64.)"""
+    paths are compared through their distances to float64: the plain module in float64.)"""
     calls = []
-    output = triton_block.output
-    monkeypatch.setattr(triton_block, "output", lambda *a: calls.append(1) or output(*a))
+    output = interpreted_triton.output
+    monkeypatch.setattr(interpreted_triton, "output", lambda *a: calls.append(1) or output(*a))
     torch.manual_seed(0)
-    kernels, bands, exact = (
-        build_model("cad", "vit_tiny", adapter_size=64, adapter_tile_mib=1, triton_kernels=k)
-        for k in (choice, False, False)
+    kernels, bands = (
+        build_model(
+            "cad", "vit_tiny", adapter_size=64, runtime=Runtime(adapter_tile_mib=1).replace(**k)
+        )
+        for k in ({"triton_kernels": choice}, {})
     )
+    assert isinstance(kernels.runner, FastRunner) and isinstance(bands.runner, FastRunner)
+    assert kernels.runner.runtime.triton_kernels == choice
     bands.load_state_dict(kernels.state_dict())
+    exact = build_model("cad", "vit_tiny", adapter_size=64)  # the plain path
     exact.load_state_dict(kernels.state_dict())
     exact.double()
     images = torch.rand(1, 3, 64, 64) * 255
     results = []
     for model in (kernels, bands, exact):
-        x = model.adapter.adapter_input(images)
-        out = model.adapter.forward_from_input(x.to(model.adapter.conv_up.weight.dtype))
+        if model is exact:
+            x = model.adapter.adapter_input(images).double()
+            out = model.adapter.forward_from_input(x)
+        else:
+            out = model.runner.adapter(model.adapter, images)
         out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
         grads = torch.cat([p.grad.flatten() for p in model.adapter.parameters()])
         results.append((out.double(), grads.double()))
@@ -119,8 +133,19 @@ def test_the_adapter_runs_the_kernels_where_asked(monkeypatch, choice):
     assert rel_err(grads, exact_grads) < 1e-3
 
 
-def test_forced_kernels_without_a_gpu_or_the_interpreter_are_a_user_error(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
-    model = build_model("cad", "vit_tiny", adapter_size=64, adapter_tile_mib=1, triton_kernels=True)
+@pytest.mark.parametrize("name", ["plain", "lean", "auto"])
+def test_forced_kernels_without_a_gpu_or_the_interpreter_are_a_user_error(monkeypatch, name):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(CadsamError, match="triton_kernels=true needs a CUDA device"):
-        model.adapter(torch.rand(1, 3, 64, 64) * 255)
+        resolve_runtime(name, {"triton_kernels": True}, "cpu")
+    monkeypatch.setattr(cadsam.runtime, "triton_available", lambda: False)
+    with pytest.raises(CadsamError, match="triton_kernels=true needs Triton: pip install"):
+        resolve_runtime(name, {"triton_kernels": True}, "cpu")
+    # 'auto' needs neither: on a CPU it leaves the first block to the bands
+    runtime, _ = resolve_runtime(name, {"triton_kernels": "auto"}, "cpu")
+    assert runtime.triton_kernels == "auto"
+
+
+def test_forced_kernels_under_the_interpreter_are_allowed_on_a_cpu(interpreted_triton):
+    runtime, _ = resolve_runtime("plain", {"triton_kernels": True}, "cpu")
+    assert runtime.triton_kernels is True

@@ -43,6 +43,19 @@ FAST_GIB = 8
 ROOMY_GIB = 48
 
 
+def _check_value(name: str, value: Any, default: Any) -> None:
+    if isinstance(default, bool) and name.startswith(("compile_", "triton_")):
+        if value not in (AUTO, True, False):
+            raise CadsamError(f"{name} must be auto, true or false, not {value!r}")
+    elif isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise CadsamError(f"{name} must be true or false, not {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise CadsamError(f"{name} must be a number >= 0, not {value!r}")
+    elif isinstance(default, int) and not isinstance(value, int):
+        raise CadsamError(f"{name} must be a whole number, not {value!r}")
+
+
 @dataclass(frozen=True)
 class Runtime:
     """The defaults are the plain path. ``"auto"`` in a compile or kernel switch means: on CUDA
@@ -61,20 +74,21 @@ class Runtime:
     channels_last: bool = False  # CAD: activations in NHWC, cuDNN's fast layout
     cuda_graph: bool = False  # training: the step captured once and replayed (one CUDA GPU)
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_value(f.name, getattr(self, f.name), f.default)
+        if self.compile_blocks is True and self.checkpoint_adapter:
+            raise CadsamError("compile_blocks=true does not combine with checkpoint_adapter")
+
     def replace(self, **settings: Any) -> Runtime:
         """This runtime with ``settings`` changed; unknown names or bad values are errors."""
-        known = {f.name: f for f in dataclasses.fields(self)}
-        unknown = sorted(set(settings) - set(known))
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(settings) - known)
         if unknown:
             raise CadsamError(
-                f"unknown runtime setting {', '.join(unknown)} (known: {', '.join(known)})"
+                f"unknown runtime setting {', '.join(unknown)} (known: {', '.join(sorted(known))})"
             )
-        for name, value in settings.items():
-            _check_value(name, value, known[name].default)
-        runtime = dataclasses.replace(self, **settings)
-        if runtime.compile_blocks is True and runtime.checkpoint_adapter:
-            raise CadsamError("compile_blocks=true does not combine with checkpoint_adapter")
-        return runtime
+        return dataclasses.replace(self, **settings)
 
     @property
     def is_plain(self) -> bool:
@@ -184,19 +198,6 @@ def parse_setting(text: str) -> tuple[str, Any]:
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def _check_value(name: str, value: Any, default: Any) -> None:
-    if isinstance(default, bool) and name.startswith(("compile_", "triton_")):
-        if value not in (AUTO, True, False):
-            raise CadsamError(f"{name} must be auto, true or false, not {value!r}")
-    elif isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise CadsamError(f"{name} must be true or false, not {value!r}")
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise CadsamError(f"{name} must be a number >= 0, not {value!r}")
-    elif isinstance(default, int) and not isinstance(value, int):
-        raise CadsamError(f"{name} must be a whole number, not {value!r}")
 
 
 def _show(value: Any) -> str:

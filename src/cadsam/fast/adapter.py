@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..methods.cad import NEGATIVE_SLOPE, ConvAdapter, ResidualDilatedBlock
-from ..runtime import Runtime, triton_available
+from ..runtime import Runtime, check_device, triton_available
 from .tiling import activation_dtype, band_rows, pool_cells, tiled_residual_block
 
 
@@ -85,7 +85,9 @@ def _band_rows(block: nn.Module, x: torch.Tensor, tile_mib: float) -> int:
 def _use_kernels(runtime: Runtime, x: torch.Tensor) -> bool:
     if runtime.triton_kernels == "auto":
         return x.is_cuda and triton_available()
-    return bool(runtime.triton_kernels)  # (true was checked for the device where it was given)
+    if runtime.triton_kernels:  # (the commands check this where it is given, before any work)
+        check_device(runtime.replace(cuda_graph=False), x.device)
+    return bool(runtime.triton_kernels)
 
 
 def _whole(
