@@ -19,7 +19,7 @@ from cadsam.errors import CadsamError
 from cadsam.evaluate import constant_prediction_warning, format_table
 
 KVASIR = SHARED_DATA / "kvasir-seg-sample"
-KVASIR_STEMS = sorted(p.stem for p in (KVASIR / "images").iterdir())
+KVASIR_STEMS = sorted(p.stem for p in (KVASIR / "images").glob("*"))
 
 
 class ConstantModel(torch.nn.Module):
@@ -31,6 +31,9 @@ class ConstantModel(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, embeddings: torch.Tensor | None = None):
         return torch.full((len(images), 1, *images.shape[-2:]), self.logit)
+
+    def for_inference(self) -> ConstantModel:  # as AdaptedSam's, which eval and predict call
+        return self.eval()
 
 
 def _run(argv, capsys):
@@ -247,7 +250,7 @@ def test_random_weights_on_purpose_are_said_and_recorded(tmp_path, capsys, monke
     config; a test configuration is random by nature and says that once."""
     import yaml
 
-    from cadsam.sam import base_weights_note
+    from cadsam.backbones import base_weights_note
 
     note = base_weights_note("vit_b", None, True)
     assert "RANDOM weights" in note and "vit_b" in note

@@ -3,12 +3,16 @@
 CAD and decoder-only training never need gradients through SAM's encoder (the paper's
 section 5), so its output can be computed once. A cache folder holds:
 
-* ``embeddings.npy``: one preallocated array, (images x views) x 256 x E x E, float16 by
+* ``embeddings.npy``: one preallocated array, one row per image and view holding what the mask
+  decoder reads (:class:`~cadsam.backbones.FeatureLayout`): for SAM the image embedding,
+  (images x views) x 256 x E x E; for SAM 2.1 the image embedding and the two projected
+  high-resolution maps, flattened one after the other, (images x views) x N. Float16 by
   default (float32 on request), opened as a memory map;
 * ``done.npy``: one byte per entry, set only after that entry's embedding is on disk, so an
   interrupted build resumes where it stopped and never trusts a half-written entry;
 * ``manifest.json``: what the embeddings depend on: backbone, base checkpoint (sha256),
-  training image size, SAM's preprocessing, views, image ids and file digests, dtype.
+  training image size, SAM's preprocessing, views, image ids and file digests, dtype, and the
+  parts of a row with their shapes (``parts``).
 
 Geometric augmentation changes what the encoder sees, so a cache stores a fixed set of views
 per image (identity, flips, rotations by 90 degrees); training samples among them.
@@ -33,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import distributed
+from .backbones import FeatureLayout, backbone_config, feature_layout, is_sam2
 from .data.io import read_image
 from .data.transforms import VIEWS, apply_view, resize_image
 from .errors import CadsamError
@@ -40,8 +45,12 @@ from .files import write_atomic
 from .precision import autocast
 from .runtime import Runtime
 from .sam.sam import PIXEL_MEAN, PIXEL_STD
+from .sam2.sam2 import PIXEL_MEAN as SAM2_PIXEL_MEAN
+from .sam2.sam2 import PIXEL_STD as SAM2_PIXEL_STD
 
-FORMAT = 1
+# 2: a row's parts and shapes in the manifest (1: "channels" and "grid", SAM's embedding only;
+# such caches are read as the format-2 cache of one part they are)
+FORMAT = 2
 NOT_CACHEABLE = {
     "shift_scale_rotate": "shift-scale-rotate draws a new continuous transform every time, "
     "so no fixed set of cached embeddings can stand for it",
@@ -85,6 +94,18 @@ class EmbeddingCache:
     def row_of(self) -> dict[str, int]:
         return {image_id: i for i, image_id in enumerate(self.manifest["ids"])}
 
+    @property
+    def layout(self) -> FeatureLayout:
+        return FeatureLayout.from_json(self.manifest["parts"])
+
+    def describe_entry(self) -> str:
+        """What one image (and view) takes: its bytes and its parts."""
+        size = self.embeddings[0].nbytes
+        return (
+            f"{size / 2**20:g} MiB ({size:,} bytes) per image and view: "
+            f"{self.layout.describe()}, {self.manifest['dtype']}"
+        )
+
 
 def _paths(root: Path) -> tuple[Path, Path, Path]:
     return root / "manifest.json", root / "embeddings.npy", root / "done.npy"
@@ -98,12 +119,9 @@ def open_cache(root: str | os.PathLike, writable: bool = False) -> EmbeddingCach
         raise CadsamError(
             f"not an embedding cache: {root} (no manifest.json; make one with cadsam cache)"
         )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CadsamError(f"{manifest_path} is corrupt: {exc}") from None
+    manifest = _read_manifest(manifest_path)
     entries = len(manifest["ids"]) * len(manifest["views"])
-    shape = (entries, manifest["channels"], manifest["grid"], manifest["grid"])
+    shape = (entries, *FeatureLayout.from_json(manifest["parts"]).shape)
     mode = "r+" if writable else "r"
     try:
         embeddings = np.load(emb_path, mmap_mode=mode)
@@ -124,6 +142,44 @@ def open_cache(root: str | os.PathLike, writable: bool = False) -> EmbeddingCach
     return EmbeddingCache(root, manifest, embeddings, done)
 
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """A cache's manifest, a format-1 one read as format 2."""
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CadsamError(f"{path} is corrupt: {exc}") from None
+    found = manifest.get("format")
+    if found == 1:
+        manifest["format"] = FORMAT
+        channels, grid = manifest.pop("channels"), manifest.pop("grid")
+        manifest["parts"] = [["image_embedding", [channels, grid, grid]]]
+    elif found != FORMAT:
+        raise CadsamError(
+            f"{path} is a cache of format {found!r}; this cadsam reads formats 1 and {FORMAT}: "
+            "rebuild it with cadsam cache"
+        )
+    return manifest
+
+
+def preprocessing_record(backbone: str) -> dict[str, Any]:
+    """How images reach the encoder, as a cache records it."""
+    size = backbone_config(backbone).image_size
+    resize = "PIL bilinear to image_size, then bilinear (antialiased) to sam_image_size"
+    if is_sam2(backbone):
+        return {
+            "sam_image_size": size,
+            "pixel_mean": list(SAM2_PIXEL_MEAN),
+            "pixel_std": list(SAM2_PIXEL_STD),
+            "resize": resize + ", scaled to 0..1 (SAM 2.1's)",
+        }
+    return {
+        "sam_image_size": size,
+        "pixel_mean": list(PIXEL_MEAN),
+        "pixel_std": list(PIXEL_STD),
+        "resize": resize,
+    }
+
+
 def cache_manifest(
     backbone: str,
     base: dict[str, Any],
@@ -133,27 +189,18 @@ def cache_manifest(
     dtype: str,
     precision: str,
 ) -> dict[str, Any]:
-    from .sam import sam_config
-
-    config = sam_config(backbone)
     return {
         "format": FORMAT,
         "backbone": backbone,
         "base_checkpoint": base,
         "image_size": image_size,
-        "preprocessing": {
-            "sam_image_size": config.image_size,
-            "pixel_mean": list(PIXEL_MEAN),
-            "pixel_std": list(PIXEL_STD),
-            "resize": "PIL bilinear to image_size, then bilinear (antialiased) to sam_image_size",
-        },
+        "preprocessing": preprocessing_record(backbone),
         "views": views,
         "ids": [p.stem for p in images],
         "digests": [file_digest(p) for p in images],
         "dtype": dtype,
         "encoder_precision": precision,
-        "channels": 256,
-        "grid": config.embedding_size,
+        "parts": feature_layout(backbone).to_json(),
     }
 
 
@@ -167,6 +214,7 @@ SETTINGS_KEYS = (
     "views",
     "dtype",
     "encoder_precision",
+    "parts",
 )
 
 
@@ -284,7 +332,7 @@ def _prepare_folder(root: Path, manifest: dict[str, Any]) -> None:
     """A new cache's preallocated arrays and manifest; an existing cache must be this one."""
     manifest_path, emb_path, done_path = _paths(root)
     if manifest_path.exists():
-        existing = json.loads(manifest_path.read_text())
+        existing = _read_manifest(manifest_path)
         problems = _differences(existing, manifest, (*SETTINGS_KEYS, "ids", "digests"))
         if problems:
             raise CadsamError(
@@ -293,7 +341,7 @@ def _prepare_folder(root: Path, manifest: dict[str, Any]) -> None:
         return
     root.mkdir(parents=True, exist_ok=True)
     entries = len(manifest["ids"]) * len(manifest["views"])
-    shape = (entries, manifest["channels"], manifest["grid"], manifest["grid"])
+    shape = (entries, *FeatureLayout.from_json(manifest["parts"]).shape)
     dtype = np.dtype(manifest["dtype"])
     np.lib.format.open_memmap(emb_path, mode="w+", dtype=dtype, shape=shape).flush()
     np.lib.format.open_memmap(done_path, mode="w+", dtype=np.uint8, shape=(entries,)).flush()

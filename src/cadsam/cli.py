@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .backbones import BACKBONES
 from .errors import CadsamError
 from .methods import METHOD_OPTIONS, METHODS, build_model
 from .precision import PRECISIONS
@@ -161,7 +162,7 @@ def _runtime(args: argparse.Namespace, device: torch.device) -> Runtime:
 
 
 def _load_eval_model(args: argparse.Namespace, runtime: Runtime):
-    from .sam import base_weights_note
+    from .backbones import base_weights_note
     from .weights import load_weights
 
     if args.weights:
@@ -340,6 +341,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"cache: {args.out} ({len(cache.done)} embeddings, complete: {cache.complete()})")
+        print(f"cache: {cache.describe_entry()}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -381,10 +383,11 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     key; everything else is reached by ``--set NAME=VALUE`` (listed in the epilogue)."""
     train.add_argument("--config", help="YAML file of settings (command-line flags override it)")
     train.add_argument("--method", choices=[m for m in METHODS if m != "zero-shot"])
-    train.add_argument("--backbone", choices=list(SAM_CONFIGS))
+    train.add_argument("--backbone", choices=list(BACKBONES))
     train.add_argument(
         "--checkpoint",
-        help="SAM checkpoint: a .pth path or vit_b / vit_l / vit_h (downloaded if absent)",
+        help="SAM checkpoint: a .pth/.pt path or vit_b / vit_l / vit_h / sam2.1_hiera_t / _s / "
+        "_b+ / _l (downloaded if absent)",
     )
     train.add_argument(
         "--random-weights",
@@ -521,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     params = command("params", cmd_params, "Count a method's trainable and total parameters.")
-    params.add_argument("--backbone", required=True, choices=list(SAM_CONFIGS))
+    params.add_argument("--backbone", required=True, choices=list(BACKBONES))
     params.add_argument("--method", required=True, choices=list(METHODS))
     params.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -542,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--method", choices=["zero-shot"], help="zero-shot: plain SAM with a whole-image box"
     )
-    ev.add_argument("--backbone", choices=list(SAM_CONFIGS), help="with --method zero-shot")
+    ev.add_argument("--backbone", choices=list(BACKBONES), help="with --method zero-shot")
     ev.add_argument(
         "--checkpoint",
         help="SAM checkpoint (zero-shot), or where the weights' base checkpoint now is",
@@ -626,8 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_cache,
         "Run the frozen encoder once per image and store the embeddings for training.",
     )
-    ca.add_argument("--backbone", required=True, choices=list(SAM_CONFIGS))
-    ca.add_argument("--checkpoint", help="SAM checkpoint: a .pth path or vit_b / vit_l / vit_h")
+    ca.add_argument("--backbone", required=True, choices=list(BACKBONES))
+    ca.add_argument(
+        "--checkpoint",
+        help="SAM checkpoint: a .pth/.pt path or vit_b / vit_l / vit_h / sam2.1_hiera_t / ...",
+    )
     ca.add_argument("--images", help="folder of images")
     ca.add_argument("--dataset", help="named layout: istd, camo, cod10k, sinet")
     ca.add_argument("--data-root", help="root folder of the named layout")

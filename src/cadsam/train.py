@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import distributed
+from .backbones import base_weights_note
 from .cache import check_cache_for_training, open_cache
 from .data import (
     SegmentationDataset,
@@ -44,7 +45,6 @@ from .files import write_atomic
 from .methods import CACHEABLE, METHOD_OPTIONS, AdaptedSam, build_model, resolve_options
 from .precision import PRECISIONS, autocast
 from .runtime import check_settings, resolve_runtime
-from .sam import base_weights_note
 from .weights import base_checkpoint_record, save_weights
 
 SCHEDULES = ("cosine", "constant")

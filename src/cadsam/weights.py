@@ -18,11 +18,12 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .backbones import is_release_name, resolve_base_checkpoint
 from .errors import CadsamError
 from .files import write_atomic
 from .methods import METHOD_OPTIONS, AdaptedSam, build_model
 from .runtime import Runtime
-from .sam.checkpoint import file_sha256, resolve_checkpoint
+from .sam.checkpoint import file_sha256
 
 FORMAT = 1
 
@@ -31,10 +32,8 @@ def base_checkpoint_record(checkpoint: str | os.PathLike | None) -> dict[str, An
     """Identify the base SAM checkpoint: how it was named and the sha256 of its bytes."""
     if checkpoint is None:
         return {"name": None, "sha256": None}
-    path = resolve_checkpoint(checkpoint)
-    name = (
-        str(checkpoint) if str(checkpoint) in ("vit_b", "vit_l", "vit_h") else str(path.resolve())
-    )
+    path = resolve_base_checkpoint(checkpoint)
+    name = str(checkpoint) if is_release_name(checkpoint) else str(path.resolve())
     return {"name": name, "sha256": file_sha256(path)}
 
 
@@ -149,7 +148,9 @@ def _verified_base(
 ) -> Path:
     recorded = meta["base_checkpoint"]
     try:
-        resolved = resolve_checkpoint(checkpoint if checkpoint is not None else recorded["name"])
+        resolved = resolve_base_checkpoint(
+            checkpoint if checkpoint is not None else recorded["name"]
+        )
     except CadsamError as exc:
         raise CadsamError(f"{exc}; {path} was trained on it (pass --checkpoint)") from None
     digest = file_sha256(resolved)

@@ -20,13 +20,14 @@ from torch.utils.checkpoint import checkpoint
 from ..methods.cad import ConvAdapter
 from ..methods.model import AdaptedSam, PlainRunner
 from ..runtime import Runtime
+from ..sam.image_encoder import ImageEncoderViT
 from .adapter import run_adapter
 
 
 def fit(model: AdaptedSam, runtime: Runtime) -> AdaptedSam:
     """Run ``model`` as ``runtime`` says from now on (in place; returns it). What it computes,
     and its weights, stay as they are."""
-    if model.sam.image_encoder is not None:
+    if isinstance(model.sam.image_encoder, ImageEncoderViT):  # Hiera has one path (SDPA)
         model.sam.image_encoder.set_fused_attention(runtime.fused_attention)
     model.runner = PlainRunner() if runtime.is_plain else FastRunner(runtime)
     return model
@@ -49,7 +50,9 @@ class FastRunner(PlainRunner):
         if _decide(self.runtime.compile_encoder, images.is_cuda and model.training):
             encoder = self._compiled("encoder", encoder)
         chunk = self.runtime.encoder_chunk or len(images)
-        return torch.cat([encoder(model.sam_input(part)) for part in images.split(chunk)])
+        return torch.cat(
+            [model.decoder_input(encoder(model.sam_input(part))) for part in images.split(chunk)]
+        )
 
     def encoder_block(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         if self.runtime.checkpoint_encoder and torch.is_grad_enabled():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..backbones import backbone_config, build_base, is_sam2
 from ..errors import CadsamError
 from ..runtime import Runtime
-from ..sam import build_sam, sam_config
 from .cad import CAD_LAYOUTS, ConvAdapter
 from .lora import LoraAdapter
 from .model import AdaptedSam
@@ -61,22 +61,28 @@ def build_model(
     runtime: Runtime | None = None,
     **options: Any,
 ) -> AdaptedSam:
-    """SAM for ``backbone`` (loaded from ``checkpoint`` if given) with ``method``'s additions;
-    ``options``: the method's model options.
+    """SAM or SAM 2.1, as ``backbone`` names it (loaded from ``checkpoint`` if given), with
+    ``method``'s additions; ``options``: the method's model options.
 
-    Only the method's own modules and the mask decoder are trainable (none for zero-shot).
+    Only the method's own modules and the mask decoder are trainable (none for zero-shot; on
+    SAM 2.1 not the decoder's ``conv_s0``/``conv_s1``, see :class:`AdaptedSam`).
     For ``cad``, ``model.adapter`` is the adapter alone: RGB in 0..255 at ``adapter_size``
     in, the tanh map (before the 0.1 scale) out. ``with_encoder=False`` builds no image
     encoder at all: the model then needs the embeddings passed in (from a cache). The model
     runs on the plain path unless a ``runtime`` is given (:func:`cadsam.fast.fit`).
     """
     options = resolve_options(method, options)
+    config = backbone_config(backbone)
     if not with_encoder and method not in CACHEABLE:
         raise CadsamError(
             f"{method} acts inside the image encoder, so it cannot train from cached embeddings"
         )
-    config = sam_config(backbone)
-    sam = build_sam(backbone, checkpoint, fused_attention=False, with_encoder=with_encoder)
+    if method.startswith("sam-adapter") and is_sam2(backbone):
+        raise CadsamError(
+            f"SAM-Adapter is SAM 1 only (it prompts the tokens of SAM's ViT encoder, which "
+            f"SAM 2.1's Hiera trunk does not have): on {backbone}, use cad, decoder or lora"
+        )
+    sam = build_base(backbone, checkpoint, with_encoder=with_encoder)
     common = dict(sam=sam, method=method, backbone=backbone, options=options)
     if method == "cad":
         adapter = ConvAdapter(config.embedding_size, layout=options["cad_layout"])

@@ -7,6 +7,11 @@ updates, ``B_q A_q x`` added to its q slice and ``B_v A_v x`` to its v slice, sc
 SAM-Adapter it acts inside the encoder, whose activations are then part of the autograd graph
 (the runtime's ``checkpoint_encoder`` recomputes them per block).
 
+SAM 2.1's Hiera blocks have a fused ``qkv`` too, from the block's input width to three times
+its output width (wider in the first block of a stage): q, k and v are its three equal slices,
+so the updates map the input width to the output width, and q's is added before the queries
+are pooled, as a change of the ``qkv`` weights would be.
+
 The updates join through a forward hook on each ``qkv`` layer, so SAM's modules and their
 state-dict names stay Meta's. :meth:`LoraAdapter.merge` folds them into the ``qkv`` weights
 once, for inference: the same function with no extra work.
@@ -21,17 +26,18 @@ import torch
 from torch import nn
 
 from ..sam.image_encoder import ImageEncoderViT
+from ..sam2.image_encoder import ImageEncoder as HieraEncoder
 
 RunBlock = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 class LowRank(nn.Module):
-    """``B A x``: dim -> rank -> dim; ``B`` zero at first."""
+    """``B A x``: dim -> rank -> dim_out (dim if not given); ``B`` zero at first."""
 
-    def __init__(self, dim: int, rank: int) -> None:
+    def __init__(self, dim: int, rank: int, dim_out: int | None = None) -> None:
         super().__init__()
         self.a = nn.Linear(dim, rank, bias=False)
-        self.b = nn.Linear(rank, dim, bias=False)
+        self.b = nn.Linear(rank, dim if dim_out is None else dim_out, bias=False)
         nn.init.kaiming_uniform_(self.a.weight, a=5**0.5)  # as nn.Linear, and SAMed
         nn.init.zeros_(self.b.weight)
 
@@ -42,15 +48,23 @@ class LowRank(nn.Module):
         return self.b.weight @ self.a.weight
 
 
+def encoder_blocks(encoder: ImageEncoderViT | HieraEncoder) -> nn.ModuleList:
+    """The blocks whose ``attn.qkv`` LoRA updates: the ViT's, or the Hiera trunk's."""
+    return encoder.trunk.blocks if isinstance(encoder, HieraEncoder) else encoder.blocks
+
+
 class LoraAdapter(nn.Module):
-    def __init__(self, encoder: ImageEncoderViT, rank: int = 4, alpha: float | None = None) -> None:
+    def __init__(
+        self, encoder: ImageEncoderViT | HieraEncoder, rank: int = 4, alpha: float | None = None
+    ) -> None:
         super().__init__()
-        dim = encoder.blocks[0].attn.qkv.in_features
+        blocks = encoder_blocks(encoder)
+        shapes = [(b.attn.qkv.in_features, b.attn.qkv.out_features // 3) for b in blocks]
         self.rank, self.scale = rank, (rank if alpha is None else alpha) / rank
-        self.q = nn.ModuleList(LowRank(dim, rank) for _ in encoder.blocks)
-        self.v = nn.ModuleList(LowRank(dim, rank) for _ in encoder.blocks)
+        self.q = nn.ModuleList(LowRank(dim, rank, dim_out) for dim, dim_out in shapes)
+        self.v = nn.ModuleList(LowRank(dim, rank, dim_out) for dim, dim_out in shapes)
         self.merged = False
-        for i, block in enumerate(encoder.blocks):
+        for i, block in enumerate(blocks):
             # (a bound method, not a closure: a deep copy of the model rebinds it to the copy)
             block.attn.qkv.register_forward_hook(functools.partial(self._updated, i))
         self.__dict__["encoder"] = encoder  # not a submodule: SAM owns it
@@ -68,9 +82,12 @@ class LoraAdapter(nn.Module):
         return torch.cat((q, k, v), dim=-1)
 
     def encode(
-        self, encoder: ImageEncoderViT, x: torch.Tensor, run_block: RunBlock
-    ) -> torch.Tensor:
-        """Normalised encoder input -> image embedding, each block run by ``run_block``."""
+        self, encoder: ImageEncoderViT | HieraEncoder, x: torch.Tensor, run_block: RunBlock
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Normalised encoder input -> the encoder's output (SAM's image embedding, SAM 2.1's
+        FPN levels), each block run by ``run_block``."""
+        if isinstance(encoder, HieraEncoder):
+            return encode_hiera(encoder, x, run_block)
         tokens = encoder.patch_embed(x) + encoder.pos_embed
         for block in encoder.blocks:
             tokens = run_block(block, tokens)
@@ -82,9 +99,23 @@ class LoraAdapter(nn.Module):
         model would train the base weights, which are frozen)."""
         if self.merged:
             return
-        for i, block in enumerate(self.__dict__["encoder"].blocks):
+        for i, block in enumerate(encoder_blocks(self.__dict__["encoder"])):
             weight = block.attn.qkv.weight
-            dim = weight.shape[1]
-            weight[:dim] += self.scale * self.q[i].delta_weight().to(weight.dtype)
-            weight[2 * dim :] += self.scale * self.v[i].delta_weight().to(weight.dtype)
+            dim_out = weight.shape[0] // 3
+            weight[:dim_out] += self.scale * self.q[i].delta_weight().to(weight.dtype)
+            weight[2 * dim_out :] += self.scale * self.v[i].delta_weight().to(weight.dtype)
         self.merged = True
+
+
+def encode_hiera(encoder: HieraEncoder, x: torch.Tensor, run_block: RunBlock) -> list[torch.Tensor]:
+    """SAM 2.1's image encoder as its ``forward``, each trunk block run by ``run_block``."""
+    trunk = encoder.trunk
+    tokens = trunk.patch_embed(x)
+    tokens = tokens + trunk.position_embedding(tokens.shape[1], tokens.shape[2])
+    stages = []
+    for i, block in enumerate(trunk.blocks):
+        tokens = run_block(block, tokens)
+        if i in trunk.stage_ends:
+            stages.append(tokens.permute(0, 3, 1, 2))
+    features = encoder.neck(stages)
+    return features[: len(features) - encoder.scalp]

@@ -1,4 +1,4 @@
-"""One interface for every method: SAM, frozen, plus what the method trains.
+"""One interface for every method: SAM (or SAM 2.1), frozen, plus what the method trains.
 
 The methods differ only in how the image embedding is made, and that lives in
 :meth:`AdaptedSam.image_embeddings`:
@@ -12,6 +12,12 @@ The methods differ only in how the image embedding is made, and that lives in
 Everything after the embedding (whole-image box prompt, mask decoder, upsampling) is shared.
 How each stage runs (chunked, compiled, recomputed, in bands) is the model's ``runner``'s
 business: :class:`PlainRunner` here, the reference; :func:`cadsam.fast.fit` swaps in another.
+
+What the decoder reads is one tensor per batch, laid out as the backbone says
+(:class:`~cadsam.backbones.FeatureLayout`): for SAM the image embedding, B x 256 x E x E; for
+SAM 2.1 the image embedding (with ``no_mem_embed``) and the two projected high-resolution maps,
+flattened and concatenated, B x N. The frozen encoder's output in that form is what an
+embedding cache stores, row by row.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones import feature_layout
 from ..errors import CadsamError
 from ..runtime import Runtime
 from ..sam import Sam
+from ..sam2 import Sam2
 from .cad import ConvAdapter
 from .lora import LoraAdapter
 from .sam_adapter import OfficialSamAdapter, PaperSamAdapter
@@ -38,7 +46,7 @@ class PlainRunner:
     runtime = Runtime()
 
     def frozen_embeddings(self, model: AdaptedSam, images: torch.Tensor) -> torch.Tensor:
-        return model.sam.image_encoder(model.sam_input(images))
+        return model.decoder_input(model.sam.image_encoder(model.sam_input(images)))
 
     def encoder_block(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return block(tokens)
@@ -53,7 +61,7 @@ class PlainRunner:
 class AdaptedSam(nn.Module):
     def __init__(
         self,
-        sam: Sam,
+        sam: Sam | Sam2,
         method: str,
         backbone: str,
         options: dict[str, Any],
@@ -67,10 +75,18 @@ class AdaptedSam(nn.Module):
         self.options = dict(options)
         self.adapter = adapter
         self.encoder_adapter = encoder_adapter
+        self.layout = feature_layout(backbone)  # what the decoder reads, packed
         self.runner: PlainRunner = PlainRunner()  # not a module: never in the state_dict
         sam.requires_grad_(False)
         if method != "zero-shot":
             sam.mask_decoder.requires_grad_(True)
+        if isinstance(sam, Sam2):
+            # conv_s0/conv_s1 are decoder weights, but they project the encoder's FPN levels
+            # once per image: frozen in every method, they belong to what the decoder reads,
+            # computed with the frozen encoder, so training from a cache equals training with
+            # the encoder. The rest of the decoder trains.
+            sam.mask_decoder.conv_s0.requires_grad_(False)
+            sam.mask_decoder.conv_s1.requires_grad_(False)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -109,7 +125,10 @@ class AdaptedSam(nn.Module):
     # -- the forward pass -------------------------------------------------------------
 
     def sam_input(self, images: torch.Tensor) -> torch.Tensor:
-        """RGB 0..255 at data resolution -> SAM's normalised encoder input."""
+        """RGB 0..255 at data resolution -> SAM's normalised encoder input (SAM 2.1's own
+        preprocessing: resized to its square, scaled to 0..1, ImageNet's mean and std)."""
+        if isinstance(self.sam, Sam2):
+            return self.sam.preprocess(images)
         size = self.sam.image_size
         if images.shape[-1] != size or images.shape[-2] != size:
             images = F.interpolate(
@@ -129,20 +148,32 @@ class AdaptedSam(nn.Module):
     def image_embeddings(
         self, images: torch.Tensor, embeddings: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The one place the methods differ. ``embeddings``: the frozen encoder's output for
-        these images, computed earlier (e.g. from a cache); then the encoder does not run."""
+        """The one place the methods differ: images -> what the decoder reads (packed, see
+        :attr:`layout`). ``embeddings``: the frozen encoder's, computed earlier (e.g. from a
+        cache); then the encoder does not run. CAD adds to the image embedding alone: on
+        SAM 2.1 the high-resolution maps stay the encoder's."""
         if self.encoder_adapter is not None:
             assert embeddings is None, "this method changes the encoder's output"
-            return self.encoder_adapter.encode(
+            encoded = self.encoder_adapter.encode(
                 self.sam.image_encoder, self.sam_input(images), self.runner.encoder_block
             )
+            return self.decoder_input(encoded)
         if embeddings is None:
             assert self.sam.image_encoder is not None, "built without an encoder: pass embeddings"
             embeddings = self.frozen_embeddings(images)
         if self.adapter is not None:
             adapter = self.runner.adapter(self.adapter, self.adapter_input(images))
-            embeddings = embeddings + CAD_SCALE * adapter
+            embeddings = self.layout.add_to_first(embeddings, CAD_SCALE * adapter)
         return embeddings
+
+    def decoder_input(self, encoded: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """The image encoder's output -> what the decoder reads, packed: SAM's embedding as it
+        is; SAM 2.1's FPN levels as the embedding plus ``no_mem_embed`` and the finer levels
+        through ``conv_s0``/``conv_s1``."""
+        if isinstance(self.sam, Sam2):
+            embedding, high_res = self.sam.project_features(encoded)
+            return self.layout.pack([embedding, *high_res])
+        return encoded
 
     @torch.no_grad()
     def frozen_embeddings(self, images: torch.Tensor) -> torch.Tensor:
@@ -159,8 +190,14 @@ class AdaptedSam(nn.Module):
         """Image embeddings -> B x 1 x size x size mask logits, prompted by the whole-image box.
 
         Low-resolution logits are upsampled to the encoder's frame, then to ``size``, as SAM's
-        postprocessing does and as the paper's numbers were computed.
+        postprocessing does and as the paper's numbers were computed. SAM 2.1's go straight
+        to ``size``, as its image predictor does.
         """
+        if isinstance(self.sam, Sam2):
+            embedding, *high_res = self.layout.unpack(image_embeddings)
+            boxes = self.sam.whole_image_boxes(embedding.shape[0])
+            low_res, _ = self.sam.decode(embedding, high_res, boxes=boxes)
+            return self.sam.postprocess_masks(low_res, (size, size))
         with torch.no_grad():
             boxes = self.sam.whole_image_boxes(image_embeddings.shape[0])
             sparse, dense = self.sam.prompt_encoder(boxes=boxes)

@@ -3,7 +3,6 @@
 from .build import (
     SAM_CONFIGS,
     SamConfig,
-    base_weights_note,
     build_sam,
     load_sam_checkpoint,
     sam_config,
@@ -16,7 +15,6 @@ __all__ = [
     "SAM_CONFIGS",
     "Sam",
     "SamConfig",
-    "base_weights_note",
     "build_sam",
     "load_sam_checkpoint",
     "resolve_checkpoint",

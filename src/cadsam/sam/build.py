@@ -9,6 +9,7 @@ import torch
 
 from ..errors import CadsamError
 from .checkpoint import encoder_signature, read_sam_state_dict, resolve_checkpoint
+from .hf import file_key
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -50,27 +51,6 @@ def sam_config(backbone: str) -> SamConfig:
     if backbone not in SAM_CONFIGS:
         raise CadsamError(f"unknown backbone {backbone!r}: choose from {', '.join(SAM_CONFIGS)}")
     return SAM_CONFIGS[backbone]
-
-
-def base_weights_note(
-    backbone: str, checkpoint: str | os.PathLike | None, random_weights: bool
-) -> str | None:
-    """Refuse a pretrained backbone without its weights unless random ones are asked for:
-    one forgotten flag would otherwise mean hours of meaningless results. Returns a line to
-    print when the weights are random, else None."""
-    config = sam_config(backbone)
-    if checkpoint is not None:
-        if random_weights:
-            raise CadsamError("--random-weights and --checkpoint contradict each other: drop one")
-        return None
-    if not config.pretrained:
-        return f"note: {backbone} is a small test configuration: its SAM weights are random"
-    if not random_weights:
-        raise CadsamError(
-            f"{backbone} needs its pretrained weights: --checkpoint {backbone} (downloaded once) "
-            "or a .pth path; --random-weights to use random ones on purpose"
-        )
-    return f"note: SAM {backbone} with RANDOM weights (--random-weights): results mean nothing"
 
 
 def build_sam(
@@ -117,7 +97,8 @@ def build_sam(
 
 
 def load_sam_checkpoint(sam: Sam, backbone: str, checkpoint: str | os.PathLike) -> None:
-    """Strictly load a Meta-format checkpoint into ``sam``; any mismatch is a clear error."""
+    """Strictly load a checkpoint (Meta's, or a Hugging Face ``SamModel``'s, read into Meta's
+    keys) into ``sam``; any mismatch is a clear error."""
     path = resolve_checkpoint(checkpoint)
     state = read_sam_state_dict(path)
     if "image_encoder.patch_embed.proj.weight" in state:
@@ -134,9 +115,9 @@ def load_sam_checkpoint(sam: Sam, backbone: str, checkpoint: str | os.PathLike) 
         state = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
     own = sam.state_dict()
     problems = [f"missing {k}" for k in own if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"unexpected {file_key(state, k)}" for k in state if k not in own]
     problems += [
-        f"{k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+        f"{file_key(state, k)} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
         for k, v in own.items()
         if k in state and state[k].shape != v.shape
     ]

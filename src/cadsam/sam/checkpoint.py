@@ -1,8 +1,10 @@
-"""Finding, downloading and reading Meta's SAM checkpoints, with errors a user can act on.
+"""Finding, downloading and reading SAM checkpoints, with errors a user can act on.
 
 A checkpoint is named by a path, or by a backbone name (``vit_b``, ``vit_l``, ``vit_h``) that is
 looked up in the cache directory (``$CADSAM_HOME/checkpoints`` or
-``~/.cache/cadsam/checkpoints``) and otherwise downloaded from Meta's URL.
+``~/.cache/cadsam/checkpoints``) and otherwise downloaded from Meta's URL. A path may be Meta's
+``.pth`` or a Hugging Face ``SamModel``'s ``model.safetensors`` / ``pytorch_model.bin`` (or
+the folder holding it); either is read into Meta's key names.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file as load_safetensors
 from tqdm import tqdm
 
 from ..errors import CadsamError
+from . import hf
 
 META_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything"
 
@@ -48,6 +52,10 @@ META_CHECKPOINTS: dict[str, CheckpointFile] = {
 }
 
 
+# What a Hugging Face model folder holds the weights in (``save_pretrained``).
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
 def cadsam_home() -> Path:
     return Path(os.environ.get("CADSAM_HOME", Path.home() / ".cache" / "cadsam"))
 
@@ -57,10 +65,13 @@ def checkpoint_dir() -> Path:
 
 
 def resolve_checkpoint(spec: str | os.PathLike, download: bool = True) -> Path:
-    """A path, or a backbone name found in the cache or downloaded into it -> a local file."""
+    """A path (a Hugging Face model folder: its weights file), or a backbone name found in the
+    cache or downloaded into it -> a local file."""
     name = str(spec)
     if name not in META_CHECKPOINTS:
         path = Path(name).expanduser()
+        if path.is_dir():  # a Hugging Face model folder
+            path = next((path / n for n in HF_WEIGHT_FILES if (path / n).is_file()), path)
         if not path.is_file():
             known = ", ".join(META_CHECKPOINTS)
             raise CadsamError(f"checkpoint not found: {path} (give a file or one of: {known})")
@@ -145,28 +156,53 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def read_sam_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a SAM checkpoint safely (``weights_only``), or say clearly why it cannot be one."""
+    """Read a SAM checkpoint safely, or say clearly why it cannot be one: Meta's ``.pth``
+    (``weights_only``), or a Hugging Face ``SamModel``'s ``model.safetensors`` or
+    ``pytorch_model.bin``, whose keys are renamed to Meta's (:mod:`cadsam.sam.hf`)."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CadsamError(f"checkpoint not found: {path}") from None
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CadsamError(
-            f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch file "
-            f"({first_line[:160]})"
-        ) from None
+    state = _read_tensors(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CadsamError(f"{path} is not a SAM state_dict (expected a dict of tensors)")
+    if hf.is_hf_layout(state):
+        state = hf.from_hf(state, path)
     parts = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
     missing = [p[:-1] for p in parts if not any(k.startswith(p) for k in state)]
     if missing:
         sample = ", ".join(list(state)[:3]) or "no keys"
         raise CadsamError(
-            f"{path} is not a SAM state_dict: no {', '.join(missing)} weights (found {sample})"
+            f"{path} is not a SAM state_dict: no {', '.join(missing)} weights (found {sample}; "
+            "expected Meta's keys or a Hugging Face SamModel's)"
         )
     return state
+
+
+def _read_tensors(path: Path) -> object:
+    """A checkpoint's content: a safetensors file (by its header) or a PyTorch file."""
+    try:
+        if _is_safetensors(path):
+            return load_safetensors(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CadsamError(f"checkpoint not found: {path}") from None
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch or safetensors"
+        raise CadsamError(
+            f"cannot read checkpoint {path}: truncated, corrupt or not a {kind} file "
+            f"({first_line[:160]})"
+        ) from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little-endian)
+    and the header's ``{``; a PyTorch file is a zip (``PK``) or a pickle."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def encoder_signature(state: dict[str, torch.Tensor]) -> tuple[int, int]:
