@@ -267,27 +267,12 @@ def build_cache(
     from .weights import base_checkpoint_record
 
     views = check_views(views or ["identity"])
-    if checkpoint is None:
-        raise CadsamError(
-            "a cache needs --checkpoint: embeddings of randomly initialised weights could not "
-            "be reproduced or checked later"
-        )
-    if dtype not in ("float16", "float32"):
-        raise CadsamError("--dtype must be float16 or float32")
-    if len({p.stem for p in images}) != len(images):
-        raise CadsamError("two images share a file stem; a cache names images by stem")
+    _check_request(images, checkpoint, dtype)
     dist = distributed.setup(device)
     try:
         root = Path(out)
-        manifest = cache_manifest(
-            backbone,
-            base_checkpoint_record(checkpoint),
-            image_size,
-            views,
-            images,
-            dtype,
-            precision,
-        )
+        base = base_checkpoint_record(checkpoint)
+        manifest = cache_manifest(backbone, base, image_size, views, images, dtype, precision)
         if dist.is_main:
             _prepare_folder(root, manifest)
         distributed.barrier(dist)
@@ -326,6 +311,18 @@ def build_cache(
         return open_cache(root)
     finally:
         distributed.teardown(dist)
+
+
+def _check_request(images: list[Path], checkpoint: str | os.PathLike | None, dtype: str) -> None:
+    if checkpoint is None:
+        raise CadsamError(
+            "a cache needs --checkpoint: embeddings of randomly initialised weights could not "
+            "be reproduced or checked later"
+        )
+    if dtype not in ("float16", "float32"):
+        raise CadsamError("--dtype must be float16 or float32")
+    if len({p.stem for p in images}) != len(images):
+        raise CadsamError("two images share a file stem; a cache names images by stem")
 
 
 def _prepare_folder(root: Path, manifest: dict[str, Any]) -> None:

@@ -509,38 +509,13 @@ def _set_epilog() -> str:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cadsam",
-        description="Adapt Segment Anything to a new segmentation domain with CAD, the "
-        "parallel convolutional adapter, or one of its baselines.",
-    )
-    parser.add_argument("--version", action="version", version=f"cadsam {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, func: Callable[[argparse.Namespace], None], help: str):
-        sub = commands.add_parser(name, help=help, description=help)
-        sub.set_defaults(func=func)
-        return sub
-
-    params = command("params", cmd_params, "Count a method's trainable and total parameters.")
+def add_params_arguments(params: argparse.ArgumentParser) -> None:
     params.add_argument("--backbone", required=True, choices=list(BACKBONES))
     params.add_argument("--method", required=True, choices=list(METHODS))
     params.add_argument("--json", action="store_true", help="print one JSON object")
 
-    add_train_arguments(
-        command(
-            "train",
-            cmd_train,
-            "Train a method on a data set; writes weights, config and metrics into --out.",
-        )
-    )
 
-    ev = command(
-        "eval",
-        cmd_eval,
-        "Score trained weights (or zero-shot SAM) on a data set: Dice, IoU, MAE, BER ...",
-    )
+def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--weights", help="a weights file written by cadsam train, or its run folder")
     ev.add_argument(
         "--method", choices=["zero-shot"], help="zero-shot: plain SAM with a whole-image box"
@@ -579,11 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
 
-    pr = command(
-        "predict",
-        cmd_predict,
-        "Write a trained model's masks for images, at each image's own size.",
-    )
+
+def add_predict_arguments(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--weights", help="a weights file written by cadsam train, or its run folder")
     pr.add_argument(
         "--onnx",
@@ -613,22 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 even if some inputs cannot be read (they are still reported)",
     )
 
-    add_export_arguments(
-        command(
-            "export",
-            cmd_export,
-            "Export trained weights (or zero-shot SAM) to ONNX: one graph from RGB images to "
-            "mask logits, checked against PyTorch with onnxruntime (pip install 'cadsam[onnx]').",
-        )
-    )
 
+def add_cache_arguments(ca: argparse.ArgumentParser) -> None:
     from .data.transforms import VIEWS
 
-    ca = command(
-        "cache",
-        cmd_cache,
-        "Run the frozen encoder once per image and store the embeddings for training.",
-    )
     ca.add_argument("--backbone", required=True, choices=list(BACKBONES))
     ca.add_argument(
         "--checkpoint",
@@ -667,12 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ca.add_argument("--num-workers", type=int, default=4)
 
-    demo = command(
-        "demo",
-        cmd_demo,
-        "Train and compare decoder-only, SAM-Adapter and CAD on a synthetic set, on a CPU, "
-        "with nothing to download; writes a report with the paper-scale memory beside them.",
-    )
+
+def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--out", default="cadsam-demo", help="folder for data, runs and report.md")
     demo.add_argument(
         "--checkpoint", help="a real SAM checkpoint to use instead of random vit_tiny"
@@ -683,15 +639,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=10)
     demo.add_argument("--no-progress", action="store_true")
 
+
+def add_reproduce_arguments(rep: argparse.ArgumentParser) -> None:
     from .reproduce import DATASETS
     from .reproduce import METHODS as PAPER_METHODS
 
-    rep = command(
-        "reproduce",
-        cmd_reproduce,
-        "Rerun the paper's experiments (Tables 1-4, Figures 6-8); "
-        "rerun to continue after an interruption.",
-    )
     rep.add_argument(
         "--data-root",
         required=True,
@@ -717,14 +669,78 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--num-workers", type=int, default=2)
     rep.add_argument("--no-progress", action="store_true")
 
+
+def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     from .bench import add_arguments
 
-    bench = command(
-        "bench",
-        cmd_bench,
-        "Measure peak GPU memory and training speed per method (needs a CUDA GPU).",
-    )
     add_arguments(bench)
+
+
+# name -> (what runs it, what it takes, its one-line help)
+COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
+    "params": (
+        cmd_params,
+        add_params_arguments,
+        "Count a method's trainable and total parameters.",
+    ),
+    "train": (
+        cmd_train,
+        add_train_arguments,
+        "Train a method on a data set; writes weights, config and metrics into --out.",
+    ),
+    "eval": (
+        cmd_eval,
+        add_eval_arguments,
+        "Score trained weights (or zero-shot SAM) on a data set: Dice, IoU, MAE, BER ...",
+    ),
+    "predict": (
+        cmd_predict,
+        add_predict_arguments,
+        "Write a trained model's masks for images, at each image's own size.",
+    ),
+    "export": (
+        cmd_export,
+        add_export_arguments,
+        "Export trained weights (or zero-shot SAM) to ONNX: one graph from RGB images to "
+        "mask logits, checked against PyTorch with onnxruntime (pip install 'cadsam[onnx]').",
+    ),
+    "cache": (
+        cmd_cache,
+        add_cache_arguments,
+        "Run the frozen encoder once per image and store the embeddings for training.",
+    ),
+    "demo": (
+        cmd_demo,
+        add_demo_arguments,
+        "Train and compare decoder-only, SAM-Adapter and CAD on a synthetic set, on a CPU, "
+        "with nothing to download; writes a report with the paper-scale memory beside them.",
+    ),
+    "reproduce": (
+        cmd_reproduce,
+        add_reproduce_arguments,
+        "Rerun the paper's experiments (Tables 1-4, Figures 6-8); "
+        "rerun to continue after an interruption.",
+    ),
+    "bench": (
+        cmd_bench,
+        add_bench_arguments,
+        "Measure peak GPU memory and training speed per method (needs a CUDA GPU).",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cadsam",
+        description="Adapt Segment Anything to a new segmentation domain with CAD, the "
+        "parallel convolutional adapter, or one of its baselines.",
+    )
+    parser.add_argument("--version", action="version", version=f"cadsam {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (func, add_arguments, help) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(func=func)
+        add_arguments(sub)
     return parser
 
 
