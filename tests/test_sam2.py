@@ -528,7 +528,7 @@ def test_later_downloads_must_match_the_record(mirror):
     mirror.write_bytes(mirror.read_bytes()[:-1] + b"x")  # the server's file changed
     _one_line_error(
         lambda: ckpt2.resolve_sam2_checkpoint("sam2.1_hiera_t"),
-        r"differs: sha256 .*\(the first download's, recorded in .*nothing was saved",
+        r"is corrupt: sha256 .*\(the first download's, recorded in .*nothing was saved",
     )
     assert not path.exists() and ckpt2.digest_record(path).read_text() == record
     assert [p.name for p in ckpt2.checkpoint_dir().iterdir()] == [ckpt2.digest_record(path).name]

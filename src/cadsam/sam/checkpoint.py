@@ -88,13 +88,17 @@ def resolve_checkpoint(spec: str | os.PathLike, download: bool = True) -> Path:
     return path
 
 
-def download_file(url: str, dest: Path, digest: str, progress: bool = True) -> None:
-    """Download ``url`` to ``dest``, checking ``digest`` ("md5:<hex>" or "sha256:<hex>").
+def download_file(
+    url: str, dest: Path, digest: str | None, progress: bool = True, origin: str = ""
+) -> str:
+    """Download ``url`` to ``dest``, checking ``digest`` ("md5:<hex>" or "sha256:<hex>"; None:
+    nothing to check against); returns the file's digest in that algorithm (sha256 for None).
+    ``origin`` says where the expected digest came from, for the error.
 
     The bytes go to a temporary file beside ``dest`` that is moved into place only once
     complete and verified, so an interrupted or corrupt download never looks like a checkpoint.
     """
-    algorithm, expected = digest.split(":", 1)
+    algorithm, expected = digest.split(":", 1) if digest else ("sha256", None)
     dest.parent.mkdir(parents=True, exist_ok=True)
     hasher = hashlib.new(algorithm)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
@@ -117,14 +121,16 @@ def download_file(url: str, dest: Path, digest: str, progress: bool = True) -> N
                         out.write(chunk)
                         hasher.update(chunk)
                         bar.update(len(chunk))
-        if hasher.hexdigest() != expected:
+        if expected is not None and hasher.hexdigest() != expected:
+            why = f" ({origin})" if origin else ""
             raise CadsamError(
                 f"download of {url} is corrupt: {algorithm} {hasher.hexdigest()}, "
-                f"expected {expected}; nothing was saved"
+                f"expected {expected}{why}; nothing was saved"
             )
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+    return hasher.hexdigest()
 
 
 _SHA256_SEEN: dict[tuple[str, int, int], str] = {}

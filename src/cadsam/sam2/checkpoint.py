@@ -11,19 +11,14 @@ file (``<file>.sha256``) and every later download of that name must match the re
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..errors import CadsamError
-from ..sam.checkpoint import checkpoint_dir
+from ..sam.checkpoint import checkpoint_dir, download_file
 
 META_SAM2_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 
@@ -86,43 +81,10 @@ def download_trusting_first_use(source: Sam2CheckpointFile, dest: Path) -> None:
         origin = f"the first download's, recorded in {record}: delete that file to trust a new one"
     else:
         expected, origin = None, ""
-    sha256 = _download(source.url, dest, expected, origin)
+    digest = f"sha256:{expected}" if expected else None
+    sha256 = download_file(source.url, dest, digest, origin=origin)
     if not record.is_file():
         record.write_text(sha256 + "\n")
-
-
-def _download(url: str, dest: Path, expected: str | None, origin: str) -> str:
-    """Download ``url`` to ``dest`` -> its sha256. The bytes go to a temporary file beside
-    ``dest``, moved into place only once complete and, with ``expected``, verified."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    hasher = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                response = urllib.request.urlopen(url, timeout=60)
-            except (urllib.error.URLError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                raise CadsamError(
-                    f"cannot download {url} ({reason}): download it by hand and put it at {dest}"
-                ) from None
-            with response:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
-                    while chunk := response.read(1 << 20):
-                        out.write(chunk)
-                        hasher.update(chunk)
-                        bar.update(len(chunk))
-        if expected is not None and hasher.hexdigest() != expected:
-            raise CadsamError(
-                f"download of {url} differs: sha256 {hasher.hexdigest()}, expected {expected} "
-                f"({origin}); nothing was saved"
-            )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return hasher.hexdigest()
 
 
 def read_sam2_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
