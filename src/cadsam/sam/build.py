@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,16 +114,28 @@ def load_sam_checkpoint(sam: Sam, backbone: str, checkpoint: str | os.PathLike) 
             )
     if sam.image_encoder is None:
         state = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
-    own = sam.state_dict()
+    load_state_strictly(sam, state, f"{path} does not match SAM {backbone}", file_key)
+
+
+def load_state_strictly(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    mismatch: str,
+    named: Callable[[dict[str, torch.Tensor], str], str] = lambda state, key: key,
+) -> None:
+    """``module.load_state_dict(state, strict=True)``, or an error that starts with
+    ``mismatch`` and names the first missing, unexpected or misshapen keys (as ``named``
+    spells them in the file)."""
+    own = module.state_dict()
     problems = [f"missing {k}" for k in own if k not in state]
-    problems += [f"unexpected {file_key(state, k)}" for k in state if k not in own]
+    problems += [f"unexpected {named(state, k)}" for k in state if k not in own]
     problems += [
-        f"{file_key(state, k)} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+        f"{named(state, k)} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
         for k, v in own.items()
         if k in state and state[k].shape != v.shape
     ]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CadsamError(f"{path} does not match SAM {backbone}: {'; '.join(problems[:3])}{more}")
+        raise CadsamError(f"{mismatch}: {'; '.join(problems[:3])}{more}")
     with torch.no_grad():
-        sam.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True)

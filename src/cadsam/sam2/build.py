@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CadsamError
+from ..sam.build import load_state_strictly
 from .checkpoint import read_sam2_state_dict, resolve_sam2_checkpoint, trunk_signature
 from .hiera import Hiera
 from .image_encoder import FpnNeck, ImageEncoder
@@ -159,19 +160,7 @@ def load_sam2_checkpoint(sam2: Sam2, backbone: str, checkpoint: str | os.PathLik
     state = {k: v for k, v in state.items() if not is_video_only(k)}
     if sam2.image_encoder is None:
         state = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
-    own = sam2.state_dict()
-    problems = [f"missing {k}" for k in own if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in own]
-    problems += [
-        f"{k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CadsamError(f"{path} does not match {backbone}: {'; '.join(problems[:3])}{more}")
-    with torch.no_grad():
-        sam2.load_state_dict(state, strict=True)
+    load_state_strictly(sam2, state, f"{path} does not match {backbone}")
 
 
 def _check_backbone(state: dict[str, torch.Tensor], backbone: str, path: os.PathLike) -> None:
