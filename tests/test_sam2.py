@@ -449,7 +449,10 @@ def test_sam1_file_for_a_sam2_backbone(tmp_path):
 
 
 def test_sam2_file_for_a_sam1_backbone(tiny_file):
-    _one_line_error(lambda: build_sam("vit_tiny", checkpoint=tiny_file), "is not a SAM state_dict")
+    _one_line_error(
+        lambda: build_sam("vit_tiny", checkpoint=tiny_file),
+        r"is a SAM 2\.1 checkpoint, not SAM: use it with a sam2\.1_hiera_\* backbone",
+    )
     assert ckpt2.is_sam2_checkpoint(torch.load(tiny_file, weights_only=True))
 
 

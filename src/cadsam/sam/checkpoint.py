@@ -167,6 +167,12 @@ def read_sam_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``pytorch_model.bin``, whose keys are renamed to Meta's (:mod:`cadsam.sam.hf`)."""
     path = Path(path)
     state = _read_tensors(path)
+    from ..sam2.checkpoint import is_sam2_checkpoint  # (sam2 builds on this module)
+
+    if is_sam2_checkpoint(state):
+        raise CadsamError(
+            f"{path} is a SAM 2.1 checkpoint, not SAM: use it with a sam2.1_hiera_* backbone"
+        )
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CadsamError(f"{path} is not a SAM state_dict (expected a dict of tensors)")
     if hf.is_hf_layout(state):
