@@ -538,35 +538,29 @@ def train_steps(model: AdaptedSam, precision: str, kind: str) -> dict:
     }
 
 
-def compared(name: str) -> bool:
-    """CAD's convolution biases are left out of comparisons of trained weights: before
-    BatchNorm their gradient is rounding noise, which AdamW's normalisation turns into steps
-    of the learning rate's size in a random direction, so no two runs agree on them."""
-    return not (name.startswith("adapter.blocks.") and name.endswith("conv.bias"))
-
-
-def state_distances(state: dict, reference: dict) -> dict[str, float]:
-    """Per floating tensor (see :func:`compared`): the difference's norm over the reference's
-    norm. Whole-number buffers (BatchNorm's step counts) must be equal."""
-    found = {}
+def disagreement(state: dict, reference: dict, initial: dict) -> tuple[dict[str, float], float]:
+    """How far ``state`` is from ``reference``, relative to how far ``reference`` moved from
+    ``initial`` in training: per tensor, and over all of them. Whole-number buffers
+    (BatchNorm's step counts) must be equal. Left out: the gradients that vanish in exact
+    arithmetic (VANISHING), rounding noise that AdamW's normalisation turns into steps in a
+    random direction, on which no two runs agree. Relative to the movement, not the tensor:
+    a tensor that starts at zero (a BatchNorm bias) is all movement; and CAD's gradients
+    through BatchNorm change by ~1e-3 of themselves for any change in the last bit of the
+    weights (see the module's notes), so runs drift apart by ~1e-3 of what they moved, not
+    of what the weights are."""
+    per_tensor, differences, movements = {}, 0.0, 0.0
     for name, value in state.items():
         if not value.is_floating_point():
             assert torch.equal(value, reference[name]), name
-        elif compared(name):
-            exact = reference[name].double()
-            diff = (value.double() - exact).norm().item()
-            found[name] = diff / max(exact.norm().item(), 1e-12)
-    return found
-
-
-def total_distance(state: dict, reference: dict) -> float:
-    """The norm of the difference over every compared floating tensor."""
-    squares = [
-        (value.double() - reference[name].double()).square().sum()
-        for name, value in state.items()
-        if value.is_floating_point() and compared(name)
-    ]
-    return torch.stack(squares).sum().sqrt().item()
+            continue
+        if name.endswith(VANISHING):
+            continue
+        difference = (value.double() - reference[name].double()).norm().item()
+        moved = (reference[name].double() - initial[name].double()).norm().item()
+        per_tensor[name] = difference / max(moved, 1e-30)
+        differences += difference**2
+        movements += moved**2
+    return per_tensor, (differences / movements) ** 0.5
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -588,23 +582,24 @@ def test_graphed_steps_follow_the_eager_steps(precision):
     assert runs["graphed"]["lr"] == runs["eager"]["lr"] == 0.0  # the cosine's end
     # The graph replays the capturable step's kernels: the two differ by the order of float
     # atomics (cuDNN's weight gradients, the upsampling's backward); the eager AdamW also
-    # computes its bias corrections in float64 on the CPU, not float32 on the GPU. fp32:
-    # float32's rounding, amplified by BatchNorm (see the module's notes) and by seven steps;
-    # bf16: a rounding that flips in a bfloat16 activation moves a result by 3.9e-3 of itself.
+    # computes its bias corrections in float64 on the CPU, not float32 on the GPU. Losses:
+    # fp32, float32's rounding (~1e-7 of a mean); bf16, a rounding that flips in a bfloat16
+    # activation (3.9e-3 of it), averaged over the batch. Weights: see disagreement(); in
+    # bf16 the gradients' changes are bfloat16's, ~1e-2, and BatchNorm's biases move little.
     loss_tolerance = {"fp32": 1e-5, "bf16": 2e-3}[precision]
-    state_tolerance = {"fp32": 1e-4, "bf16": 1e-2}[precision]
-    # A learning rate frozen at capture (0.61 of the initial) instead of following the cosine
-    # (0.39, 0.19) on the two replays would move the weights 16 % off what they moved in all.
-    moved_fraction = {"fp32": 1e-3, "bf16": 5e-2}[precision]
+    per_tensor_tolerance = {"fp32": 1e-2, "bf16": 2e-1}[precision]
+    # Over all tensors: a learning rate frozen at capture (0.61 of the initial one) on the
+    # two replays, instead of the cosine's 0.39 and 0.19, would put the weights 16 % of their
+    # movement off; a step that does not replay, more.
+    total_tolerance = {"fp32": 1e-3, "bf16": 5e-2}[precision]
     graphed = runs["graphed"]["state"]
-    moved = total_distance(graphed, initial)
     for other in ("capturable", "eager"):
         losses = runs["graphed"]["losses"], runs[other]["losses"]
         assert torch.allclose(*losses, rtol=loss_tolerance, atol=0), (other, losses)
-        found = state_distances(graphed, runs[other]["state"])
-        worst = max(found, key=found.get)
-        assert found[worst] < state_tolerance, (other, worst, found[worst])
-        assert total_distance(graphed, runs[other]["state"]) < moved_fraction * moved, other
+        per_tensor, total = disagreement(graphed, runs[other]["state"], initial)
+        worst = max(per_tensor, key=per_tensor.get)
+        assert per_tensor[worst] < per_tensor_tolerance, (other, worst, per_tensor[worst])
+        assert total < total_tolerance, (other, total)
 
 
 # -- 6. bf16 autocast against fp32 and float64 --------------------------------------------------
@@ -637,19 +632,26 @@ def test_a_bf16_step_is_as_close_to_float64_as_bf16_allows(runtime):
     loss.backward()
     found["exact"] = {"loss": loss.detach()} | grads(exact)
     # the loss: a mean over 131,072 pixels of terms each a few bf16 roundings (3.9e-3) off,
-    # which mostly cancel; float32: its rounding, amplified in the adapter (module notes)
+    # which mostly cancel; float32: its rounding (6e-8) over the forward pass
     assert norm_distance(found["bf16"]["loss"], found["exact"]["loss"]) < 1e-2
     assert norm_distance(found["fp32"]["loss"], found["exact"]["loss"]) < 1e-4
-    # gradients: a few bf16 roundings through the decoder, more through BatchNorm's
-    # cancellation in the adapter; float32 within BN_GRAD_SLACK's float32 figure
+    # Gradients. bf16: each product's inputs rounded to 8 bits (3.9e-3), some twenty products
+    # deep in the decoder, with softmax's and LayerNorm's backward cancelling: on a CPU's bf16
+    # autocast the decoder's gradients came 5 % from float64 in the median tensor, 17 % in
+    # the worst, 9 % over all; CAD's adapter, 4 %. float32 (TF32 off): its rounding, ~1e-6
+    # in the decoder, ~1e-3 through BatchNorm in the adapter (see the module's notes).
     largest = max(g.norm().item() for g in found["exact"].values() if g is not None)
     for name, exact_grad in found["exact"].items():
         if exact_grad is None:
             assert found["bf16"][name] is None and found["fp32"][name] is None, name
             continue
         floor = largest if name.endswith(VANISHING) else FLOOR * largest
-        assert norm_distance(found["bf16"][name], exact_grad, floor) < 1e-1, name
+        assert norm_distance(found["bf16"][name], exact_grad, floor) < 3e-1, name
         assert norm_distance(found["fp32"][name], exact_grad, floor) < 1e-2, name
+    names = [n for n, g in found["exact"].items() if g is not None and n != "loss"]
+    every = {k: torch.cat([found[k][n].double().flatten() for n in names]) for k in found}
+    assert norm_distance(every["bf16"], every["exact"]) < 2e-1
+    assert norm_distance(every["fp32"], every["exact"]) < 5e-3
 
 
 # -- 7. cached embeddings -----------------------------------------------------------------------
@@ -666,6 +668,7 @@ def test_a_step_from_cached_embeddings_equals_a_step_with_the_encoder():
     missing, unexpected = cached.load_state_dict(full.state_dict(), strict=False)
     assert not missing and all(k.startswith("sam.image_encoder.") for k in unexpected)
     assert cached.sam.image_encoder is None
+    initial = {k: v.clone() for k, v in full.trainable_state_dict().items()}
     runs = {}
     for name, model in (("full", full), ("cached", cached)):
         model.train()
@@ -678,8 +681,9 @@ def test_a_step_from_cached_embeddings_equals_a_step_with_the_encoder():
         runs[name] = torch.stack(losses), model.trainable_state_dict()
     # The same kernels on the same values, but for the order of float atomics in backward
     # (cuDNN's weight gradients, the upsampling's backward): ~1e-7 of a gradient, which moves
-    # the second loss by as little.
+    # the second loss by as little, and the weights as disagreement() says.
     assert torch.allclose(runs["cached"][0], runs["full"][0], rtol=1e-5, atol=0)
-    found = state_distances(runs["cached"][1], runs["full"][1])
-    worst = max(found, key=found.get)
-    assert found[worst] < 1e-4, (worst, found[worst])
+    per_tensor, total = disagreement(runs["cached"][1], runs["full"][1], initial)
+    worst = max(per_tensor, key=per_tensor.get)
+    assert per_tensor[worst] < 1e-2, (worst, per_tensor[worst])
+    assert total < 1e-3, total
