@@ -168,3 +168,24 @@ def test_weights_record_and_verify_an_hf_base_checkpoint(hf_tiny, tmp_path):
     other.save_pretrained(tmp_path / "other", safe_serialization=True)
     with pytest.raises(CadsamError, match="is not the SAM checkpoint"):
         load_weights(tmp_path / "w.safetensors", checkpoint=tmp_path / "other")
+
+
+def test_vit_b_weights_in_transformers_format_give_transformers_embedding(tmp_path):
+    """The published layout at full size: ViT-B's random weights saved by transformers, read
+    through --checkpoint, give its image embedding (1e-4) and its box-prompted mask logits."""
+    torch.manual_seed(0)
+    hf = transformers.SamModel(hf_config("vit_b")).eval()
+    randomize_(hf, seed=7)
+    hf.save_pretrained(tmp_path / "sam-vit-b", safe_serialization=True)
+    model = build_model("zero-shot", "vit_b", checkpoint=tmp_path / "sam-vit-b").eval()
+    x = model.sam.preprocess(
+        torch.rand(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(2)) * 255
+    )
+    boxes = model.sam.whole_image_boxes(1)
+    with torch.no_grad():
+        ours = model.sam.image_encoder(x)
+        theirs = hf.get_image_embeddings(x)
+        assert rel_err(ours, theirs) < 1e-4
+        out = hf(image_embeddings=theirs, input_boxes=boxes[:, None], multimask_output=False)
+        low_res, _ = model.sam.decode(ours, boxes=boxes)
+        assert rel_err(low_res, out.pred_masks[:, 0]) < 1e-4  # LayerNorm eps differs: 1e-6
