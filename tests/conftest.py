@@ -1,9 +1,9 @@
 """Shared test helpers: Meta's reference package (torchvision stubbed), the real data, the
 CPU suite's device and Triton's interpreter.
 
-The suite runs on the CPU on any machine, a GPU's too: every test outside ``tests/gpu`` sees no
-CUDA device, so commands pick the CPU as they would on a machine without one. The GPU tier
-(``tests/gpu``, marker ``gpu``) runs on CUDA and is skipped where there is none.
+The suite runs on the CPU on any machine, a GPU's too: unless pytest is asked for the GPU tier
+(``-m gpu``), no CUDA device is visible, so commands pick the CPU as they would on a machine
+without one. The GPU tier (``tests/gpu``) runs on its own, on CUDA, and is skipped otherwise.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
-@pytest.fixture(autouse=True)
-def cpu_only(request, monkeypatch):
-    """Outside the GPU tier, no CUDA device is visible: to this process through torch, and to
-    the processes tests start through the environment."""
-    if request.node.get_closest_marker("gpu") is None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+def pytest_configure(config: pytest.Config) -> None:
+    """Outside the GPU tier (``-m gpu``), no CUDA device is visible: hidden here, before
+    anything touches CUDA (module-scoped fixtures run before any test's own), so this process
+    and every process a test starts pick the CPU as on a machine without a GPU."""
+    markers = config.getoption("markexpr") or ""
+    if "gpu" not in markers or "not gpu" in markers:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:  # pytest-xdist: share the cores, rather than each worker taking all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

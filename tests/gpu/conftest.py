@@ -21,7 +21,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        skip = pytest.mark.skip(reason="needs a CUDA GPU, and runs alone: scripts/test --gpu")
     elif os.environ.get("TRITON_INTERPRET") == "1":
         # Triton's interpreter, chosen when a kernel is defined, would run CAD's kernels and
         # those torch.compile generates on the host instead of the GPU
