@@ -264,19 +264,22 @@ def _grad_sums_kernel(
 
 @triton.jit
 def _grads_kernel(
-    src, s_b, s_c, s_h, s_w, height, width, per_row, tiles,
+    src, s_b, s_c, s_h, s_w, height, width, per_row, tiles, programs,
     weight, n_channels, center, invstd, gamma, beta, mean_g, mean_g_zhat,
     grad, g_b, g_c, g_h, g_w, grad_weight_out, grad_up_out,
     CELLS: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    program, programs = tl.program_id(0), tl.num_programs(0)
+    program = tl.program_id(0)  # of ``programs``
     channels, cmask, w = _channel_block(weight, n_channels, BLOCK_C)
     mean, inv, gam, bet = _norm(center, invstd, gamma, beta, channels, cmask)
     m_g = _per_channel(mean_g, channels, cmask)
     m_g_zhat = _per_channel(mean_g_zhat, channels, cmask)
     grad_weight = tl.zeros((128, BLOCK_C), tl.float32)
     grad_up = tl.zeros((16, BLOCK_C), tl.float32)
-    for t in range(program, tiles, programs):
+    t = program
+    # a while, not range(): Triton 3.6's interpreter gives tl.program_id as a 1-element array,
+    # which range() refuses under NumPy 2.4
+    while t < tiles:
         image, cell_row, cols, valid = _tile(t, height, width, per_row, CELLS)
         offsets, mask = _cells_at(g_b, g_c, g_h, g_w, image, cell_row, cols, valid, channels, cmask)
         g_cell = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -293,6 +296,7 @@ def _grads_kernel(
             summed_input += _pixel(src, s_b, s_c, s_h, s_w, image, row, pixel_cols, valid)
         # the residual's share: the cell's gradient times the cell's mean input
         grad_up += tl.dot(tl.trans(summed_input * 0.25), g_cell, input_precision="ieee")
+        t += programs
     k, j = tl.arange(0, 128), tl.arange(0, 16)
     base = program * n_channels
     tl.store(
@@ -395,7 +399,7 @@ def grads(
     grid = (programs, triton.cdiv(channels, block_c))
     settings["num_stages"] = 1  # two products' operands, staged twice, overflow shared memory
     _grads_kernel[grid](
-        *_source_args(source, tiles), tiles.count,
+        *_source_args(source, tiles), tiles.count, programs,
         matrix, channels, *norm, mean_g, mean_g_zhat,
         grad_out, *grad_out.stride(), grad_weight, grad_up,
         **settings,
