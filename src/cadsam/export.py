@@ -263,11 +263,14 @@ def _quiet() -> Iterator[None]:
 def to_half(path: Path) -> None:
     """Convert a graph to float16 in place, keeping float32 inputs and outputs."""
     onnx = require("onnx", "converting to float16")
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     graph = onnx.load(str(path))
+    # ConstantOfShape stays float32 behind casts: onnxruntime 1.30's converter made its value
+    # float16 but left its consumers' declared float32, a graph onnxruntime refuses to load
+    blocked = [*DEFAULT_OP_BLOCK_LIST, "ConstantOfShape"]
     with _quiet():
-        graph = convert_float_to_float16(graph, keep_io_types=True)
+        graph = convert_float_to_float16(graph, keep_io_types=True, op_block_list=blocked)
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
     weights = sum(len(t.raw_data) for t in graph.graph.initializer)
