@@ -123,6 +123,39 @@ def test_decoder_and_lora_graphs_equal_pytorch(method, tmp_path):
         assert export.relative_difference(_run(out, batch), expected) < 1e-3
 
 
+# the other backbone family and the other kind of method, split (where graphs are most apt to
+# go wrong; the whole graph composes the same modules): SAM 2.1's decoder reads three packed
+# parts (the embedding after no_mem_embed, two projected high-resolution maps); SAM-Adapter's
+# adapters sit inside the encoder, so its encoder graph carries them. Each export traces for
+# about 10 s on two cores, so one case each.
+@pytest.mark.parametrize(
+    ("method", "backbone"), [("cad", "sam2.1_hiera_tiny_test"), ("sam-adapter", "vit_tiny")]
+)
+def test_sam2_and_sam_adapter_split_graphs_equal_pytorch(method, backbone, tmp_path):
+    options = {"adapter_size": 32} if method == "cad" else {}
+    model = build_model(method, backbone, **options)
+    randomize_(model.sam.mask_decoder, seed=3)
+    if model.encoder_adapter is not None:
+        randomize_(model.encoder_adapter, seed=4)  # its up-projections start at 0
+    weights, out = tmp_path / "w.safetensors", tmp_path / "model.onnx"
+    save_weights(weights, model, base_checkpoint_record(None), SIZE)
+    args = ["export", "--weights", str(weights), "--out", str(out), "--split"]
+    assert main([*args, "--sample", str(KVASIR_IMAGES)]) == 0
+    loaded = _loaded(weights)
+    images = _real_batch(KVASIR_IMAGES, 2)
+    with torch.no_grad():
+        expected = loaded(images).numpy()
+        # the split point: SAM-Adapter's encoder graph holds its adapters, CAD's holds none
+        in_encoder = loaded.encoder_adapter is not None
+        encoded = (loaded.image_embeddings if in_encoder else loaded.frozen_embeddings)(images)
+    embeddings = _run(out.with_suffix(".encoder.onnx"), images)
+    assert embeddings.shape == encoded.shape
+    assert export.relative_difference(embeddings, encoded.numpy()) < 1e-4
+    decoder = export.onnx_session(out.with_suffix(".decoder.onnx"))
+    composed = decoder.run(None, {"images": images.numpy(), "embeddings": embeddings})[0]
+    assert export.relative_difference(composed, expected) < 1e-3
+
+
 def test_predict_onnx_writes_the_masks_predict_writes(cad_weights, cad_graph, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
