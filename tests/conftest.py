@@ -17,13 +17,23 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+# the small real data sets the tests read (see its README): beside the checkout, or elsewhere
+SHARED_DATA = Path(
+    os.environ.get("CADSAM_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Outside the GPU tier (``-m gpu``), no CUDA device is visible: hidden here, before
-    anything touches CUDA (module-scoped fixtures run before any test's own), so this process
-    and every process a test starts pick the CPU as on a machine without a GPU."""
+    """The real data must be there. Outside the GPU tier (``-m gpu``), no CUDA device is
+    visible: hidden here, before anything touches CUDA (module-scoped fixtures run before any
+    test's own), so this process and every process a test starts pick the CPU as on a machine
+    without a GPU."""
+    if not (SHARED_DATA / "isbi2012-membrane").is_dir():  # one line, not dozens of failures
+        pytest.exit(
+            f"the tests read the real data sets in {SHARED_DATA}, which is not there: "
+            "set CADSAM_TEST_DATA to the folder holding isbi2012-membrane/ and the others",
+            returncode=4,
+        )
     markers = config.getoption("markexpr") or ""
     if "gpu" not in markers or "not gpu" in markers:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
