@@ -139,14 +139,17 @@ def tiled_residual_block(
 
     ``kernels``: with ``conv_up``, the passes run as the Triton kernels of
     :mod:`.triton_block` (whole images, ``rows`` unused), which never write the activation;
-    for even heights and widths, and an input that needs no gradient in backward (the bands
-    then do the second backward pass).
+    for even heights and widths and an input that needs no gradient, as CAD's first block's
+    (the image). Otherwise the bands run every pass: BatchNorm's backward cancels terms that
+    agree only when forward and backward compute the same convolution, and TF32 rounds
+    differently in Triton's products and cuDNN's.
     """
     assert rows >= 2 and rows % 2 == 0, "bands start on even rows"
     assert not isinstance(block.bn, nn.SyncBatchNorm), "SyncBatchNorm takes the plain path"
     up_weight, up_bias = (conv_up.weight, conv_up.bias) if conv_up is not None else (None, None)
     conv, bn = block.conv, block.bn
     reuse_input = reuse_input and conv_up is None and rows >= 2 * HALO
+    kernels = kernels and not x.requires_grad
     return _TiledResidualBlock.apply(
         x,
         up_weight,
@@ -354,7 +357,8 @@ class _Bands:
             grad_bias = torch.zeros(self.channels, dtype=self.work, device=self.x.device)
         else:
             grad_bias = (norm.gamma * norm.invstd).flatten() * sum_g.to(self.work)
-        if self.kernels and not needs[0]:
+        if self.kernels:
+            assert not needs[0], "the kernels run only for an input that needs no gradient"
             flat = [v.flatten().float().contiguous() for v in (mean_g, mean_g_zhat)]
             grad_x = None
             grad_weight, grad_up = self.triton.grads(
