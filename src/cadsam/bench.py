@@ -360,7 +360,8 @@ def check_request(
                     f"out of --methods for {backbone}"
                 )
     Runtime().replace(**overrides)  # a bad name or value is an error before any run
-    for variant in variants or []:
+    measured = variants if variants is not None else [*VARIANTS]
+    for variant in measured:
         if overrides and variant != "encoder-forward":
             settings = VARIANTS[variant][2]
             for name, value in overrides.items():
@@ -405,7 +406,7 @@ def run_bench(
         raise CadsamError("cadsam bench measures GPU memory and needs a CUDA GPU; none is visible")
     out.mkdir(parents=True, exist_ok=True)
     jobs = bench_jobs(backbones, variants, precisions, steps, overrides)
-    width = max(len(b) for b in backbones)
+    width = max(map(len, backbones), default=0)
     results: list[dict[str, Any]] = []
     env = environment()
     for job in jobs:
