@@ -34,6 +34,15 @@ steps; 10-80 s a variant): about 51 minutes in all, in 8 chunks of at most 7.5 m
     python benchmarks/suite.py --dry-run                # the plan, chunk by chunk
     python benchmarks/suite.py --chunk 1 --out benchmarks/results/NAME
     python benchmarks/suite.py --backbones vit_b --precision bf16 --variants cad cad-cache
+
+SAM 2.1 (``SAM2_BACKBONES``) is measured on request only, never in the canonical run: naming
+one in ``--backbones`` makes the run that ``--chunk`` cuts the whole run of the backbones
+named (every variant but SAM-Adapter's, which are SAM 1 only; the encoder's rate and the
+cache build), batch 4 (2 for ``sam2.1_hiera_l``). Its estimates are guesses, not yet
+measured. The training rows of SAM 2.1 Hiera-B+ and Hiera-L, about 19 minutes by those
+guesses (one backbone and precision at a time where a command may run only a few minutes):
+
+    python benchmarks/suite.py --backbones sam2.1_hiera_b+ sam2.1_hiera_l --variants decoder cad cad-cache lora
 """
 
 from __future__ import annotations
@@ -54,7 +63,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-BACKBONES = ("vit_b", "vit_h")
+BACKBONES = ("vit_b", "vit_h")  # the canonical run's
+# On request only (--backbones); cadsam.sam2.SAM2_CONFIGS's, but its test configuration.
+SAM2_BACKBONES = ("sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l")
+SAM1_ONLY = ("sam-adapter",)  # variants of these methods do not run on SAM 2.1
 PRECISIONS = ("fp32", "bf16")
 STEPS = 5
 # The variants of ``cadsam bench`` the tables show, in their order. To measure a new one,
@@ -97,6 +109,35 @@ ESTIMATE_S = {
     ("vit_h", "cache"): 27,
     ("vit_h", "encoder"): 12,
     ("vit_h", CACHE_BUILD): 250,
+    # SAM 2.1: ESTIMATES, NOT YET MEASURED. Reasoned from the ViT rows above: a step at 1024 px
+    # whose trunk is cheaper than ViT-B's (t, s) or near it (b+, batch 4), or between ViT-B's
+    # and ViT-H's (l, batch 2); the decoder reads two high-resolution maps as well, and
+    # compiling Hiera and that decoder may take longer. Rounded up; replace them with
+    # timings.jsonl's once measured.
+    ("sam2.1_hiera_t", "plain"): 20,
+    ("sam2.1_hiera_t", "auto"): 50,
+    ("sam2.1_hiera_t", "lean"): 30,
+    ("sam2.1_hiera_t", "cache"): 30,
+    ("sam2.1_hiera_t", "encoder"): 10,
+    ("sam2.1_hiera_t", CACHE_BUILD): 200,
+    ("sam2.1_hiera_s", "plain"): 20,
+    ("sam2.1_hiera_s", "auto"): 50,
+    ("sam2.1_hiera_s", "lean"): 30,
+    ("sam2.1_hiera_s", "cache"): 30,
+    ("sam2.1_hiera_s", "encoder"): 10,
+    ("sam2.1_hiera_s", CACHE_BUILD): 200,
+    ("sam2.1_hiera_b+", "plain"): 25,
+    ("sam2.1_hiera_b+", "auto"): 55,
+    ("sam2.1_hiera_b+", "lean"): 35,
+    ("sam2.1_hiera_b+", "cache"): 30,
+    ("sam2.1_hiera_b+", "encoder"): 12,
+    ("sam2.1_hiera_b+", CACHE_BUILD): 220,
+    ("sam2.1_hiera_l", "plain"): 30,
+    ("sam2.1_hiera_l", "auto"): 70,
+    ("sam2.1_hiera_l", "lean"): 40,
+    ("sam2.1_hiera_l", "cache"): 30,
+    ("sam2.1_hiera_l", "encoder"): 15,
+    ("sam2.1_hiera_l", CACHE_BUILD): 260,
 }
 # A cadsam bench call's own start, and where its kind compiles, its first variant's
 # compilation from a cold compiler cache (a fresh machine): seconds beyond ESTIMATE_S.
@@ -104,19 +145,38 @@ CALL_S = {"plain": 5, "encoder": 5, "auto": 35, "lean": 35, "cache": 35, CACHE_B
 CHUNK_S = 450  # a chunk's estimate at most: 7.5 minutes, room below a 9-minute limit
 
 # The cache build: images timed (small, large: about 20 s more on an H200), batch per
-# encoder call.
-CACHE_SIZES = {"vit_b": (512, 8704), "vit_h": (256, 2304)}
-CACHE_BATCH = {"vit_b": 32, "vit_h": 16}
+# encoder call. SAM 2.1's sizes are ESTIMATES, NOT YET MEASURED: its rows are four times
+# SAM's (below), so writing them bounds the rate: about 150 images/s guessed for t, s and b+,
+# 80 for l, and fewer images, so that the largest cache fits a RAM disk.
+CACHE_SIZES = {
+    "vit_b": (512, 8704),
+    "vit_h": (256, 2304),
+    "sam2.1_hiera_t": (256, 2560),
+    "sam2.1_hiera_s": (256, 2560),
+    "sam2.1_hiera_b+": (256, 2560),
+    "sam2.1_hiera_l": (128, 1408),
+}
+CACHE_BATCH = {
+    "vit_b": 32,
+    "vit_h": 16,
+    "sam2.1_hiera_t": 32,
+    "sam2.1_hiera_s": 32,
+    "sam2.1_hiera_b+": 32,
+    "sam2.1_hiera_l": 16,
+}
 CACHE_MODES = {"compiled": ["--compile"]}  # add "eager": [] for the command's default
 DISTINCT_IMAGES = 64  # synthetic images, hard-linked under as many names as a build needs
-MIB_PER_EMBEDDING = 2  # 256 x 64 x 64 in float16
+# A cache row in float16: SAM's 256 x 64 x 64 embedding; SAM 2.1's with its high-resolution
+# maps, 32 x 256 x 256 and 64 x 128 x 128 (cadsam.backbones.feature_layout).
+MIB_PER_EMBEDDING = {"vit_b": 2, "vit_h": 2, **{b: 8 for b in SAM2_BACKBONES}}
+# Random weights in the format --checkpoint reads: SAM's state dict; SAM 2.1's under "model".
 SAVE_CHECKPOINT = (
     "import sys, torch\n"
-    "from cadsam import build_sam\n"
+    "from cadsam.backbones import build_base, is_sam2\n"
     "torch.manual_seed(0)\n"
     "with torch.device('cuda' if torch.cuda.is_available() else 'cpu'):\n"
-    "    state = build_sam(sys.argv[1]).state_dict()\n"
-    "torch.save(state, sys.argv[2])\n"
+    "    state = build_base(sys.argv[1]).state_dict()\n"
+    "torch.save({'model': state} if is_sam2(sys.argv[1]) else state, sys.argv[2])\n"
 )
 ENVIRONMENT = "import json; from cadsam.bench import environment; print(json.dumps(environment()))"
 
@@ -149,18 +209,32 @@ def precisions_for(variant: str) -> tuple[str, ...]:
     return ("bf16",) if variant in ("encoder-forward", CACHE_BUILD) else PRECISIONS
 
 
-def canonical_jobs() -> list[Job]:
-    """The whole canonical run, grouped by backbone, precision and kind."""
+def runs_on(variant: str, backbone: str) -> bool:
+    """SAM-Adapter's variants are SAM 1 only (``cadsam bench`` refuses them on SAM 2.1)."""
+    return not (backbone in SAM2_BACKBONES and variant.startswith(SAM1_ONLY))
+
+
+def canonical_jobs(backbones: tuple[str, ...] = BACKBONES) -> list[Job]:
+    """The whole canonical run (or the same run of ``backbones``), grouped by backbone,
+    precision and kind."""
     jobs = []
-    for backbone in BACKBONES:
+    for backbone in backbones:
         for precision in PRECISIONS:
             for kind in ("plain", "auto", "lean", "cache", "encoder"):
                 jobs += [
                     Job(backbone, precision, v)
                     for v in VARIANTS
-                    if group(v) == kind and precision in precisions_for(v)
+                    if group(v) == kind and precision in precisions_for(v) and runs_on(v, backbone)
                 ]
-    return jobs + [Job(b, "bf16", CACHE_BUILD) for b in BACKBONES]
+    return jobs + [Job(b, "bf16", CACHE_BUILD) for b in backbones]
+
+
+def plan_backbones(asked: list[str] | None) -> tuple[str, ...]:
+    """The backbones of the run that ``--chunk`` cuts: the canonical run's, or where SAM 2.1
+    backbones are asked for, those asked (SAM 2.1 is never in the canonical run)."""
+    if asked and any(b in SAM2_BACKBONES for b in asked):
+        return tuple(dict.fromkeys(asked))
+    return BACKBONES
 
 
 def estimate(job: Job) -> float:
@@ -213,11 +287,13 @@ def chunks(jobs: list[Job], limit: float = CHUNK_S) -> list[list[Job]]:
 
 
 def select(args: argparse.Namespace) -> list[Job]:
-    plan = canonical_jobs()
+    backbones = plan_backbones(args.backbones)
+    plan = canonical_jobs(backbones)
     if args.chunk:
         parts = chunks(plan)
         if not all(1 <= k <= len(parts) for k in args.chunk):
-            sys.exit(f"--chunk: the canonical run has chunks 1 to {len(parts)}")
+            which = "the canonical run" if backbones == BACKBONES else f"the run of {backbones}"
+            sys.exit(f"--chunk: {which} has chunks 1 to {len(parts)}")
         plan = [job for k in sorted(set(args.chunk)) for job in parts[k - 1]]
     known = [*VARIANTS, CACHE_BUILD]
     unknown = sorted(set(args.variants or []) - set(known))
@@ -236,7 +312,7 @@ def bench_calls(jobs: list[Job], out: Path, steps: int) -> list[tuple[Path, list
     """The ``cadsam bench`` calls that run ``jobs``: (folder, command, estimate). A call with
     all of its kind's canonical variants writes BACKBONE-PRECISION-KIND/; one with some of
     them names them, so a rerun of a few never overwrites the rest."""
-    canonical = calls_of(canonical_jobs())
+    canonical = calls_of(canonical_jobs((*BACKBONES, *SAM2_BACKBONES)))
     result = []
     for call in calls_of([job for job in jobs if job.variant != CACHE_BUILD]):
         backbone, precision, kind = call[0].backbone, call[0].precision, group(call[0].variant)
@@ -344,11 +420,12 @@ def image_folders(work: Path, sizes: tuple[int, ...]) -> dict[int, Path]:
     return folders
 
 
-def cache_place(work: Path, images: int) -> Path:
-    """A RAM disk where it has room for the largest cache (a disk may be the limit at 2 MiB
-    an image), else the work folder."""
+def cache_place(work: Path, backbone: str) -> Path:
+    """A RAM disk where it has room for the backbone's largest cache (a disk may be the limit
+    at 2 MiB an image, or SAM 2.1's 8), else the work folder."""
     ram = Path("/dev/shm")
-    if ram.is_dir() and shutil.disk_usage(ram).free > 1.5 * images * MIB_PER_EMBEDDING * 2**20:
+    size = max(CACHE_SIZES[backbone]) * MIB_PER_EMBEDDING[backbone] * 2**20
+    if ram.is_dir() and shutil.disk_usage(ram).free > 1.5 * size:
         return Path(tempfile.mkdtemp(prefix="cadsam-suite-", dir=ram))
     return work
 
@@ -363,11 +440,16 @@ def timed(command: list[str]) -> float:
     return seconds
 
 
+def checkpoint_path(work: Path, backbone: str) -> Path:
+    """Where the build's random checkpoint goes: Meta's suffix, .pth for SAM, .pt for SAM 2.1."""
+    return work / f"{backbone}{'.pt' if backbone in SAM2_BACKBONES else '.pth'}"
+
+
 def cache_rate(backbone: str, mode: str, work: Path, place: Path) -> dict:
     """One backbone's build rate past startup: an untimed build (compiler caches, file
     caches), then two timed ones of different sizes."""
     small, large = CACHE_SIZES[backbone]
-    checkpoint = work / f"{backbone}.pth"
+    checkpoint = checkpoint_path(work, backbone)
     folders = image_folders(work, (small, large))
     seconds = {}
     for size, is_timed in ((small, False), (small, True), (large, True)):
@@ -389,14 +471,14 @@ def cache_rate(backbone: str, mode: str, work: Path, place: Path) -> dict:
 def run_cache_build(backbone: str, out: Path, work: Path, commit: str | None) -> int:
     """Times ``cadsam cache`` on ``backbone`` in each of CACHE_MODES; writes
     OUT/cache-BACKBONE/cache.json in bench.json's layout. Returns the number of failures."""
-    checkpoint = work / f"{backbone}.pth"
+    checkpoint = checkpoint_path(work, backbone)
     if not checkpoint.exists():
         subprocess.run(
             [sys.executable, "-c", SAVE_CHECKPOINT, backbone, str(checkpoint)],
             env=child_env(),
             check=True,
         )
-    place = cache_place(work, max(CACHE_SIZES[backbone]))
+    place = cache_place(work, backbone)
     rows = []
     for mode in CACHE_MODES:
         row = {"backbone": backbone, "variant": CACHE_BUILD, "method": "cache", "mode": mode}
@@ -458,25 +540,30 @@ def print_calls(jobs: list[Job], out: Path, steps: int) -> None:
             folder = out / f"cache-{job.backbone}"
             print(
                 f"  [~{estimate(job) / 60:.1f} min] {job.backbone} cache build rate -> "
-                f"{folder}/cache.json: a random checkpoint WORK/{job.backbone}.pth, then for "
+                f"{folder}/cache.json: a random checkpoint "
+                f"{checkpoint_path(Path('WORK'), job.backbone)}, then for "
                 f"{small} (untimed), {small} and {large} images:"
             )
             for mode in CACHE_MODES:
                 images, cache = Path("WORK/images-N"), Path(f"CACHE-{mode}-N")
-                checkpoint = Path(f"WORK/{job.backbone}.pth")
+                checkpoint = checkpoint_path(Path("WORK"), job.backbone)
                 command = cache_command(job.backbone, mode, checkpoint, images, cache)
                 print(f"      {show(command)}")
 
 
-def print_plan(jobs: list[Job], out: Path, steps: int, whole: bool) -> None:
-    """What a run would do; for the whole canonical run, chunk by chunk."""
+def print_plan(
+    jobs: list[Job], out: Path, steps: int, whole: bool, backbones: tuple[str, ...] = BACKBONES
+) -> None:
+    """What a run would do; for the whole run (canonical, or of ``backbones``), chunk by chunk."""
     print(f"results folder: {out}")
     parts = chunks(jobs) if whole else [jobs]
+    which = "" if backbones == BACKBONES else shlex.join(["--backbones", *backbones]) + " "
     for k, part in enumerate(parts, 1):
         minutes = plan_seconds(part) / 60
         if whole:
             print(
-                f"chunk {k} (~{minutes:.1f} min): python benchmarks/suite.py --chunk {k} --out {out}"
+                f"chunk {k} (~{minutes:.1f} min): "
+                f"python benchmarks/suite.py --chunk {k} {which}--out {out}"
             )
         else:
             print(f"selection (~{minutes:.1f} min):")
@@ -501,7 +588,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         help="run these chunks of the canonical run (--dry-run lists them)",
     )
-    parser.add_argument("--backbones", nargs="+", choices=BACKBONES)
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        choices=(*BACKBONES, *SAM2_BACKBONES),
+        metavar="BACKBONE",
+        help=f"any of: {', '.join((*BACKBONES, *SAM2_BACKBONES))}; SAM 2.1's only on request "
+        "(the run --chunk cuts is then the one of the backbones named)",
+    )
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS)
     parser.add_argument(
         "--variants",
@@ -528,8 +622,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs = select(args)
     out = results_folder(args.out, args.root, args.commit)
     if args.dry_run:
-        narrowed = args.chunk or args.backbones or args.precision or args.variants
-        print_plan(jobs, out, args.steps, whole=not narrowed)
+        backbones = plan_backbones(args.backbones)
+        # a SAM 2.1 selection of backbones is a whole run of its own, chunked like the canonical
+        narrowed_backbones = args.backbones and backbones == BACKBONES
+        narrowed = args.chunk or narrowed_backbones or args.precision or args.variants
+        print_plan(jobs, out, args.steps, not narrowed, backbones)
         return 0
     if not jobs:
         sys.exit("nothing selected")

@@ -21,7 +21,15 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
-TITLES = {"vit_b": "ViT-B", "vit_l": "ViT-L", "vit_h": "ViT-H"}
+TITLES = {
+    "vit_b": "ViT-B",
+    "vit_l": "ViT-L",
+    "vit_h": "ViT-H",
+    "sam2.1_hiera_t": "SAM 2.1 Hiera-T",
+    "sam2.1_hiera_s": "SAM 2.1 Hiera-S",
+    "sam2.1_hiera_b+": "SAM 2.1 Hiera-B+",
+    "sam2.1_hiera_l": "SAM 2.1 Hiera-L",
+}
 # Methods in the tables' order, and their names there; others follow under their own names.
 METHODS = {
     "decoder": "SAM decoder",
@@ -111,7 +119,9 @@ def variant_order(variant: str, method: str) -> tuple[int, int, str]:
 
 
 def training_table(backbone: str, rows: dict, paper: tuple[dict, dict]) -> list[str]:
-    """Table 1 (ViT-B) or 2 (ViT-H): each variant's memory and speed in fp32 and bf16."""
+    """Table 1 (ViT-B) or 2 (ViT-H), or the same for another backbone: each variant's memory
+    and speed in fp32 and bf16. The paper's columns only where the paper has the backbone
+    (not SAM 2.1, which came after it)."""
     variants: dict[str, str] = {}  # variant -> method
     for (b, variant, _), row in rows.items():
         if b == backbone and variant not in NOT_TRAINING:
@@ -119,29 +129,34 @@ def training_table(backbone: str, rows: dict, paper: tuple[dict, dict]) -> list[
     if not variants:
         return []
     memory, authors = paper
+    published = any(b == backbone for b, _ in memory)
+    columns = ["method", "variant", "trainable"]
+    columns += ["paper, A100 (MiB)", "authors' code, H100 (MiB)"] if published else []
+    columns += ["fp32: peak MiB", "bf16: peak MiB", "fp32: images/s", "bf16: images/s"]
     lines = [
-        "| method | variant | trainable | paper, A100 (MiB) | authors' code, H100 (MiB) "
-        "| fp32: peak MiB | bf16: peak MiB | fp32: images/s | bf16: images/s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {' | '.join(columns)} |",
+        f"| {' | '.join(['---'] * 2 + ['---:'] * (len(columns) - 2))} |",
     ]
     shown: set[str] = set()
-    ordered = sorted(variants, key=lambda v: variant_order(v, variants[v]))
-    for variant in ordered:
+    for variant in sorted(variants, key=lambda v: variant_order(v, variants[v])):
         method = variants[variant]
         fp32, bf16 = rows.get((backbone, variant, "fp32")), rows.get((backbone, variant, "bf16"))
         # the paper's figures beside the method's first row: its plain one where measured
         first = method not in shown
         shown.add(method)
-        published = memory.get((backbone, method)) if first else None
         trainable = next((r["trainable"] for r in (fp32, bf16) if r and "trainable" in r), None)
-        lines.append(
-            f"| {METHODS.get(method, method) if first else ''} | `{variant}` "
-            f"| {'-' if trainable is None else f'{trainable:,}'} "
-            f"| {f'{published[1]:,}' if published else ''} "
-            f"| {f'{authors[(backbone, method)]:,}' if first and (backbone, method) in authors else ''} "
-            f"| {cell(fp32, 'peak_allocated_mib', 0)} | {cell(bf16, 'peak_allocated_mib', 0)} "
-            f"| {cell(fp32, 'images_per_second', 1)} | {cell(bf16, 'images_per_second', 1)} |"
-        )
+        cells = [
+            METHODS.get(method, method) if first else "",
+            f"`{variant}`",
+            "-" if trainable is None else f"{trainable:,}",
+        ]
+        if published:
+            figure = memory.get((backbone, method)) if first else None
+            measured = authors.get((backbone, method)) if first else None
+            cells += [f"{figure[1]:,}" if figure else "", f"{measured:,}" if measured else ""]
+        cells += [cell(fp32, "peak_allocated_mib", 0), cell(bf16, "peak_allocated_mib", 0)]
+        cells += [cell(fp32, "images_per_second", 1), cell(bf16, "images_per_second", 1)]
+        lines.append(f"| {' | '.join(cells)} |")
     return lines
 
 

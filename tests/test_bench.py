@@ -5,9 +5,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cadsam.bench import markdown_table
+import pytest
+import torch
+
+from cadsam.backbones import BACKBONES, feature_layout
+from cadsam.bench import (
+    IMAGE_SIZE,
+    PAPER_BATCH,
+    VARIANTS,
+    bench_batch,
+    bench_jobs,
+    bench_step,
+    encoder_forward,
+    markdown_table,
+    run_bench,
+    variant_runtime,
+)
 from cadsam.cli import main
+from cadsam.errors import CadsamError
+from cadsam.methods import build_model
 from cadsam.runtime import LEAN, Runtime
+from cadsam.train import TrainConfig
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "h100_vit_b.json"
 
@@ -47,6 +65,9 @@ def test_bench_set_refuses_to_contradict_a_variant(capsys, monkeypatch):
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "contradicts variant cad-cache-graph" in err and "cuda_graph=True" in err
+    # without --methods, every variant is measured: the same contradiction
+    assert main(["bench", "--backbones", "sam2.1_hiera_l", "--set", "cuda_graph=false"]) == 1
+    assert "contradicts variant cad-cache-graph" in capsys.readouterr().err
 
 
 def test_overridden_options_appear_in_the_report():
@@ -69,3 +90,114 @@ def test_every_variant_is_a_valid_method_and_runtime():
         assert (runtime == Runtime()) == variant.endswith("-plain"), variant
     assert variant_runtime("cad-cache-graph", device="cpu")[2] is True
     assert variant_runtime("cad-lean", device="cpu")[1] == LEAN
+
+
+SAM2_TINY = "sam2.1_hiera_tiny_test"
+
+
+def test_every_backbone_has_a_batch_and_bench_feeds_what_train_feeds():
+    assert set(PAPER_BATCH) == set(BACKBONES)
+    assert PAPER_BATCH["sam2.1_hiera_b+"] == 4 and PAPER_BATCH["sam2.1_hiera_l"] == 2
+    assert TrainConfig(method="cad", backbone=SAM2_TINY, out="unused").image_size == IMAGE_SIZE
+
+
+def _small_step(monkeypatch, backbone: str) -> None:
+    """Bench's data at 64 pixels, batch 2: the same code, a few seconds on a CPU."""
+    monkeypatch.setattr("cadsam.bench.IMAGE_SIZE", 64)
+    monkeypatch.setitem(PAPER_BATCH, backbone, 2)
+
+
+def _model(variant: str, backbone: str = SAM2_TINY):
+    method, runtime, from_cache = variant_runtime(variant, device="cpu")
+    options = {"adapter_size": 32} if method == "cad" else {}
+    torch.manual_seed(0)
+    model = build_model(method, backbone, with_encoder=not from_cache, runtime=runtime, **options)
+    return model, from_cache
+
+
+def test_cached_batch_is_what_the_sam2_decoder_reads(monkeypatch):
+    """A SAM 2.1 cache row packs the embedding and both high-resolution maps: bench's random
+    one has the shape and dtype of the frozen encoder's output for the same images."""
+    _small_step(monkeypatch, SAM2_TINY)
+    cached, _ = _model("cad-cache")
+    with_encoder, _ = _model("decoder")
+    images, masks, embeddings = bench_batch(cached, from_cache=True)
+    decoder_input = with_encoder.frozen_embeddings(images)
+    assert embeddings.shape == decoder_input.shape == (2, *cached.layout.shape)
+    assert embeddings.shape == (2, 256 * 16 * 16 + 32 * 64 * 64 + 64 * 32 * 32)
+    assert embeddings.dtype == decoder_input.dtype == torch.float32
+    assert images.shape == (2, 3, 64, 64) and masks.shape == (2, 1, 64, 64)
+    assert bench_batch(with_encoder, from_cache=False)[2] is None
+
+
+def test_cached_batch_of_sam1_is_its_embedding(monkeypatch):
+    _small_step(monkeypatch, "vit_tiny")
+    model, _ = _model("cad-cache", "vit_tiny")
+    assert bench_batch(model, from_cache=True)[2].shape == (2, 256, 16, 16)
+
+
+@pytest.mark.parametrize("variant", ["cad-cache", "cad", "lora"])
+def test_bench_step_trains_sam2_from_a_cache_and_with_the_encoder(monkeypatch, variant):
+    _small_step(monkeypatch, SAM2_TINY)
+    model, from_cache = _model(variant)
+    assert (model.sam.image_encoder is None) == from_cache
+    before = [p.detach().clone() for p in model.trainable_parameters()]
+    loss = bench_step(model, "fp32", from_cache)()
+    assert torch.isfinite(loss) and loss > 0
+    after = model.trainable_parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+@pytest.mark.parametrize("backbone", [SAM2_TINY, "vit_tiny"])
+def test_encoder_forward_gives_what_a_cache_row_holds(backbone):
+    out = encoder_forward(backbone, "fp32", batch=2, device="cpu")()
+    assert out.shape == (2, *feature_layout(backbone).shape)
+    assert torch.isfinite(out).all()
+
+
+def test_bench_refuses_sam_adapter_on_sam2_before_measuring(capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    args = ["bench", "--backbones", "vit_b", "sam2.1_hiera_l", "--methods", "cad"]
+    assert main([*args, "sam-adapter-lean"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "sam-adapter-lean is SAM 1 only" in err and "sam2.1_hiera_l" in err
+    assert len(err.splitlines()) == 1 and "CUDA" not in err
+    with pytest.raises(CadsamError, match="sam-adapter-paper is SAM 1 only"):
+        run_bench(["sam2.1_hiera_b+"], ["sam-adapter-paper"], ["fp32"], Path("unused"))
+    # the same variants on SAM 1, and no --methods on SAM 2.1, get as far as the GPU check
+    assert main(["bench", "--backbones", "vit_b", "--methods", "sam-adapter-lean"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["bench", "--backbones", "sam2.1_hiera_b+"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_default_variants_leave_sam_adapter_out_on_sam2_only():
+    jobs = bench_jobs(["vit_b", "sam2.1_hiera_b+"], None, ["bf16"], 5, {})
+    by_backbone = {
+        b: {job["variant"] for job in jobs if job["backbone"] == b}
+        for b in ("vit_b", "sam2.1_hiera_b+")
+    }
+    assert by_backbone["vit_b"] == {*VARIANTS, "encoder-forward"}
+    assert by_backbone["sam2.1_hiera_b+"] == by_backbone["vit_b"] - {
+        v for v in VARIANTS if v.startswith("sam-adapter")
+    }
+    assert "lora" in by_backbone["sam2.1_hiera_b+"]
+
+
+def test_sam2_rows_have_no_paper_figures():
+    row = {
+        "backbone": "sam2.1_hiera_b+",
+        "variant": "cad",
+        "method": "cad",
+        "precision": "bf16",
+        "batch": 4,
+        "trainable": 5_831_908,
+        "peak_allocated_mib": 2000.0,
+        "peak_reserved_mib": 2100.0,
+        "images_per_second": 50.0,
+    }
+    report = json.loads(RESULTS.read_text())
+    table = markdown_table({**report, "results": [row]})
+    assert (
+        "| sam2.1_hiera_b+ | cad | bf16 | 4 | 5,831,908 |  |  | 2,000 | 2,100 |  | 50.0 |" in table
+    )

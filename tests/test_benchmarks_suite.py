@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -154,3 +155,78 @@ def test_suite_stamps_a_given_commit_and_keeps_gits():
     environment = suite.stamp({"commit": "5a13d5f+changes"}, "420d9cd")
     assert environment == {"commit": "420d9cd", "commit_from_git": "5a13d5f+changes"}
     assert suite.stamp({"commit": "abc"}, None) == {"commit": "abc"}
+
+
+SAM2 = ("sam2.1_hiera_b+", "sam2.1_hiera_l")
+
+
+def test_suite_dry_run_lists_the_sam2_rows(capsys, tmp_path: Path):
+    out = tmp_path / "r"
+    argv = ["--dry-run", "--out", str(out), "--backbones", *SAM2]
+    assert suite.main([*argv, "--variants", "decoder", "cad", "cad-cache", "lora"]) == 0
+    printed = capsys.readouterr().out
+    commands = [line.split("] ", 1)[1] for line in printed.splitlines() if "cadsam bench" in line]
+    assert len(commands) == 8  # two backbones, two precisions, auto and cache
+    for backbone in SAM2:
+        for precision in suite.PRECISIONS:
+            prefix = f"python -m cadsam bench --backbones {backbone}"
+            assert (
+                f"{prefix} --methods decoder cad lora --precision {precision} --steps 5 "
+                f"--out {out}/{backbone}-{precision}-auto"
+            ) in commands
+            assert f"{prefix} --methods cad-cache --precision {precision}" in printed
+    assert "sam-adapter" not in printed and "vit_" not in printed and not out.exists()
+
+
+def test_suite_runs_sam2_on_request_only():
+    assert not {job.backbone for job in suite.canonical_jobs()} & set(suite.SAM2_BACKBONES)
+    jobs = suite.canonical_jobs(suite.plan_backbones(list(SAM2)))
+    assert {job.backbone for job in jobs} == set(SAM2)
+    assert not [job for job in jobs if job.variant.startswith("sam-adapter")]
+    assert {job.variant for job in jobs} >= {"lora", "cad-cache", "encoder-forward", "cache-build"}
+    # every SAM 2.1 job has its own estimate, and the chunks keep to the limit
+    assert all((job.backbone, suite.group(job.variant)) in suite.ESTIMATE_S for job in jobs)
+    assert all(suite.plan_seconds(part) <= suite.CHUNK_S for part in suite.chunks(jobs))
+
+
+def test_suite_chunks_the_sam2_run_with_its_backbones(capsys, tmp_path: Path):
+    assert suite.main(["--dry-run", "--out", str(tmp_path), "--backbones", *SAM2]) == 0
+    printed = capsys.readouterr().out
+    assert f"--chunk 1 --backbones {' '.join(SAM2)} --out {tmp_path}" in printed
+    assert "--checkpoint WORK/sam2.1_hiera_l.pt" in printed
+
+
+def test_suite_cache_build_settings_fit_sam2_rows(tmp_path: Path, monkeypatch):
+    """The random checkpoint the cache build makes loads as cadsam loads Meta's; a row's
+    size (for the RAM disk's room) is what the backbone's cache holds."""
+    from cadsam.backbones import feature_layout
+    from cadsam.methods import build_model
+
+    for backbone in suite.CACHE_SIZES:
+        mib = sum(feature_layout(backbone).sizes) * 2 / 2**20  # float16
+        assert suite.MIB_PER_EMBEDDING[backbone] == mib, backbone
+        assert backbone in suite.CACHE_BATCH
+    path = tmp_path / "sam2.pt"
+    monkeypatch.setattr(sys, "argv", ["-c", "sam2.1_hiera_tiny_test", str(path)])
+    exec(suite.SAVE_CHECKPOINT, {})
+    model = build_model("decoder", "sam2.1_hiera_tiny_test", checkpoint=path)
+    saved = torch.load(path, weights_only=True)["model"]
+    assert torch.equal(model.sam.no_mem_embed, saved["no_mem_embed"])
+
+
+def test_tables_give_sam2_its_own_table_without_the_papers_columns(results: Path):
+    rows = [
+        {**row("cad", "fp32", 2345.6, 12.3), "backbone": "sam2.1_hiera_l", "batch": 2},
+        {**row("lora", "bf16", 3456.7, 8.9), "backbone": "sam2.1_hiera_l", "batch": 2},
+    ]
+    write(results, "sam2", report("abc1234", "2026-01-02T12:00:00+00:00", rows))
+    section = tables.render(results, "x", tables.load_reports(results), allow_mixed=False)
+    title = "**SAM 2.1 Hiera-L, batch 2**: peak memory while training, and training speed"
+    before, after = section.split(title)
+    table = after.split("\n\n")[1].splitlines()
+    assert table[0].startswith("| method | variant | trainable | fp32: peak MiB |")
+    assert "| CAD | `cad` | 5,831,908 | 2,346 | - | 12.3 | - |" in table
+    assert "| LoRA | `lora` | 5,831,908 | - | 3,457 | - | 8.9 |" in table
+    assert "paper" not in "\n".join(table)
+    # ViT-B's table comes first and keeps the paper's columns
+    assert "Table 1. ViT-B" in before and "| paper, A100 (MiB) |" in before

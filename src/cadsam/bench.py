@@ -3,8 +3,12 @@ Tables 1-2, with the paper's figures beside ours.
 
 Each (backbone, variant, precision) runs in a fresh process, so one run's cached allocations
 never count against another. A run is the paper's training step at the paper's settings:
-encoder input 1024, adapter input 512, batch 4 (vit_b) or 2 (vit_h), whole-image box,
-BCE + IoU loss, AdamW. Weights are random: memory and speed do not depend on their values.
+512 x 512 images as ``cadsam train`` feeds them (encoder input 1024, adapter input 512),
+batch 4 (vit_b) or 2 (vit_h), whole-image box, BCE + IoU loss, AdamW. Weights are random:
+memory and speed do not depend on their values.
+
+SAM 2.1 backbones run the same step (batch 4, or 2 for ``sam2.1_hiera_l``; the paper has no
+figures for them); SAM-Adapter's variants are SAM 1 only.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from typing import Any
 
 import torch
 
+from .backbones import BACKBONES, backbone_config, is_sam2
 from .errors import CadsamError
 from .figures import pyplot
 from .methods import AdaptedSam, build_model
 from .paper import AUTHORS_CODE_H100_MIB, MEMORY_TABLES
+from .precision import autocast
 from .runtime import Runtime, named_runtime
 
 # variant -> (method, runtime, its settings, trains from cached embeddings). A variant is named
@@ -55,8 +61,36 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
     "lora-lean": ("lora", "lean", {}, False),
 }
 WARMUP = 3  # untimed steps first: compilation, cuDNN's choices
-PAPER_BATCH = {"vit_b": 4, "vit_l": 4, "vit_h": 2, "vit_tiny": 4}
+# Images per step: the paper's for SAM (ViT-B 4, ViT-H 2). The paper has no SAM 2.1: 4, and 2
+# for the large trunk, as for ViT-H.
+PAPER_BATCH = {
+    "vit_b": 4,
+    "vit_l": 4,
+    "vit_h": 2,
+    "vit_tiny": 4,
+    "sam2.1_hiera_t": 4,
+    "sam2.1_hiera_s": 4,
+    "sam2.1_hiera_b+": 4,
+    "sam2.1_hiera_l": 2,
+    "sam2.1_hiera_tiny_test": 4,
+}
+# The images a training step gets: cadsam train's default --image-size. The model resizes them
+# to its encoder's square itself (SAM 2.1 without padding) and CAD's adapter to adapter_size.
+IMAGE_SIZE = 512
+ENCODER_BATCH = 16  # images per frozen-encoder call in encoder-forward
 MIB = 2**20
+
+
+def sam1_only(variant: str) -> bool:
+    """Whether ``variant``'s method exists on SAM 1 alone: SAM-Adapter prompts the tokens of
+    SAM's ViT encoder, which SAM 2.1's Hiera trunk does not have."""
+    return variant in VARIANTS and VARIANTS[variant][0].startswith("sam-adapter")
+
+
+def default_variants(backbone: str) -> list[str]:
+    """What ``cadsam bench`` measures on ``backbone`` when no --methods are given."""
+    every = [*VARIANTS, "encoder-forward"]
+    return [v for v in every if not (is_sam2(backbone) and sam1_only(v))]
 
 
 def _nvml_mib() -> dict[str, float | None]:
@@ -106,28 +140,38 @@ def warmed_step(
     return step, runtime.changes()
 
 
+def bench_batch(
+    model: AdaptedSam, from_cache: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Seeded random data for one step, as ``cadsam train`` feeds it: images (RGB in 0..255)
+    and masks at :data:`IMAGE_SIZE`, and from a cache what a cache row holds, packed as the
+    model's decoder reads it (``model.layout``: SAM's embedding, or SAM 2.1's embedding and
+    high-resolution maps in one row), float32 as the training loader gives it."""
+    batch = PAPER_BATCH[model.backbone]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(0)
+    size = (IMAGE_SIZE, IMAGE_SIZE)
+    images = torch.rand(batch, 3, *size, device=device, generator=generator) * 255
+    masks = (torch.rand(batch, 1, *size, device=device, generator=generator) > 0.5).float()
+    embeddings = None
+    if from_cache:
+        shape = (batch, *model.layout.shape)
+        embeddings = torch.randn(shape, device=device, generator=generator)
+    return images, masks, embeddings
+
+
 def bench_step(model: AdaptedSam, precision: str, from_cache: bool) -> Callable[[], torch.Tensor]:
     """One training step at the paper's settings (batch, 512 x 512 images, whole-image box,
-    BCE + IoU, AdamW) on seeded random data, on the model's device; with the runtime's
-    ``cuda_graph``: three eager calls, then captured as a CUDA graph and replayed
-    (:class:`~cadsam.fast.graphs.GraphedStep`)."""
+    BCE + IoU, AdamW) on seeded random data (:func:`bench_batch`), on the model's device;
+    with the runtime's ``cuda_graph``: three eager calls, then captured as a CUDA graph and
+    replayed (:class:`~cadsam.fast.graphs.GraphedStep`)."""
     from .fast.graphs import adamw
     from .train import training_step
 
     graphed = model.runner.runtime.cuda_graph
-    batch = PAPER_BATCH[model.backbone]
-    device = next(model.parameters()).device
     model.train()
     optimizer = adamw(model.trainable_parameters(), lr=2e-4, weight_decay=0.01, graphed=graphed)
-    generator = torch.Generator(device).manual_seed(0)
-    images = torch.rand(batch, 3, 512, 512, device=device, generator=generator) * 255
-    masks = (torch.rand(batch, 1, 512, 512, device=device, generator=generator) > 0.5).float()
-    grid = model.sam.prompt_encoder.image_embedding_size[0]
-    embeddings = (
-        torch.randn(batch, 256, grid, grid, device=device, generator=generator)
-        if from_cache
-        else None
-    )
+    images, masks, embeddings = bench_batch(model, from_cache)
     step = training_step(model, optimizer, precision, graphed)
     return lambda: step(images, masks, embeddings)
 
@@ -180,24 +224,40 @@ def measure_training(
     }
 
 
-@torch.no_grad()
-def measure_encoder(
-    backbone: str, precision: str, batch: int = 16, steps: int = 10
-) -> dict[str, Any]:
-    """The frozen encoder's forward rate (what building an embedding cache is bound by)."""
-    from .precision import autocast
-    from .sam import build_sam
+def encoder_forward(
+    backbone: str, precision: str, batch: int = ENCODER_BATCH, device: str = "cuda"
+) -> Callable[[], torch.Tensor]:
+    """The frozen image path a cache build runs, to be timed: the backbone's image encoder
+    (fused attention, the whole batch per call, no autograd) on normalised input at its
+    square, to what the decoder reads, as a cache row holds it (SAM: the embedding; SAM 2.1:
+    the embedding with ``no_mem_embed`` and the high-resolution maps through
+    ``conv_s0``/``conv_s1``, packed). The build's resizing and normalising are left out, so
+    SAM's figure stays comparable with those measured before SAM 2.1."""
+    torch_device = torch.device(device)
+    with torch_device:  # built as cadsam cache builds it
+        model = build_model("zero-shot", backbone, runtime=Runtime(fused_attention=True)).eval()
+    size = backbone_config(backbone).image_size
+    generator = torch.Generator(torch_device).manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device=torch_device, generator=generator)
 
-    device = torch.device("cuda")
-    with device:  # fused attention, the whole batch at once: what the cache build runs
-        encoder = build_sam(backbone, fused_attention=True).image_encoder.eval()
-    x = torch.randn(batch, 3, encoder.img_size, encoder.img_size, device=device)
+    @torch.no_grad()
+    def forward() -> torch.Tensor:
+        with autocast(torch_device, precision):
+            return model.decoder_input(model.sam.image_encoder(x))
+
+    return forward
+
+
+def measure_encoder(
+    backbone: str, precision: str, batch: int = ENCODER_BATCH, steps: int = 10
+) -> dict[str, Any]:
+    """The frozen image path's forward rate (what building an embedding cache is bound by)."""
+    forward = encoder_forward(backbone, precision, batch)
     times = []
     for i in range(3 + steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with autocast(device, precision):
-            encoder(x)
+        forward()
         torch.cuda.synchronize()
         if i >= 3:
             times.append(time.perf_counter() - start)
@@ -279,25 +339,29 @@ def _run_isolated(job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def run_bench(
-    backbones: list[str],
-    variants: list[str],
-    precisions: list[str],
-    out: Path,
-    steps: int = 10,
-    progress: bool = True,
-    overrides: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Each (backbone, variant, precision) in a fresh process; ``overrides``: runtime settings
-    set in every variant."""
-    unknown = sorted(set(variants) - set(VARIANTS) - {"encoder-forward"})
+def check_request(
+    backbones: list[str], variants: list[str] | None, overrides: dict[str, Any]
+) -> None:
+    """Refuse, before any measurement, what no run could measure: unknown names, ``--set``
+    settings that are bad or contradict a variant, SAM 1's methods on SAM 2.1."""
+    for backbone in backbones:
+        backbone_config(backbone)  # an unknown name is an error naming every backbone
+    unknown = sorted(set(variants or []) - set(VARIANTS) - {"encoder-forward"})
     if unknown:
         raise CadsamError(
             f"unknown bench variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}, encoder-forward"
         )
-    overrides = overrides or {}
+    for backbone in backbones:
+        for variant in variants or []:
+            if is_sam2(backbone) and sam1_only(variant):
+                raise CadsamError(
+                    f"bench variant {variant} is SAM 1 only (SAM-Adapter prompts the tokens of "
+                    f"SAM's ViT encoder, which {backbone}'s Hiera trunk does not have): leave it "
+                    f"out of --methods for {backbone}"
+                )
     Runtime().replace(**overrides)  # a bad name or value is an error before any run
-    for variant in variants:
+    measured = variants if variants is not None else [*VARIANTS]
+    for variant in measured:
         if overrides and variant != "encoder-forward":
             settings = VARIANTS[variant][2]
             for name, value in overrides.items():
@@ -306,15 +370,43 @@ def run_bench(
                         f"--set {name}={value} contradicts variant {variant}, which is "
                         f"defined by {name}={settings[name]}: leave it out of --methods"
                     )
-    if not torch.cuda.is_available():
-        raise CadsamError("cadsam bench measures GPU memory and needs a CUDA GPU; none is visible")
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = [
+
+
+def bench_jobs(
+    backbones: list[str],
+    variants: list[str] | None,
+    precisions: list[str],
+    steps: int,
+    overrides: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """One job per (backbone, precision, variant); ``variants`` None: each backbone's
+    :func:`default_variants`."""
+    return [
         {"backbone": b, "variant": v, "precision": p, "steps": steps, "overrides": overrides}
         for b in backbones
         for p in precisions
-        for v in variants
+        for v in (variants if variants is not None else default_variants(b))
     ]
+
+
+def run_bench(
+    backbones: list[str],
+    variants: list[str] | None,
+    precisions: list[str],
+    out: Path,
+    steps: int = 10,
+    progress: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Each (backbone, variant, precision) in a fresh process; ``variants`` None: every one
+    that applies to each backbone; ``overrides``: runtime settings set in every variant."""
+    overrides = overrides or {}
+    check_request(backbones, variants, overrides)
+    if not torch.cuda.is_available():
+        raise CadsamError("cadsam bench measures GPU memory and needs a CUDA GPU; none is visible")
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = bench_jobs(backbones, variants, precisions, steps, overrides)
+    width = max(map(len, backbones), default=0)
     results: list[dict[str, Any]] = []
     env = environment()
     for job in jobs:
@@ -325,7 +417,7 @@ def run_bench(
                 f"{result.get('peak_allocated_mib', '-')} MiB, {result['images_per_second']} images/s"
             )
             print(
-                f"{job['backbone']:>8} {_label(job):<24} {job['precision']:<5} {shown}",
+                f"{job['backbone']:>{width}} {_label(job):<24} {job['precision']:<5} {shown}",
                 flush=True,
             )
         # Rewritten after every run, so an interrupted bench still leaves what it measured.
@@ -416,14 +508,22 @@ def _child(job: dict[str, Any]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbones", nargs="+", default=["vit_b", "vit_h"])
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        default=["vit_b", "vit_h"],
+        choices=BACKBONES,
+        metavar="BACKBONE",
+        help=f"any of: {', '.join(BACKBONES)} (default: vit_b vit_h)",
+    )
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=[*VARIANTS, "encoder-forward"],
+        default=None,
         dest="variants",
         metavar="VARIANT",
-        help=f"any of: {', '.join(VARIANTS)}, encoder-forward",
+        help=f"any of: {', '.join(VARIANTS)}, encoder-forward (default: all of them; "
+        "on SAM 2.1 all but SAM-Adapter's, which are SAM 1 only)",
     )
     parser.add_argument(
         "--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"]
