@@ -12,9 +12,21 @@ import torch
 from PIL import Image
 
 from cadsam.data.synthetic import make_synthetic_set
-from cadsam.demo import METHODS, _memory_at_paper_scale, kept_for_backward, run_demo
+from cadsam.demo import (
+    GPU_BENCH,
+    LABELS,
+    METHODS,
+    PAPER_SCALE,
+    _comparisons,
+    _memory_at_paper_scale,
+    kept_for_backward,
+    run_demo,
+    tradeoff_figure,
+)
 from cadsam.errors import CadsamError
+from cadsam.figures import pyplot
 from cadsam.methods import build_model
+from cadsam.methods.lora import LoraAdapter
 from cadsam.paper import MEMORY_TABLES
 from cadsam.train import segmentation_loss
 from cadsam.weights import load_weights
@@ -66,10 +78,11 @@ def _table_row(method: str, r: dict) -> str:
     )
 
 
-def test_demo_trains_and_scores_all_three_methods(demo):
+def test_demo_trains_and_scores_all_four_methods(demo):
     out, *_ = demo
     results = json.loads((out / "results.json").read_text())
-    assert list(results["methods"]) == list(METHODS)  # SAM-Adapter is trained too
+    assert "lora" in METHODS and "sam-adapter-paper" in METHODS
+    assert list(results["methods"]) == list(METHODS)  # SAM-Adapter and LoRA are trained too
     assert results["cache_seconds"] > 0
     for method, r in results["methods"].items():
         assert 0 <= r["dice"] <= 1 and 0 <= r["iou"] <= r["dice"] and 0 <= r["mae"] <= 1
@@ -80,6 +93,12 @@ def test_demo_trains_and_scores_all_three_methods(demo):
     model, meta = load_weights(out / "runs" / "cad" / "last.safetensors")
     assert meta["base_checkpoint"]["name"].endswith("sam_vit_tiny_random.pth")
     assert model.sam.image_encoder is not None  # trained from the cache, usable with the encoder
+    lora, _ = load_weights(out / "runs" / "lora" / "last.safetensors")
+    assert isinstance(lora.encoder_adapter, LoraAdapter)  # the low-rank updates, trained
+    assert any(b.weight.abs().sum() > 0 for b in (q.b for q in lora.encoder_adapter.q))
+    r = results["methods"]["lora"]
+    assert r["trainable"] == lora.parameter_counts()["trainable"]
+    assert r["trainable"] > results["methods"]["decoder"]["trainable"]  # decoder + updates
 
 
 def test_demo_console_ends_with_the_table_and_the_report(demo):
@@ -115,18 +134,74 @@ def test_demo_report_sets_the_run_beside_the_paper_scale(demo):
     scale = _memory_at_paper_scale()
     kept = {m: scale[m]["kept_mib"] for m in METHODS}
     assert kept["decoder"] < kept["cad"] < kept["sam-adapter-paper"]
+    # LoRA trains the encoder's attention, so the encoder keeps its activations: more than CAD.
+    options = {"cad": {"adapter_size": PAPER_SCALE["adapter_size"]}, "lora": {}}
+    counted = {
+        m: kept_for_backward(m, "vit_b", PAPER_SCALE["image_size"], options[m])[0]
+        for m in ("cad", "lora")
+    }
+    assert counted["lora"] > counted["cad"]
+    assert kept["lora"] == round(counted["lora"], 1) and kept["cad"] == round(counted["cad"], 1)
+    # The GPU column is one H200 run (no decoder there); the paper has no LoRA: "-", not 0.
+    gpu = {"decoder": "-", "cad": "1,393", "sam-adapter-paper": "9,821", "lora": "10,249"}
+    assert ("vit_b", "lora") not in MEMORY_TABLES and "decoder" not in GPU_BENCH["mib"]
+    at_scale = text[text.index("## Memory at the paper's scale") :]
     for method, s in scale.items():
-        paper = MEMORY_TABLES[("vit_b", method)][1]
+        paper = MEMORY_TABLES[("vit_b", method)][1] if method != "lora" else None
         assert (
-            f"| {method} | {s['trainable']:,} | {s['kept_mib']:,.0f} "
-            f"| {s['gpu_bench_mib']:,} | {paper:,} |"
-        ) in text
-    assert "2026-11-24" in text and "benchmarks/BENCHMARKS.md" in text
+            f"| {method} | {s['trainable']:,} | {round(s['kept_mib']):,} "
+            f"| {gpu[method]} | {'-' if paper is None else f'{paper:,}'} |"
+        ) in at_scale
+    assert "2026-12-01" in text and "e7e1861" in text and "benchmarks/BENCHMARKS.md" in text
+    assert "H100" not in text  # one device in the GPU column, named once
+    assert "the paper has no LoRA" in text and "did not measure decoder-only" in text
+    lora_vs_cad = f"{kept['lora'] / kept['cad']:.1f}x more kept for backward"
+    assert f"Against CAD, LoRA needs {lora_vs_cad}" in text
+
+
+def test_memory_sentences_follow_the_figures():
+    """The comparisons are computed: flip the figures and the sentences flip with them."""
+    scale = {
+        "decoder": {"kept_mib": 100.0, "gpu_bench_mib": None, "paper_mib": 1_000},
+        "cad": {"kept_mib": 400.0, "gpu_bench_mib": 300.0, "paper_mib": 900},
+        "sam-adapter-paper": {"kept_mib": 200.0, "gpu_bench_mib": 600.0, "paper_mib": 3_000},
+        "lora": {"kept_mib": 800.0, "gpu_bench_mib": 310.0, "paper_mib": None},
+    }
+    text = _comparisons(scale)
+    assert text.startswith(
+        "The most of each column's figures: LoRA kept for backward; SAM-Adapter at peak on the "
+        "GPU and in the paper (each acts inside the encoder"
+    )
+    # CAD is not above decoder-only everywhere here, so no reason is given for it.
+    assert "CAD needs 4.0x more kept for backward and 1.1x less in the paper." in text
+    assert "SAM-Adapter, CAD needs 2.0x more kept for backward, 2.0x less at peak" in text
+    assert "Against CAD, LoRA needs 2.0x more kept for backward and 1.03x more at peak" in text
+    scale["lora"]["kept_mib"] = 10.0
+    text = _comparisons(scale)
+    assert "Against CAD, LoRA needs 40.0x less kept for backward and 1.03x more at" in text
+    assert "like SAM-Adapter" not in text  # the reason holds only where LoRA needs more
 
 
 def test_demo_figures_are_labelled(demo):
     out, *_ = demo
     assert Image.open(out / "tradeoff.png").size[0] > 0
+    results = json.loads((out / "results.json").read_text())
+    fig = tradeoff_figure(results, _memory_at_paper_scale())
+    left, right = fig.axes
+    assert [t.get_text() for t in left.texts] == [LABELS[m] for m in METHODS]  # a point each
+    assert [t.get_text() for t in right.get_legend().get_texts()] == [LABELS[m] for m in METHODS]
+    bars = {c.get_label(): [p.get_height() for p in c.patches] for c in right.containers}
+    # Three sources; no bar, not a zero-height one, where a source has no figure.
+    assert {m: len(h) for m, h in bars.items()} == {
+        "decoder": 2,  # no H200 figure
+        "CAD": 3,
+        "SAM-Adapter": 3,
+        "LoRA": 2,  # no paper figure
+    }
+    assert all(h > 0 for heights in bars.values() for h in heights)
+    assert bars["LoRA"][0] > bars["CAD"][0]  # kept for backward at ViT-B
+    assert [t.get_text() for t in right.texts] == ["no figure", "no figure"]
+    pyplot().close(fig)
     examples = np.asarray(Image.open(out / "examples.png").convert("L"))
     columns = 2 + len(METHODS)  # image, ground truth, one per method
     header = examples.shape[0] - 64 * 4  # four examples below a row of labels
@@ -147,6 +222,7 @@ def test_kept_for_backward_on_meta_matches_a_real_step():
         ("decoder", {}),
         ("cad", {"adapter_size": 32}),
         ("sam-adapter-paper", {}),
+        ("lora", {}),
     ):
         torch.manual_seed(0)
         model = build_model(method, "vit_tiny", **options).train()

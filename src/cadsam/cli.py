@@ -712,7 +712,7 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "demo": (
         cmd_demo,
         add_demo_arguments,
-        "Train and compare decoder-only, SAM-Adapter and CAD on a synthetic set, on a CPU, "
+        "Train and compare decoder-only, SAM-Adapter, LoRA and CAD on a synthetic set, on a CPU, "
         "with nothing to download; writes a report with the paper-scale memory beside them.",
     ),
     "reproduce": (

@@ -1,9 +1,9 @@
 """``cadsam demo``: the whole workflow in a few minutes on a CPU, with nothing to download.
 
 Makes a synthetic set (camouflaged textures, soft shadows), caches the frozen encoder's
-embeddings once, trains ``decoder`` and ``cad`` from the cache and ``sam-adapter-paper`` with
-its encoder, scores all three on held-out images and writes a report: a table, the
-accuracy/memory trade-off and example masks.
+embeddings once, trains ``decoder`` and ``cad`` from the cache and ``sam-adapter-paper`` and
+``lora`` (the field's usual parameter-efficient baseline) with the encoder, scores all four on
+held-out images and writes a report: a table, the accuracy/memory trade-off and example masks.
 
 Without a checkpoint it runs ``vit_tiny`` with random weights (saved as a file so that every
 step, weights and all, is as with a real checkpoint). With a real SAM checkpoint, given or
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,27 +33,49 @@ from .data.synthetic import make_synthetic_set
 from .errors import CadsamError
 from .evaluate import evaluate
 from .figures import mask_rows, pyplot, save_grid
-from .methods import CACHEABLE, build_model
+from .methods import CACHEABLE, METHOD_OPTIONS, build_model
 from .paper import MEMORY_TABLES
 from .sam import SAM_CONFIGS, build_sam
 from .sam.checkpoint import META_CHECKPOINTS, checkpoint_dir, encoder_signature, read_sam_state_dict
 from .train import TrainConfig, segmentation_loss, train
 from .weights import load_weights
 
-METHODS = ("decoder", "cad", "sam-adapter-paper")
+METHODS = ("decoder", "cad", "sam-adapter-paper", "lora")
 BATCH = 4
 # The paper's setting for its memory tables (ViT-B: batch 4; 1024-pixel encoder input).
 PAPER_SCALE = {"backbone": "vit_b", "image_size": 512, "adapter_size": 512}
-# Peak allocated MiB while training, ViT-B, batch 4, fp32, on cadsam's default path:
-# `cadsam bench` on an NVIDIA H100, 2026-11-24 (benchmarks/BENCHMARKS.md).
-GPU_BENCH = {
-    "date": "2026-11-24",
-    "device": "NVIDIA H100",
-    "mib": {"decoder": 900, "cad": 1_329, "sam-adapter-paper": 9_796},
-    "notes": "SAM-Adapter with its encoder blocks recomputed in backward: 2,392 MiB; "
-    "CAD from cached embeddings: 937 MiB",
+# Peak allocated MiB while training, ViT-B, batch 4, fp32, cadsam's default `auto` runtime:
+# one `cadsam bench` call on an NVIDIA H200, 2026-12-01, commit e7e1861
+# (benchmarks/results/2026-12-01_H200_fp32-lora-partial/1-e7e1861/bench/*/bench.json). Chosen
+# over the earlier H100 figures (2026-11-24, no LoRA, stitched from runs of older code) as the
+# one run that measured LoRA beside CAD and SAM-Adapter, by one commit on one device. It did
+# not measure decoder-only: that cell shows "-", and no other device's figure fills it.
+GPU_BENCH: dict[str, Any] = {
+    "date": "2026-12-01",
+    "device": "NVIDIA H200",
+    "commit": "e7e1861",
+    "source": "benchmarks/results/2026-12-01_H200_fp32-lora-partial",
+    "mib": {"cad": 1_393.1, "sam-adapter-paper": 9_820.5, "lora": 10_248.7},
+    "notes": "LoRA with its encoder blocks recomputed in backward (`lora-lean`): 2,270 MiB; "
+    "CAD from cached embeddings (`cad-cache`): 1,067 MiB",
 }
-LABELS = {"decoder": "decoder", "cad": "CAD", "sam-adapter-paper": "SAM-Adapter"}
+LABELS = {"decoder": "decoder", "cad": "CAD", "sam-adapter-paper": "SAM-Adapter", "lora": "LoRA"}
+# The paper-scale memory by source: (key in each method's row, how a sentence names it).
+SOURCES = (
+    ("kept_mib", "kept for backward"),
+    ("gpu_bench_mib", "at peak on the GPU"),
+    ("paper_mib", "in the paper"),
+)
+# Names in sentences; decoder-only is "decoder" in the figure's legend.
+NAMES = {**LABELS, "decoder": "decoder-only"}
+# (method, other, expected direction, why): compared in the report, source by source; the why
+# is said only where every source with figures for both goes the expected way.
+PAIRS = (
+    ("cad", "decoder", "more", "its adapter's activations"),
+    ("cad", "sam-adapter-paper", "less", "SAM-Adapter keeps its encoder's activations"),
+    ("lora", "cad", "more", "like SAM-Adapter, it keeps its encoder's activations"),
+    ("lora", "sam-adapter-paper", None, ""),
+)
 SCORES = ("dice", "iou", "mae")
 
 
@@ -308,10 +331,23 @@ def _memory_at_paper_scale() -> dict[str, dict[str, Any]]:
         scale[method] = {
             "trainable": trainable,
             "kept_mib": round(kept, 1),
-            "gpu_bench_mib": GPU_BENCH["mib"][method],
-            "paper_mib": MEMORY_TABLES[(PAPER_SCALE["backbone"], method)][1],
+            # None where a source has no figure for the method: shown as "-", never as 0.
+            "gpu_bench_mib": GPU_BENCH["mib"].get(method),
+            "paper_mib": _paper_mib(method),
         }
     return scale
+
+
+def _paper_mib(method: str) -> int | None:
+    """The paper's ViT-B memory for ``method``; None for a method it has no row for (LoRA)."""
+    row = MEMORY_TABLES.get((PAPER_SCALE["backbone"], method))
+    return None if row is None else row[1]
+
+
+def _mib(value: float | None) -> str:
+    """A MiB figure for a table, "-" where the source has none; halves round up, as
+    benchmarks/BENCHMARKS.md prints them (9,820.5 is 9,821 there, not Python's 9,820)."""
+    return "-" if value is None else f"{math.floor(value + 0.5):,}"
 
 
 def _main_table(results: dict[str, Any], scale: dict[str, dict[str, Any]]) -> list[str]:
@@ -323,7 +359,7 @@ def _main_table(results: dict[str, Any], scale: dict[str, dict[str, Any]]) -> li
     ]
     for method in METHODS:
         r = results["methods"].get(method)
-        at_scale = f"{scale[method]['kept_mib']:,.0f}"
+        at_scale = _mib(scale[method]["kept_mib"])
         if r is None:
             lines.append(f"| {method} | - | not trained | - | - | - | - | {at_scale} |")
             continue
@@ -343,8 +379,8 @@ def _scale_table(scale: dict[str, dict[str, Any]]) -> list[str]:
     ]
     for method, s in scale.items():
         lines.append(
-            f"| {method} | {s['trainable']:,} | {s['kept_mib']:,.0f} "
-            f"| {s['gpu_bench_mib']:,} | {s['paper_mib']:,} |"
+            f"| {method} | {s['trainable']:,} | {_mib(s['kept_mib'])} "
+            f"| {_mib(s['gpu_bench_mib'])} | {_mib(s['paper_mib'])} |"
         )
     return lines
 
@@ -372,9 +408,10 @@ def _write_report(out: Path, results, scale, models, test_pairs) -> Path:
         f"held out, {s['size']} x {s['size']} pixels), SAM `{s['backbone']}`, "
         f"{_epochs(s['epochs'])} at batch {BATCH}. `decoder` and `cad` train from an embedding "
         f"cache (four views of each image, built in {results['cache_seconds']:.1f} s); "
-        "`sam-adapter-paper` acts inside the encoder, so it trains with it, on the images "
-        "themselves. Train (s): the epochs' time on this machine. CAD's adapter reads the "
-        f"images at {s['adapter_size']} x {s['adapter_size']} here.",
+        "`sam-adapter-paper` and `lora` (low-rank updates of the encoder's attention, rank "
+        f"{METHOD_OPTIONS['lora']['lora_rank']}) act inside the encoder, so they train with it, "
+        "on the images themselves. Train (s): the epochs' time on this machine. CAD's adapter "
+        f"reads the images at {s['adapter_size']} x {s['adapter_size']} here.",
         "",
         *_main_table(results, scale),
         "",
@@ -403,9 +440,7 @@ def _write_report(out: Path, results, scale, models, test_pairs) -> Path:
 
 
 def _memory_text(s: dict[str, Any], scale: dict[str, dict[str, Any]]) -> list[str]:
-    def times(key: str) -> str:
-        return f"{scale['sam-adapter-paper'][key] / scale['cad'][key]:.1f}x"
-
+    """What the memory figures are, and what they say, every comparison from the figures."""
     lines = [
         "*Kept for backward*: the tensors autograd keeps from the forward pass of one training "
         f"step ({BATCH} images) until its backward, in fp32 on the plain path (the reference "
@@ -413,24 +448,22 @@ def _memory_text(s: dict[str, Any], scale: dict[str, dict[str, Any]]) -> list[st
         "device (shapes only, no arithmetic), with random weights (memory does not depend on "
         "them); the mask decoder's fused attention is counted as its kernel keeps it (queries, "
         "keys, values, output, log-sum-exp). Weights, gradients, optimiser state and buffers "
-        "freed within the forward pass are not counted. The frozen encoder of `decoder` and `cad` runs without autograd and "
-        "keeps nothing; SAM-Adapter's encoder keeps its blocks' activations.",
+        "freed within the forward pass are not counted. The frozen encoder of `decoder` and "
+        "`cad` runs without autograd and keeps nothing; SAM-Adapter and LoRA act inside the "
+        "encoder, which then keeps its blocks' activations.",
         "",
         "## Memory at the paper's scale",
         "",
         "The paper's setting: ViT-B, batch 4, 512-pixel images (1024 for the encoder), CAD's "
         "adapter at 512. Counted here as above, beside the peak memory `cadsam bench` measured "
-        f"while training on the project's own GPU benchmark ({GPU_BENCH['device']}, fp32, "
-        f"cadsam's default path, {GPU_BENCH['date']}; benchmarks/BENCHMARKS.md) and the paper's "
-        "memory table for ViT-B (nvidia-smi on an A100):",
+        f"while training, in one call of the project's own GPU benchmark ({GPU_BENCH['device']}, "
+        f"fp32, cadsam's default `auto` runtime, {GPU_BENCH['date']}, commit "
+        f"{GPU_BENCH['commit']}; {GPU_BENCH['source']}, benchmarks/BENCHMARKS.md), and the "
+        f"paper's memory table for ViT-B (nvidia-smi on an A100). {_missing_text(scale)}",
         "",
         *_scale_table(scale),
         "",
-        f"From the same GPU benchmark: {GPU_BENCH['notes']}. In every column SAM-Adapter needs "
-        "the most, since it keeps its encoder's activations; CAD needs more than decoder-only "
-        f"(its adapter's activations) and a fraction of SAM-Adapter's: {times('kept_mib')} less "
-        f"kept for backward, {times('gpu_bench_mib')} less at peak on the GPU, "
-        f"{times('paper_mib')} less in the paper.",
+        f"From the same GPU benchmark: {GPU_BENCH['notes']}. {_comparisons(scale)}",
     ]
     if s["backbone"] == "vit_tiny":
         lines[1:1] = [
@@ -443,14 +476,85 @@ def _memory_text(s: dict[str, Any], scale: dict[str, dict[str, Any]]) -> list[st
     return lines
 
 
-def _plot_tradeoff(results, scale, path: Path) -> bool:
-    """Left: held-out Dice of this run against the memory kept for backward at ViT-B; right:
-    ViT-B memory by source (counted here, the GPU benchmark, the paper). False without
-    matplotlib."""
+def _and(words: list[str]) -> str:
+    """ "a", "a and b", "a, b and c": lists that read as a sentence."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _missing_text(scale: dict[str, dict[str, Any]]) -> str:
+    """Why a cell of the memory table is "-": said so that nobody reads it as zero."""
+    gpu = [NAMES[m] for m, s in scale.items() if s["gpu_bench_mib"] is None]
+    paper = [NAMES[m] for m, s in scale.items() if s["paper_mib"] is None]
+    parts = []
+    if gpu:
+        parts.append(f"that GPU run did not measure {_and(gpu)}; no other device's figure is used")
+    if paper:
+        parts.append(f"the paper has no {_and(paper)}")
+    return f'"-": no figure from that source ({"; ".join(parts)}).' if parts else ""
+
+
+def _against(scale: dict[str, dict[str, Any]], method: str, other: str) -> tuple[str, set[str]]:
+    """("3.4x less kept for backward and 7.0x less at peak on the GPU", {"less"}): ``method``'s
+    memory against ``other``'s in each source with a figure for both, and the directions."""
+    parts, directions = [], set()
+    for key, where in SOURCES:
+        a, b = scale[method][key], scale[other][key]
+        if a is None or b is None:
+            continue
+        direction, ratio = ("more", a / b) if a >= b else ("less", b / a)
+        times = f"{ratio:.2f}x" if ratio < 1.1 else f"{ratio:.1f}x"  # 1.04x, not 1.0x more
+        parts.append(f"{times} {direction} {where}")
+        directions.add(direction)
+    return (_and(parts) if parts else ""), directions
+
+
+def _most_text(scale: dict[str, dict[str, Any]]) -> str:
+    """Which method needs the most memory in each source (among those with a figure)."""
+    most: dict[str, list[str]] = {}
+    for key, where in SOURCES:
+        figures = {m: s[key] for m, s in scale.items() if s[key] is not None}
+        if figures:
+            most.setdefault(max(figures, key=lambda m: figures[m]), []).append(where)
+    if len(most) == 1:
+        text = f"In every column {NAMES[next(iter(most))]} needs the most"
+    else:
+        text = "The most of each column's figures: " + "; ".join(
+            f"{NAMES[m]} {_and(w)}" for m, w in most.items()
+        )
+    if all(m not in CACHEABLE for m in most):
+        who = "it acts" if len(most) == 1 else "each acts"
+        text += f" ({who} inside the encoder, which then keeps its activations)"
+    return text + "."
+
+
+def _comparisons(scale: dict[str, dict[str, Any]]) -> str:
+    """The most in each source, then each pair of :data:`PAIRS` as multiples."""
+    sentences = [_most_text(scale)]
+    for method, other, expected, why in PAIRS:
+        text, directions = _against(scale, method, other)
+        if text:
+            reason = f" ({why})" if expected and directions == {expected} else ""
+            sentences.append(f"Against {NAMES[other]}, {NAMES[method]} needs {text}{reason}.")
+    return " ".join(sentences)
+
+
+def _plot_tradeoff(results: dict[str, Any], scale: dict[str, dict[str, Any]], path: Path) -> bool:
+    """Save :func:`tradeoff_figure` to ``path``; False without matplotlib."""
     plt = pyplot()
     if plt is None:
         return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = tradeoff_figure(results, scale)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def tradeoff_figure(results: dict[str, Any], scale: dict[str, dict[str, Any]]) -> Any:
+    """Left: held-out Dice of this run against the memory kept for backward at ViT-B; right:
+    ViT-B memory by source (counted here, the GPU benchmark, the paper), with no bar where a
+    source has no figure. A matplotlib figure, so that tests can read its labels and bars."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     for method, r in results["methods"].items():
         x, y = scale[method]["kept_mib"] / 1024, r["dice"]
@@ -461,21 +565,41 @@ def _plot_tradeoff(results, scale, path: Path) -> bool:
     left.set_xlim(0, max(s["kept_mib"] for s in scale.values()) / 1024 * 1.3)
     left.margins(y=0.2)
     left.set_title("Accuracy here, memory at the paper's scale", fontsize=10)
+    _memory_bars(right, scale, colors)
+    fig.tight_layout()
+    return fig
+
+
+def _memory_bars(ax: Any, scale: dict[str, dict[str, Any]], colors: dict[str, str]) -> None:
+    """One group of bars per source; a method the source has no figure for gets no bar (not a
+    zero-height one), only a small "no figure" mark where its bar would stand."""
     sources = [
         ("kept_mib", "kept for backward\n(counted here)"),
-        ("gpu_bench_mib", f"peak, cadsam bench\n({GPU_BENCH['device']})"),
+        ("gpu_bench_mib", f"peak, cadsam bench\n({GPU_BENCH['device']}, {GPU_BENCH['date']})"),
         ("paper_mib", "the paper\n(A100, nvidia-smi)"),
     ]
     width = 0.8 / len(METHODS)
     for i, method in enumerate(METHODS):
-        heights = [scale[method][key] / 1024 for key, _ in sources]
-        xs = [j + (i - 1) * width for j in range(len(sources))]
-        right.bar(xs, heights, width, color=colors[method], label=LABELS[method])
-    right.set_xticks(range(len(sources)), [label for _, label in sources], fontsize=8)
-    right.set_ylabel("ViT-B, batch 4: each source's measure (GiB)")
-    right.set_title("Memory at the paper's scale, by source", fontsize=10)
-    right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+        offset = (i - (len(METHODS) - 1) / 2) * width
+        xs, heights = [], []
+        for j, (key, _) in enumerate(sources):
+            if scale[method][key] is not None:
+                xs.append(j + offset)
+                heights.append(scale[method][key] / 1024)
+                continue
+            ax.text(
+                j + offset,
+                0.02,  # just above the axis, in axes units: a mark, not a bar
+                "no figure",
+                rotation=90,
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="0.45",
+                transform=ax.get_xaxis_transform(),
+            )
+        ax.bar(xs, heights, width, color=colors[method], label=LABELS[method])
+    ax.set_xticks(range(len(sources)), [label for _, label in sources], fontsize=8)
+    ax.set_ylabel("ViT-B, batch 4: each source's measure (GiB)")
+    ax.set_title("Memory at the paper's scale, by source", fontsize=10)
+    ax.legend(fontsize=8)
