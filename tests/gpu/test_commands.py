@@ -75,13 +75,29 @@ def test_cache_train_eval_predict_on_cuda(tmp_path, sam_file, capsys):
     assert agree > 0.99  # the same masks, bar pixels whose logit is within rounding of 0
 
 
+def _relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """All tensors of ``a`` against ``b``'s as one vector: |a - b| / |b|."""
+    assert a.keys() == b.keys()
+    diff = sum((a[k].double() - b[k].double()).square().sum() for k in b)
+    return (diff / sum(b[k].double().square().sum() for k in b)).sqrt().item()
+
+
+def _run_record(out) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines], load_file(str(out / "last.safetensors"))
+
+
 def test_a_killed_graphed_run_resumes_to_the_uninterrupted_end(tmp_path, sam_file, monkeypatch):
     """Graphed from its fourth step, killed after epoch 1, resumed (graphed again): it ends
-    where the run that was never stopped ends, schedule and data order included."""
+    where the run that was never stopped ends, schedule and data order included, as near as
+    a second uninterrupted run does. (On CUDA two identical runs differ in rounding: atomics
+    in interpolation's backward, cuDNN's choices; AdamW's normalised steps carry that into
+    the weights. The second run measures that spread; resuming may add nothing to it.)"""
     data = _isbi_subset(tmp_path, 6)
     common = ("--epochs", "3", "--device", "cuda", "--set", "cuda_graph=true")
     common += ("--set", "adapter_size=64", "--set", "schedule=cosine")
     _train(sam_file, data, tmp_path / "whole", *common)
+    _train(sam_file, data, tmp_path / "again", *common)
 
     save = cadsam.train._save_epoch
 
@@ -97,15 +113,20 @@ def test_a_killed_graphed_run_resumes_to_the_uninterrupted_end(tmp_path, sam_fil
     resume = ["train", "--out", str(tmp_path / "killed"), "--resume", "--no-progress"]
     assert main(resume) == 0
 
-    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-    whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
-    for a, b in zip(lines, whole, strict=True):
-        # graph replays run the eager step's kernels; cuDNN and atomics may order float
-        # additions differently between two processes, so equal to float32 rounding
-        assert json.loads(a)["loss"] == pytest.approx(json.loads(b)["loss"], rel=1e-4)
-        assert json.loads(a)["lr"] == pytest.approx(json.loads(b)["lr"], rel=1e-9)
-    resumed = load_file(str(tmp_path / "killed" / "last.safetensors"))
-    uninterrupted = load_file(str(tmp_path / "whole" / "last.safetensors"))
-    for name, tensor in uninterrupted.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=1e-3, atol=1e-5, msg=name)
+    (whole, final), (again, final_again), (resumed, final_resumed) = (
+        _run_record(tmp_path / name) for name in ("whole", "again", "killed")
+    )
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    for r, w in zip(resumed, whole, strict=True):
+        assert r["lr"] == pytest.approx(w["lr"], rel=1e-9)  # the schedule carries on exactly
+
+    def loss_gap(records: list[dict]) -> float:
+        return max(
+            abs(r["loss"] - w["loss"]) / w["loss"] for r, w in zip(records, whole, strict=True)
+        )
+
+    # 3x: two draws of the same spread; the floor: float32 rounding, for runs that agree
+    spread = _relative_distance(final_again, final)
+    gap = _relative_distance(final_resumed, final)
+    assert gap <= 3 * spread + 1e-6, f"resumed {gap:.2e} from the whole run, again {spread:.2e}"
+    assert loss_gap(resumed) <= 3 * loss_gap(again) + 1e-6, (loss_gap(resumed), loss_gap(again))
