@@ -282,3 +282,35 @@ def test_demo_refuses_a_checkpoint_of_no_known_backbone(tmp_path):
     torch.save(odd, tmp_path / "odd.pth")
     with pytest.raises(CadsamError, match=r"no known backbone \(embed dim 32, 1 blocks\)"):
         pick_backbone(str(tmp_path / "odd.pth"), tmp_path)
+
+
+def test_demo_runs_on_a_sam2_checkpoint(tmp_path):
+    """A SAM 2.1 checkpoint (Meta's format) picks its Hiera backbone; SAM-Adapter, SAM 1 only,
+    is left out with its reason, the other three train."""
+    from cadsam.cli import main
+    from cadsam.sam2 import Sam2, build_sam2
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "random_hiera.pt"
+    torch.save({"model": build_sam2("sam2.1_hiera_tiny_test").state_dict()}, checkpoint)
+    out = tmp_path / "demo"
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        args = ["demo", "--out", str(out), "--checkpoint", str(checkpoint), *DEMO_ARGS]
+        assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["backbone"] == "sam2.1_hiera_tiny_test"
+    assert list(results["methods"]) == ["decoder", "cad", "lora"]
+    for r in results["methods"].values():
+        assert 0 <= r["dice"] <= 1 and 0 <= r["iou"] <= r["dice"] and r["train_seconds"] > 0
+    lora, _ = load_weights(out / "runs" / "lora" / "last.safetensors")
+    assert isinstance(lora.sam, Sam2) and isinstance(lora.encoder_adapter, LoraAdapter)
+    why = "SAM-Adapter prompts the tokens of SAM's ViT encoder; SAM 2.1 has a Hiera trunk"
+    assert f"sam-adapter-paper: not trained ({why})" in console.getvalue()
+    text = (out / "report.md").read_text()
+    assert "SAM `sam2.1_hiera_tiny_test`" in text
+    assert "| method | trainable (sam2.1_hiera_tiny_test) |" in text
+    assert "| sam-adapter-paper | - | not trained | - |" in text
+    assert f"`sam-adapter-paper` is not trained here: {why}." in text
+    for method in results["methods"]:
+        assert _table_row(method, results["methods"][method]) in text

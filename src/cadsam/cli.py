@@ -631,7 +631,7 @@ def add_cache_arguments(ca: argparse.ArgumentParser) -> None:
 def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--out", default="cadsam-demo", help="folder for data, runs and report.md")
     demo.add_argument(
-        "--checkpoint", help="a real SAM checkpoint to use instead of random vit_tiny"
+        "--checkpoint", help="a SAM or SAM 2.1 checkpoint to use instead of random vit_tiny"
     )
     demo.add_argument("--train-images", type=int, default=48)
     demo.add_argument("--test-images", type=int, default=16)

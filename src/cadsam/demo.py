@@ -7,7 +7,8 @@ held-out images and writes a report: a table, the accuracy/memory trade-off and 
 
 Without a checkpoint it runs ``vit_tiny`` with random weights (saved as a file so that every
 step, weights and all, is as with a real checkpoint). With a real SAM checkpoint, given or
-found in the checkpoint cache, it uses that instead.
+found in the checkpoint cache, it uses that instead; a given SAM 2.1 checkpoint works too, less
+``sam-adapter-paper``, which prompts the tokens of SAM's ViT encoder (SAM 2.1 has a Hiera trunk).
 
 At this toy scale CAD's adapter keeps more activations than a tiny encoder's decoder does, so
 the memory the paper is about is also measured at the paper's scale (ViT-B, batch 4, a
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .backbones import backbone_config, is_sam2
 from .cache import build_cache
 from .data import SegmentationDataset, pair_folders
 from .data.synthetic import make_synthetic_set
@@ -37,6 +39,8 @@ from .methods import CACHEABLE, METHOD_OPTIONS, build_model
 from .paper import MEMORY_TABLES
 from .sam import SAM_CONFIGS, build_sam
 from .sam.checkpoint import META_CHECKPOINTS, checkpoint_dir, encoder_signature, read_sam_state_dict
+from .sam2 import SAM2_CONFIGS
+from .sam2.checkpoint import read_sam2_state_dict, trunk_signature
 from .train import TrainConfig, segmentation_loss, train
 from .weights import load_weights
 
@@ -80,17 +84,10 @@ SCORES = ("dice", "iou", "mae")
 
 
 def pick_backbone(checkpoint: str | None, out: Path) -> tuple[str, str]:
-    """(backbone, checkpoint path): the given checkpoint, else a Meta checkpoint already in the
-    cache (smallest first), else a random ``vit_tiny`` saved under ``out``."""
+    """(backbone, checkpoint path): the given checkpoint (SAM or SAM 2.1), else a Meta SAM
+    checkpoint already in the cache (smallest first), else a random ``vit_tiny`` under ``out``."""
     if checkpoint is not None:
-        found = encoder_signature(read_sam_state_dict(checkpoint))
-        for name, config in SAM_CONFIGS.items():
-            if (config.embed_dim, config.depth) == found:
-                return name, str(checkpoint)
-        raise CadsamError(
-            f"{checkpoint} holds an image encoder of no known backbone "
-            f"(embed dim {found[0]}, {found[1]} blocks)"
-        )
+        return _checkpoint_backbone(checkpoint), str(checkpoint)
     for name in ("vit_b", "vit_l", "vit_h"):
         path = checkpoint_dir() / META_CHECKPOINTS[name].filename
         if path.is_file():
@@ -100,6 +97,38 @@ def pick_backbone(checkpoint: str | None, out: Path) -> tuple[str, str]:
         torch.manual_seed(0)
         torch.save(build_sam("vit_tiny").state_dict(), path)
     return "vit_tiny", str(path)
+
+
+def _checkpoint_backbone(checkpoint: str) -> str:
+    """The backbone whose encoder ``checkpoint`` holds: a SAM ViT by its encoder, else a SAM 2.1
+    Hiera by its trunk, as SAM 2.1's loader tells them apart. A file that is neither gets
+    SAM's own error, which names a SAM 2.1 file it could not read."""
+    configs: dict[str, Any]
+    try:
+        configs, found = SAM_CONFIGS, encoder_signature(read_sam_state_dict(checkpoint))
+    except CadsamError as not_sam:
+        try:
+            configs, found = SAM2_CONFIGS, trunk_signature(read_sam2_state_dict(checkpoint))
+        except CadsamError:
+            raise not_sam from None
+    for name, config in configs.items():
+        if (config.embed_dim, config.depth) == found:
+            return name
+    raise CadsamError(
+        f"{checkpoint} holds an image encoder of no known backbone "
+        f"(embed dim {found[0]}, {found[1]} blocks)"
+    )
+
+
+def not_trained_because(method: str, backbone: str) -> str | None:
+    """Why the demo leaves ``method`` out on ``backbone`` (said on the console and in the
+    report), or None: it trains."""
+    if method.startswith("sam-adapter") and is_sam2(backbone):
+        return "SAM-Adapter prompts the tokens of SAM's ViT encoder; SAM 2.1 has a Hiera trunk"
+    small = not backbone_config(backbone).pretrained  # vit_tiny, sam2.1_hiera_tiny_test
+    if method not in CACHEABLE and not small and not torch.cuda.is_available():
+        return f"it trains with the {backbone} encoder: far too slow here"
+    return None
 
 
 class _KeptAsFused(torch.autograd.Function):
@@ -194,8 +223,9 @@ def run_demo(
     test_set = SegmentationDataset(test_pairs, size)
     models = {}
     for method in METHODS:
-        if method not in CACHEABLE and backbone != "vit_tiny" and not torch.cuda.is_available():
-            say(f"{method}: not trained (it trains with the {backbone} encoder: far too slow here)")
+        reason = not_trained_because(method, backbone)
+        if reason is not None:
+            say(f"{method}: not trained ({reason})")
             continue
         models[method] = _train_method(out, method, checkpoint, results, test_set, say)
     say("measuring activation memory at ViT-B scale on the meta device ...")
@@ -415,6 +445,7 @@ def _write_report(out: Path, results, scale, models, test_pairs) -> Path:
         "",
         *_main_table(results, scale),
         "",
+        *_not_trained_text(results),
         *_memory_text(s, scale),
         "",
         "![trade-off](tradeoff.png)"
@@ -437,6 +468,18 @@ def _write_report(out: Path, results, scale, models, test_pairs) -> Path:
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _not_trained_text(results: dict[str, Any]) -> list[str]:
+    """A line per method the table shows as not trained, saying why."""
+    backbone = results["settings"]["backbone"]
+    lines = [
+        f"`{method}` is not trained here: {reason}."
+        for method in METHODS
+        if method not in results["methods"]
+        and (reason := not_trained_because(method, backbone)) is not None
+    ]
+    return [*lines, ""] if lines else []
 
 
 def _memory_text(s: dict[str, Any], scale: dict[str, dict[str, Any]]) -> list[str]:
@@ -465,7 +508,7 @@ def _memory_text(s: dict[str, Any], scale: dict[str, dict[str, Any]]) -> list[st
         "",
         f"From the same GPU benchmark: {GPU_BENCH['notes']}. {_comparisons(scale)}",
     ]
-    if s["backbone"] == "vit_tiny":
+    if not backbone_config(s["backbone"]).pretrained:  # random weights: no release to load
         lines[1:1] = [
             "",
             "With random SAM weights the encoder's embedding carries little about the image; the "
