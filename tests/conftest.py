@@ -23,6 +23,12 @@ SHARED_DATA = Path(
 )
 
 
+def gpu_tier_asked(config: pytest.Config) -> bool:
+    """Whether this run is the GPU tier's: pytest given ``-m gpu``."""
+    markers = config.getoption("markexpr") or ""
+    return "gpu" in markers and "not gpu" not in markers
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """The real data must be there. Outside the GPU tier (``-m gpu``), no CUDA device is
     visible: hidden here, before anything touches CUDA (module-scoped fixtures run before any
@@ -34,8 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
             "set CADSAM_TEST_DATA to the folder holding isbi2012-membrane/ and the others",
             returncode=4,
         )
-    markers = config.getoption("markexpr") or ""
-    if "gpu" not in markers or "not gpu" in markers:
+    if not gpu_tier_asked(config):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:  # pytest-xdist: share the cores, rather than each worker taking all of them

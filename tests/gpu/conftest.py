@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import gpu_tier_asked
 
 HERE = Path(__file__).resolve().parent
 
@@ -20,8 +21,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    markers = config.getoption("markexpr") or ""
-    if "gpu" not in markers or "not gpu" in markers:  # the suite, which hides CUDA
+    if not gpu_tier_asked(config):  # the suite, which hides CUDA
         skip = pytest.mark.skip(reason="the GPU tier runs on its own: scripts/test --gpu")
     elif not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
