@@ -156,6 +156,15 @@ def test_sam2_and_sam_adapter_split_graphs_equal_pytorch(method, backbone, tmp_p
     assert export.relative_difference(composed, expected) < 1e-3
 
 
+def test_zero_shot_export_takes_every_backbone(tmp_path, capsys):
+    """A SAM 2.1 backbone is a valid --backbone for export, as for eval: the run goes as far
+    as the output's name, which is the error here, found before any tracing."""
+    args = ["export", "--method", "zero-shot", "--backbone", "sam2.1_hiera_tiny_test"]
+    assert main([*args, "--out", str(tmp_path / "graph.txt")]) == 1
+    err = capsys.readouterr().err
+    assert "name the file FILE.onnx" in err and "invalid choice" not in err
+
+
 def test_predict_onnx_writes_the_masks_predict_writes(cad_weights, cad_graph, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -450,19 +450,29 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
-def add_export_arguments(ex: argparse.ArgumentParser) -> None:
-    ex.add_argument("--weights", help="a weights file written by cadsam train, or its run folder")
-    ex.add_argument(
+def _model_source_args(parser: argparse.ArgumentParser) -> None:
+    """What eval and export run: trained weights, or zero-shot SAM on any backbone (read by
+    ``_load_eval_model``)."""
+    parser.add_argument(
+        "--weights", help="a weights file written by cadsam train, or its run folder"
+    )
+    parser.add_argument(
         "--method", choices=["zero-shot"], help="zero-shot: plain SAM with a whole-image box"
     )
-    ex.add_argument("--backbone", choices=list(SAM_CONFIGS), help="with --method zero-shot")
-    ex.add_argument(
+    parser.add_argument("--backbone", choices=list(BACKBONES), help="with --method zero-shot")
+    parser.add_argument(
         "--checkpoint",
         help="SAM checkpoint (zero-shot), or where the weights' base checkpoint now is",
     )
-    ex.add_argument(
-        "--random-weights", action="store_true", help="zero-shot on random SAM, on purpose"
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="zero-shot on randomly initialised SAM, on purpose (no --checkpoint)",
     )
+
+
+def add_export_arguments(ex: argparse.ArgumentParser) -> None:
+    _model_source_args(ex)
     ex.add_argument(
         "--image-size",
         type=int,
@@ -516,20 +526,7 @@ def add_params_arguments(params: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
-    ev.add_argument("--weights", help="a weights file written by cadsam train, or its run folder")
-    ev.add_argument(
-        "--method", choices=["zero-shot"], help="zero-shot: plain SAM with a whole-image box"
-    )
-    ev.add_argument("--backbone", choices=list(BACKBONES), help="with --method zero-shot")
-    ev.add_argument(
-        "--checkpoint",
-        help="SAM checkpoint (zero-shot), or where the weights' base checkpoint now is",
-    )
-    ev.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="zero-shot on randomly initialised SAM, on purpose (no --checkpoint)",
-    )
+    _model_source_args(ev)
     _data_args(ev, "test")
     ev.add_argument(
         "--eval-resolution",
