@@ -27,6 +27,7 @@ from torch import nn
 
 from cadsam.errors import CadsamError
 from cadsam.sam import build_sam
+from cadsam.sam.checkpoint import checkpoint_dir
 from cadsam.sam2 import SAM2_CONFIGS, Sam2, build_sam2, parameter_counts
 from cadsam.sam2 import checkpoint as ckpt2
 from cadsam.sam2.build import is_video_only
@@ -514,7 +515,7 @@ def mirror(tmp_path, monkeypatch, tiny_file):
 
 def test_first_download_records_its_sha256(mirror):
     path = ckpt2.resolve_sam2_checkpoint("sam2.1_hiera_t")
-    assert path == ckpt2.checkpoint_dir() / "sam2.1_hiera_tiny.pt"
+    assert path == checkpoint_dir() / "sam2.1_hiera_tiny.pt"
     assert path.read_bytes() == mirror.read_bytes()
     sha256 = hashlib.sha256(mirror.read_bytes()).hexdigest()
     assert ckpt2.digest_record(path).read_text().strip() == sha256
@@ -534,7 +535,7 @@ def test_later_downloads_must_match_the_record(mirror):
         r"is corrupt: sha256 .*\(the first download's, recorded in .*nothing was saved",
     )
     assert not path.exists() and ckpt2.digest_record(path).read_text() == record
-    assert [p.name for p in ckpt2.checkpoint_dir().iterdir()] == [ckpt2.digest_record(path).name]
+    assert [p.name for p in checkpoint_dir().iterdir()] == [ckpt2.digest_record(path).name]
 
 
 def test_a_pinned_digest_is_checked_first(mirror, monkeypatch):
@@ -543,7 +544,7 @@ def test_a_pinned_digest_is_checked_first(mirror, monkeypatch):
     _one_line_error(
         lambda: ckpt2.resolve_sam2_checkpoint("sam2.1_hiera_t"), "the digest cadsam pins"
     )
-    assert list(ckpt2.checkpoint_dir().iterdir()) == []
+    assert list(checkpoint_dir().iterdir()) == []
 
 
 def test_offline_error_says_what_to_download_and_where(monkeypatch, tmp_path):
@@ -553,8 +554,8 @@ def test_offline_error_says_what_to_download_and_where(monkeypatch, tmp_path):
         lambda: ckpt2.resolve_sam2_checkpoint("sam2.1_hiera_l"), "cannot download"
     )
     assert "sam2.1_hiera_large.pt" in message
-    assert str(ckpt2.checkpoint_dir() / "sam2.1_hiera_large.pt") in message
-    assert list(ckpt2.checkpoint_dir().iterdir()) == []
+    assert str(checkpoint_dir() / "sam2.1_hiera_large.pt") in message
+    assert list(checkpoint_dir().iterdir()) == []
 
 
 def test_meta_urls(monkeypatch):

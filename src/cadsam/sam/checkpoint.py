@@ -14,8 +14,10 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file as load_safetensors
@@ -67,16 +69,33 @@ def checkpoint_dir() -> Path:
 def resolve_checkpoint(spec: str | os.PathLike, download: bool = True) -> Path:
     """A path (a Hugging Face model folder: its weights file), or a backbone name found in the
     cache or downloaded into it -> a local file."""
+    return resolve_release(
+        spec,
+        META_CHECKPOINTS,
+        lambda source, path: download_file(source.url, path, source.digest),
+        download,
+    )
+
+
+def resolve_release(
+    spec: str | os.PathLike,
+    releases: Mapping[str, Any],
+    fetch: Callable[[Any, Path], object],
+    download: bool = True,
+) -> Path:
+    """A path, or the name of one of ``releases`` (each with ``filename`` and ``url``) found in
+    the checkpoint cache or fetched into it by ``fetch(release, path)`` -> a local file. SAM's
+    and SAM 2.1's names resolve alike; only how a download is checked differs."""
     name = str(spec)
-    if name not in META_CHECKPOINTS:
+    if name not in releases:
         path = Path(name).expanduser()
         if path.is_dir():  # a Hugging Face model folder
             path = next((path / n for n in HF_WEIGHT_FILES if (path / n).is_file()), path)
         if not path.is_file():
-            known = ", ".join(META_CHECKPOINTS)
+            known = ", ".join(releases)
             raise CadsamError(f"checkpoint not found: {path} (give a file or one of: {known})")
         return path
-    source = META_CHECKPOINTS[name]
+    source = releases[name]
     path = checkpoint_dir() / source.filename
     if path.is_file():
         return path
@@ -84,7 +103,7 @@ def resolve_checkpoint(spec: str | os.PathLike, download: bool = True) -> Path:
         raise CadsamError(
             f"{name} checkpoint is not in {checkpoint_dir()}: download {source.url} there"
         )
-    download_file(source.url, path, source.digest)
+    fetch(source, path)
     return path
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CadsamError
-from ..sam.checkpoint import checkpoint_dir, download_file
+from ..sam.checkpoint import download_file, resolve_release
 
 META_SAM2_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 
@@ -51,23 +51,7 @@ def digest_record(path: Path) -> Path:
 
 def resolve_sam2_checkpoint(spec: str | os.PathLike, download: bool = True) -> Path:
     """A path, or a backbone name found in the cache or downloaded into it -> a local file."""
-    name = str(spec)
-    if name not in SAM2_CHECKPOINTS:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            known = ", ".join(SAM2_CHECKPOINTS)
-            raise CadsamError(f"checkpoint not found: {path} (give a file or one of: {known})")
-        return path
-    source = SAM2_CHECKPOINTS[name]
-    path = checkpoint_dir() / source.filename
-    if path.is_file():
-        return path
-    if not download:
-        raise CadsamError(
-            f"{name} checkpoint is not in {checkpoint_dir()}: download {source.url} there"
-        )
-    download_trusting_first_use(source, path)
-    return path
+    return resolve_release(spec, SAM2_CHECKPOINTS, download_trusting_first_use, download)
 
 
 def download_trusting_first_use(source: Sam2CheckpointFile, dest: Path) -> None:
