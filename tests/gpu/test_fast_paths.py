@@ -538,6 +538,11 @@ def train_steps(model: AdaptedSam, precision: str, kind: str) -> dict:
     }
 
 
+# A trained tensor moves ~1e-2 of itself in these steps (AdamW's lr, 2e-4 an element); one
+# moved only by weight decay, ~1e-5: its distance is taken against 1e-4 of itself instead.
+MOVEMENT_FLOOR = 1e-4
+
+
 def disagreement(state: dict, reference: dict, initial: dict) -> tuple[dict[str, float], float]:
     """How far ``state`` is from ``reference``, relative to how far ``reference`` moved from
     ``initial`` in training: per tensor, and over all of them. Whole-number buffers
@@ -547,7 +552,10 @@ def disagreement(state: dict, reference: dict, initial: dict) -> tuple[dict[str,
     a tensor that starts at zero (a BatchNorm bias) is all movement; and CAD's gradients
     through BatchNorm change by ~1e-3 of themselves for any change in the last bit of the
     weights (see the module's notes), so runs drift apart by ~1e-3 of what they moved, not
-    of what the weights are."""
+    of what the weights are. But at least by MOVEMENT_FLOOR of what they are: a tensor the
+    loss does not reach (the hypernetworks of the mask tokens a single mask leaves unused)
+    moves by weight decay alone, lr·wd ≈ 2e-6 of itself a step, within which float32's
+    rounding of the weight itself (6e-8 a step, in another order in each run) is ~1e-2."""
     per_tensor, differences, movements = {}, 0.0, 0.0
     for name, value in state.items():
         if not value.is_floating_point():
@@ -557,7 +565,8 @@ def disagreement(state: dict, reference: dict, initial: dict) -> tuple[dict[str,
             continue
         difference = (value.double() - reference[name].double()).norm().item()
         moved = (reference[name].double() - initial[name].double()).norm().item()
-        per_tensor[name] = difference / max(moved, 1e-30)
+        floor = MOVEMENT_FLOOR * reference[name].double().norm().item()
+        per_tensor[name] = difference / max(moved, floor, 1e-30)
         differences += difference**2
         movements += moved**2
     return per_tensor, (differences / movements) ** 0.5
