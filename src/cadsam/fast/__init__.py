@@ -22,6 +22,7 @@ from ..methods.model import AdaptedSam, PlainRunner
 from ..runtime import Runtime
 from ..sam.image_encoder import ImageEncoderViT
 from .adapter import run_adapter
+from .compiler import compile_as_eager
 
 
 def fit(model: AdaptedSam, runtime: Runtime) -> AdaptedSam:
@@ -73,7 +74,7 @@ class FastRunner(PlainRunner):
 
     def _compiled(self, name: str, function: Any) -> Any:
         if name not in self.compiled:
-            self.compiled[name] = torch.compile(function)
+            self.compiled[name] = compile_as_eager(function)
         return self.compiled[name]
 
 

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..methods.cad import NEGATIVE_SLOPE, ConvAdapter, ResidualDilatedBlock
 from ..runtime import Runtime, check_device, triton_available
+from .compiler import compile_as_eager
 from .tiling import activation_dtype, band_rows, pool_cells, tiled_residual_block
 
 
@@ -108,7 +109,9 @@ def _whole(
         key = (block, size if pool_input else 0)
         if key not in compiled:
             # (one function for every block: its shapes are told apart, not made symbolic)
-            compiled[key] = torch.compile(functools.partial(_block_and_pool, *key), dynamic=False)
+            compiled[key] = compile_as_eager(
+                functools.partial(_block_and_pool, *key), dynamic=False
+            )
         return compiled[key](x)
     pooled = pool_to(x, size) if pool_input else None
     if not (runtime.checkpoint_adapter and torch.is_grad_enabled()):

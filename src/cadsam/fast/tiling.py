@@ -42,6 +42,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from .compiler import compile_as_eager
+
 NEGATIVE_SLOPE = 0.1  # the block's LeakyReLU
 HALO = 2  # rows the dilated 3 x 3 convolution reads on each side of an output row
 
@@ -538,7 +540,7 @@ def _band_functions(compiled: bool) -> types.SimpleNamespace:
     if compiled:  # one fused kernel each
         # for fixed shapes: a band's few heights compile once each, and kernels compiled for
         # any height (dynamic=True) cost 40 % more, padding and unpooling in separate passes
-        functions = {k: torch.compile(f, dynamic=False) for k, f in functions.items()}
+        functions = {k: compile_as_eager(f, dynamic=False) for k, f in functions.items()}
     return types.SimpleNamespace(**functions)
 
 
