@@ -28,8 +28,8 @@ history to tell it.
 
 Duration on one H200, from ``ESTIMATE_S`` and ``CALL_S`` (measured there: a fresh process's
 startup, compilation in the auto, lean and cache variants, 3 warm-up and ``--steps 5`` timed
-steps; 10-80 s a variant): about 51 minutes in all, in 8 chunks of at most 7.5 minutes
-(ViT-B about 19, ViT-H 25, the two cache builds 7). Examples:
+steps; 10-80 s a variant): about 45 minutes in all, in 7 chunks of at most 7.5 minutes
+(ViT-B about 15, ViT-H 23, the two cache builds 7). Examples:
 
     python benchmarks/suite.py --dry-run                # the plan, chunk by chunk
     python benchmarks/suite.py --chunk 1 --out benchmarks/results/NAME
@@ -94,19 +94,20 @@ VARIANTS = (
 )
 CACHE_BUILD = "cache-build"  # not a bench variant: cadsam cache, timed by this script
 # Seconds one variant takes on an H200, start to finish, by backbone and kind (see group()),
-# measured there with a warm compiler cache and rounded up; the cache build includes making
+# measured there with a warm compiler cache and rounded up (ViT-B's auto, lean and cache and
+# ViT-H's cache from the suite's timings.jsonl of 2026-12-01); the cache build includes making
 # its checkpoint and images.
 ESTIMATE_S = {
     ("vit_b", "plain"): 20,
-    ("vit_b", "auto"): 45,
-    ("vit_b", "lean"): 27,
-    ("vit_b", "cache"): 25,
+    ("vit_b", "auto"): 35,
+    ("vit_b", "lean"): 22,
+    ("vit_b", "cache"): 20,
     ("vit_b", "encoder"): 10,
     ("vit_b", CACHE_BUILD): 180,
     ("vit_h", "plain"): 25,
     ("vit_h", "auto"): 65,
     ("vit_h", "lean"): 35,
-    ("vit_h", "cache"): 27,
+    ("vit_h", "cache"): 25,
     ("vit_h", "encoder"): 12,
     ("vit_h", CACHE_BUILD): 250,
     # SAM 2.1: ESTIMATES, NOT YET MEASURED. Reasoned from the ViT rows above: a step at 1024 px
@@ -141,7 +142,7 @@ ESTIMATE_S = {
 }
 # A cadsam bench call's own start, and where its kind compiles, its first variant's
 # compilation from a cold compiler cache (a fresh machine): seconds beyond ESTIMATE_S.
-CALL_S = {"plain": 5, "encoder": 5, "auto": 35, "lean": 35, "cache": 35, CACHE_BUILD: 0}
+CALL_S = {"plain": 5, "encoder": 5, "auto": 30, "lean": 20, "cache": 20, CACHE_BUILD: 0}
 CHUNK_S = 450  # a chunk's estimate at most: 7.5 minutes, room below a 9-minute limit
 
 # The cache build: images timed (small, large: about 20 s more on an H200), batch per
