@@ -796,3 +796,16 @@ def test_the_plain_adapter_stands_alone():
                 if module.startswith("cadsam."):
                     pending.append(module)
     assert {"cadsam.methods.cad", "cadsam.frequency"} <= seen
+
+
+def test_no_function_in_the_package_is_over_80_lines():
+    """A reader sees each function whole on one screen (the project's rule)."""
+    root = Path(cadsam.__file__).parent
+    long = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - (node.decorator_list or [node])[0].lineno + 1
+                if lines > 80:
+                    long.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({lines})")
+    assert not long, long
