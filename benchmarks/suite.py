@@ -28,8 +28,8 @@ history to tell it.
 
 Duration on one H200, from ``ESTIMATE_S`` and ``CALL_S`` (measured there: a fresh process's
 startup, compilation in the auto, lean and cache variants, 3 warm-up and ``--steps 5`` timed
-steps; 10-80 s a variant): about 45 minutes in all, in 7 chunks of at most 7.5 minutes
-(ViT-B about 15, ViT-H 23, the two cache builds 7). Examples:
+steps; 10-80 s a variant): about 49 minutes in all, in 7 chunks of at most 7.5 minutes
+(ViT-B about 16, ViT-H 25, the two cache builds 7). Examples:
 
     python benchmarks/suite.py --dry-run                # the plan, chunk by chunk
     python benchmarks/suite.py --chunk 1 --out benchmarks/results/NAME
@@ -85,6 +85,7 @@ VARIANTS = (
     "cad-plain",
     "cad",
     "cad-lean",
+    "cad-graph",
     "cad-cache",
     "cad-cache-lean",
     "cad-cache-graph",

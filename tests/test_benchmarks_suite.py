@@ -170,9 +170,9 @@ def test_suite_dry_run_lists_the_sam2_rows(capsys, tmp_path: Path):
     for backbone in SAM2:
         for precision in suite.PRECISIONS:
             prefix = f"python -m cadsam bench --backbones {backbone}"
-            assert (
+            assert (  # some of auto's variants (not cad-graph): a folder named after them
                 f"{prefix} --methods decoder cad lora --precision {precision} --steps 5 "
-                f"--out {out}/{backbone}-{precision}-auto"
+                f"--out {out}/{backbone}-{precision}-decoder+cad+lora"
             ) in commands
             assert f"{prefix} --methods cad-cache --precision {precision}" in printed
     assert "sam-adapter" not in printed and "vit_" not in printed and not out.exists()

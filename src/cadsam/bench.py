@@ -49,6 +49,7 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
     "cad-plain": ("cad", "plain", {}, False),
     "cad": ("cad", "auto", {}, False),
     "cad-lean": ("cad", "lean", {}, False),
+    "cad-graph": ("cad", "auto", {"cuda_graph": True}, False),
     "cad-cache": ("cad", "auto", {}, True),
     "cad-cache-lean": ("cad", "lean", {}, True),
     "cad-cache-graph": ("cad", "auto", {"cuda_graph": True}, True),
