@@ -514,7 +514,8 @@ STEPS = [2] * 6 + [1]  # six full batches, then a short one (eager: not the capt
 
 
 def train_steps(model: AdaptedSam, precision: str, kind: str) -> dict:
-    """``STEPS`` training steps from cached embeddings under a cosine schedule. ``kind``:
+    """``STEPS`` training steps under a cosine schedule, from cached embeddings where the
+    model has no encoder, else through its frozen encoder. ``kind``:
     ``eager`` (multi-tensor AdamW, float learning rate), ``capturable`` (the graph's AdamW:
     fused, capturable, a tensor learning rate; launched eagerly), ``graphed`` (three eager
     steps, then captured, then replayed; the short batch eager)."""
@@ -527,7 +528,9 @@ def train_steps(model: AdaptedSam, precision: str, kind: str) -> dict:
     losses = []
     for i, batch in enumerate(STEPS):
         images, masks = images_and_masks(batch, ADAPTER_SIZE, seed=40 + i)
-        losses.append(step(images, masks, embeddings_for(model, batch, seed=50 + i)))
+        cached = model.sam.image_encoder is None
+        embeddings = embeddings_for(model, batch, seed=50 + i) if cached else None
+        losses.append(step(images, masks, embeddings))
         schedule.step()
     torch.cuda.synchronize()
     return {
@@ -572,14 +575,16 @@ def disagreement(state: dict, reference: dict, initial: dict) -> tuple[dict[str,
     return per_tensor, (differences / movements) ** 0.5
 
 
+@pytest.mark.parametrize("source", ["cache", "encoder"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_graphed_steps_follow_the_eager_steps(precision):
-    """Seven steps of CAD from cached embeddings (bands, Triton kernels; ViT-B's decoder), with
-    a cosine learning rate: captured on the fourth, replayed on the fifth and sixth, the short
-    seventh eager; against the same steps launched eagerly, with the graph's optimiser and
-    with the eager one."""
+def test_graphed_steps_follow_the_eager_steps(precision, source):
+    """Seven steps of CAD (bands, Triton kernels; ViT-B's decoder), from cached embeddings or
+    through ViT-B's frozen encoder, with a cosine learning rate: captured on the fourth,
+    replayed on the fifth and sixth, the short seventh eager; against the same steps launched
+    eagerly, with the graph's optimiser and with the eager one."""
     torch.manual_seed(7)
-    base = build_model("cad", "vit_b", adapter_size=ADAPTER_SIZE, with_encoder=False)
+    with_encoder = source == "encoder"
+    base = build_model("cad", "vit_b", adapter_size=ADAPTER_SIZE, with_encoder=with_encoder)
     base.to(DEVICE)
     initial = {k: v.clone() for k, v in base.trainable_state_dict().items()}
     runtime = Runtime(adapter_tile_mib=0.5, triton_kernels=True, channels_last=True)
