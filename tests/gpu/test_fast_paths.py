@@ -525,10 +525,9 @@ def train_steps(model: AdaptedSam, precision: str, kind: str) -> dict:
         optimizer, lambda s: lr_factor("cosine", s, len(STEPS))
     )
     step = training_step(model, optimizer, precision, graphed=kind == "graphed")
-    losses = []
+    losses, cached = [], model.sam.image_encoder is None
     for i, batch in enumerate(STEPS):
         images, masks = images_and_masks(batch, ADAPTER_SIZE, seed=40 + i)
-        cached = model.sam.image_encoder is None
         embeddings = embeddings_for(model, batch, seed=50 + i) if cached else None
         losses.append(step(images, masks, embeddings))
         schedule.step()
