@@ -94,53 +94,30 @@ VARIANTS = (
     "encoder-forward",
 )
 CACHE_BUILD = "cache-build"  # not a bench variant: cadsam cache, timed by this script
+KINDS = ("plain", "auto", "lean", "cache", "encoder", CACHE_BUILD)  # see group()
 # Seconds one variant takes on an H200, start to finish, by backbone and kind (see group()),
 # measured there with a warm compiler cache and rounded up (ViT-B's auto, lean and cache and
 # ViT-H's cache from the suite's timings.jsonl of 2026-12-01); the cache build includes making
 # its checkpoint and images.
+# SAM 2.1's rows are ESTIMATES, NOT YET MEASURED, reasoned from the ViT rows: a step at 1024 px
+# whose trunk is cheaper than ViT-B's (t, s) or near it (b+, batch 4), or between ViT-B's and
+# ViT-H's (l, batch 2); the decoder reads two high-resolution maps as well, and compiling
+# Hiera and that decoder may take longer. Rounded up; replace them with timings.jsonl's.
+# fmt: off
 ESTIMATE_S = {
-    ("vit_b", "plain"): 20,
-    ("vit_b", "auto"): 35,
-    ("vit_b", "lean"): 22,
-    ("vit_b", "cache"): 20,
-    ("vit_b", "encoder"): 10,
-    ("vit_b", CACHE_BUILD): 180,
-    ("vit_h", "plain"): 25,
-    ("vit_h", "auto"): 65,
-    ("vit_h", "lean"): 35,
-    ("vit_h", "cache"): 25,
-    ("vit_h", "encoder"): 12,
-    ("vit_h", CACHE_BUILD): 250,
-    # SAM 2.1: ESTIMATES, NOT YET MEASURED. Reasoned from the ViT rows above: a step at 1024 px
-    # whose trunk is cheaper than ViT-B's (t, s) or near it (b+, batch 4), or between ViT-B's
-    # and ViT-H's (l, batch 2); the decoder reads two high-resolution maps as well, and
-    # compiling Hiera and that decoder may take longer. Rounded up; replace them with
-    # timings.jsonl's once measured.
-    ("sam2.1_hiera_t", "plain"): 20,
-    ("sam2.1_hiera_t", "auto"): 50,
-    ("sam2.1_hiera_t", "lean"): 30,
-    ("sam2.1_hiera_t", "cache"): 30,
-    ("sam2.1_hiera_t", "encoder"): 10,
-    ("sam2.1_hiera_t", CACHE_BUILD): 200,
-    ("sam2.1_hiera_s", "plain"): 20,
-    ("sam2.1_hiera_s", "auto"): 50,
-    ("sam2.1_hiera_s", "lean"): 30,
-    ("sam2.1_hiera_s", "cache"): 30,
-    ("sam2.1_hiera_s", "encoder"): 10,
-    ("sam2.1_hiera_s", CACHE_BUILD): 200,
-    ("sam2.1_hiera_b+", "plain"): 25,
-    ("sam2.1_hiera_b+", "auto"): 55,
-    ("sam2.1_hiera_b+", "lean"): 35,
-    ("sam2.1_hiera_b+", "cache"): 30,
-    ("sam2.1_hiera_b+", "encoder"): 12,
-    ("sam2.1_hiera_b+", CACHE_BUILD): 220,
-    ("sam2.1_hiera_l", "plain"): 30,
-    ("sam2.1_hiera_l", "auto"): 70,
-    ("sam2.1_hiera_l", "lean"): 40,
-    ("sam2.1_hiera_l", "cache"): 30,
-    ("sam2.1_hiera_l", "encoder"): 15,
-    ("sam2.1_hiera_l", CACHE_BUILD): 260,
+    (backbone, kind): seconds
+    for backbone, row in {
+        #                  plain auto lean cache encoder cache-build
+        "vit_b":           (20,  35,  22,  20,   10,     180),
+        "vit_h":           (25,  65,  35,  25,   12,     250),
+        "sam2.1_hiera_t":  (20,  50,  30,  30,   10,     200),
+        "sam2.1_hiera_s":  (20,  50,  30,  30,   10,     200),
+        "sam2.1_hiera_b+": (25,  55,  35,  30,   12,     220),
+        "sam2.1_hiera_l":  (30,  70,  40,  30,   15,     260),
+    }.items()
+    for kind, seconds in zip(KINDS, row, strict=True)
 }
+# fmt: on
 # A cadsam bench call's own start, and where its kind compiles, its first variant's
 # compilation from a cold compiler cache (a fresh machine): seconds beyond ESTIMATE_S.
 CALL_S = {"plain": 5, "encoder": 5, "auto": 30, "lean": 20, "cache": 20, CACHE_BUILD: 0}
@@ -222,7 +199,7 @@ def canonical_jobs(backbones: tuple[str, ...] = BACKBONES) -> list[Job]:
     jobs = []
     for backbone in backbones:
         for precision in PRECISIONS:
-            for kind in ("plain", "auto", "lean", "cache", "encoder"):
+            for kind in KINDS:  # (the cache builds: below)
                 jobs += [
                     Job(backbone, precision, v)
                     for v in VARIANTS

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA, randomize_
 from PIL import Image
+from test_train import _isbi_subset
 
 from cadsam import AdaptedSam, build_model
 from cadsam.cli import main
@@ -52,13 +53,9 @@ def _loaded(weights: Path) -> AdaptedSam:
 def cad_weights(tmp_path_factory):
     """CAD on vit_tiny, trained for one epoch on four real ISBI pairs by the command line."""
     root = tmp_path_factory.mktemp("cad")
-    for kind in ("images", "masks"):
-        (root / kind).mkdir()
-        for path in sorted((ISBI / kind).iterdir())[:4]:
-            (root / kind / path.name).symlink_to(path.resolve())
     args = ["train", "--method", "cad", "--backbone", "vit_tiny", "--image-size", str(SIZE)]
     args += ["--set", "adapter_size=32", "--set", "num_workers=0", "--epochs", "1"]
-    args += ["--no-progress", "--images", str(root / "images"), "--masks", str(root / "masks")]
+    args += ["--no-progress", *_isbi_subset(root, 4)]
     assert main([*args, "--out", str(root / "run")]) == 0
     return root / "run" / "last.safetensors"
 

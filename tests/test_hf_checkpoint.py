@@ -3,13 +3,14 @@ and checked against ``transformers``' own SamModel with the same random weights.
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randomize_, rel_err
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from cadsam import build_model
 from cadsam.errors import CadsamError
@@ -56,24 +57,33 @@ def hf_tiny(tmp_path_factory):
     return model, folder
 
 
-def test_embeddings_and_box_logits_match_transformers(hf_tiny):
-    hf, folder = hf_tiny
-    model = build_model("zero-shot", "vit_tiny", checkpoint=folder / "model.safetensors").eval()
-    # The same normalised encoder input for both (their preprocessing differs in resizing only).
-    x = model.sam.preprocess(
-        torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 255
-    )
-    boxes = model.sam.whole_image_boxes(2)
+def assert_matches_transformers(
+    model, hf, batch: int, size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our model and ``transformers``' on the same normalised encoder input (their
+    preprocessing differs in resizing only): the image embedding, then the whole-image box's
+    mask logits and IoU, within 1e-4. Returns our embedding and their low-resolution logits."""
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    x = model.sam.preprocess(images * 255)
+    boxes = model.sam.whole_image_boxes(batch)
     with torch.no_grad():
         ours = model.sam.image_encoder(x)
         theirs = hf.get_image_embeddings(x)
         assert rel_err(ours, theirs) < 1e-4
-        out = hf(pixel_values=x, input_boxes=boxes[:, None], multimask_output=False)
+        out = hf(image_embeddings=theirs, input_boxes=boxes[:, None], multimask_output=False)
         low_res, iou = model.sam.decode(ours, boxes=boxes)
         # Their mask decoder's LayerNorms use eps 1e-6 where Meta's use 1e-5: within 1e-4.
         assert rel_err(low_res, out.pred_masks[:, 0]) < 1e-4
         assert rel_err(iou, out.iou_scores[:, 0]) < 1e-4
-        upsampled = F.interpolate(out.pred_masks[:, 0], (256, 256), mode="bilinear")
+    return ours, out.pred_masks[:, 0]
+
+
+def test_embeddings_and_box_logits_match_transformers(hf_tiny):
+    hf, folder = hf_tiny
+    model = build_model("zero-shot", "vit_tiny", checkpoint=folder / "model.safetensors").eval()
+    ours, their_low_res = assert_matches_transformers(model, hf, batch=2, size=256, seed=1)
+    upsampled = F.interpolate(their_low_res, (256, 256), mode="bilinear")
+    with torch.no_grad():
         assert rel_err(model.mask_logits(ours, 256), upsampled) < 1e-4
 
 
@@ -178,14 +188,20 @@ def test_vit_b_weights_in_transformers_format_give_transformers_embedding(tmp_pa
     randomize_(hf, seed=7)
     hf.save_pretrained(tmp_path / "sam-vit-b", safe_serialization=True)
     model = build_model("zero-shot", "vit_b", checkpoint=tmp_path / "sam-vit-b").eval()
-    x = model.sam.preprocess(
-        torch.rand(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(2)) * 255
-    )
-    boxes = model.sam.whole_image_boxes(1)
-    with torch.no_grad():
-        ours = model.sam.image_encoder(x)
-        theirs = hf.get_image_embeddings(x)
-        assert rel_err(ours, theirs) < 1e-4
-        out = hf(image_embeddings=theirs, input_boxes=boxes[:, None], multimask_output=False)
-        low_res, _ = model.sam.decode(ours, boxes=boxes)
-        assert rel_err(low_res, out.pred_masks[:, 0]) < 1e-4  # LayerNorm eps differs: 1e-6
+    assert_matches_transformers(model, hf, batch=1, size=1024, seed=2)
+
+
+@pytest.mark.parametrize("with_encoder", [True, False], ids=["encoder", "from-cache"])
+def test_a_misshapen_hf_tensor_is_named_as_the_file_names_it(hf_tiny, tmp_path, with_encoder):
+    """A mismatch in a Hugging Face file is reported under its own key (what the user can
+    find there) beside Meta's, with or without the encoder (training from a cache)."""
+    _, folder = hf_tiny
+    state = read_sam_state_dict(folder / "model.safetensors")
+    meta, hf_name = next((k, v) for k, v in state.source.items() if k.startswith("mask_decoder"))
+    hf_state = load_file(str(folder / "model.safetensors"))
+    hf_state[hf_name] = torch.zeros(3)
+    save_file(hf_state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(
+        CadsamError, match=rf"{re.escape(meta)} \({re.escape(hf_name)} in the file\)"
+    ):
+        build_model("decoder", "vit_tiny", tmp_path / "model.safetensors", with_encoder)

@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA, rel_err
+from safetensors.torch import save_file
+from test_train import _isbi_subset
 
 from cadsam import build_model
 from cadsam.backbones import feature_layout
@@ -47,10 +49,7 @@ def sam2_file(tmp_path_factory):
 
 @pytest.fixture()
 def data(tmp_path):
-    for kind in ("images", "masks"):
-        (tmp_path / kind).mkdir()
-        for path in sorted((ISBI / kind).iterdir())[:4]:
-            (tmp_path / kind / path.name).symlink_to(path.resolve())
+    _isbi_subset(tmp_path, 4)
     return tmp_path
 
 
@@ -306,10 +305,13 @@ def test_train_decoder_and_cad_with_and_without_the_cache(data, tmp_path, sam2_f
 def test_wrong_checkpoint_files_are_one_line_errors(data, tmp_path, sam2_file, capsys):
     sam1_file = tmp_path / "sam1.pth"
     torch.save(build_sam("vit_tiny").state_dict(), sam1_file)
+    sam1_safetensors = tmp_path / "sam1.safetensors"  # read as SAM's loader reads it
+    save_file({k: v.contiguous() for k, v in torch.load(sam1_file).items()}, sam1_safetensors)
     pairs = ["--images", str(data / "images"), "--masks", str(data / "masks")]
     train = ["train", "--method", "decoder", *pairs, "--epochs", "1", *FAST]
     cases = [
         (TINY, sam1_file, r"sam1\.pth is a SAM \(1\) checkpoint, not SAM 2\.1"),
+        (TINY, sam1_safetensors, r"sam1\.safetensors is a SAM \(1\) checkpoint, not SAM 2\.1"),
         ("vit_tiny", sam2_file, r"SAM 2|not a SAM state_dict"),
         ("sam2.1_hiera_t", sam2_file, r"holds sam2\.1_hiera_tiny_test trunk"),
     ]
