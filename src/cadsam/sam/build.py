@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import CadsamError
 from .checkpoint import encoder_signature, read_sam_state_dict, resolve_checkpoint
-from .hf import file_key
+from .hf import MappedStateDict
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -112,25 +112,31 @@ def load_sam_checkpoint(sam: Sam, backbone: str, checkpoint: str | os.PathLike) 
                 f"{path} holds {what} image encoder (embed dim {found[0]}, {found[1]} blocks), "
                 f"not {backbone} (embed dim {config.embed_dim}, {config.depth} blocks)"
             )
+    names = state.source if isinstance(state, MappedStateDict) else {}
     if sam.image_encoder is None:
         state = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
-    load_state_strictly(sam, state, f"{path} does not match SAM {backbone}", file_key)
+    load_state_strictly(sam, state, f"{path} does not match SAM {backbone}", names)
 
 
 def load_state_strictly(
     module: torch.nn.Module,
     state: dict[str, torch.Tensor],
     mismatch: str,
-    named: Callable[[dict[str, torch.Tensor], str], str] = lambda state, key: key,
+    names: Mapping[str, str] | None = None,
 ) -> None:
     """``module.load_state_dict(state, strict=True)``, or an error that starts with
-    ``mismatch`` and names the first missing, unexpected or misshapen keys (as ``named``
-    spells them in the file)."""
+    ``mismatch`` and names the first missing, unexpected or misshapen keys (with the file's
+    own name for a key where ``names`` gives one: a Hugging Face checkpoint's)."""
+    names = names or {}
+
+    def named(key: str) -> str:
+        return f"{key} ({names[key]} in the file)" if key in names else key
+
     own = module.state_dict()
     problems = [f"missing {k}" for k in own if k not in state]
-    problems += [f"unexpected {named(state, k)}" for k in state if k not in own]
+    problems += [f"unexpected {named(k)}" for k in state if k not in own]
     problems += [
-        f"{named(state, k)} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+        f"{named(k)} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
         for k, v in own.items()
         if k in state and state[k].shape != v.shape
     ]

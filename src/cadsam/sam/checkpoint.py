@@ -185,7 +185,7 @@ def read_sam_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     (``weights_only``), or a Hugging Face ``SamModel``'s ``model.safetensors`` or
     ``pytorch_model.bin``, whose keys are renamed to Meta's (:mod:`cadsam.sam.hf`)."""
     path = Path(path)
-    state = _read_tensors(path)
+    state = read_checkpoint_file(path)
     from ..sam2.checkpoint import is_sam2_checkpoint  # (sam2 builds on this module)
 
     if is_sam2_checkpoint(state):
@@ -207,8 +207,9 @@ def read_sam_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_tensors(path: Path) -> object:
-    """A checkpoint's content: a safetensors file (by its header) or a PyTorch file."""
+def read_checkpoint_file(path: Path) -> object:
+    """A checkpoint's content: a safetensors file (by its header) or a PyTorch file (SAM's
+    and SAM 2.1's alike), or a one-line error."""
     try:
         if _is_safetensors(path):
             return load_safetensors(str(path), device="cpu")

@@ -144,9 +144,3 @@ def from_hf(state: dict[str, torch.Tensor], path: object) -> MappedStateDict:
             f"{', '.join(sorted(unknown)[:3])}{more}"
         )
     return mapped
-
-
-def file_key(state: dict[str, torch.Tensor], key: str) -> str:
-    """How ``key`` (Meta's name) is called in the file ``state`` was read from."""
-    source = getattr(state, "source", {})
-    return f"{key} ({source[key]} in the file)" if key in source else key

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CadsamError
-from ..sam.checkpoint import download_file, resolve_release
+from ..sam.checkpoint import download_file, read_checkpoint_file, resolve_release
 
 META_SAM2_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 
@@ -75,7 +75,7 @@ def read_sam2_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a SAM 2 checkpoint (its weights under ``"model"``) safely, or say clearly why the
     file cannot be one."""
     path = Path(path)
-    content = _load(path)
+    content = read_checkpoint_file(path)
     if is_sam1_state_dict(content):
         raise CadsamError(
             f"{path} is a SAM (1) checkpoint, not SAM 2.1: use it with a SAM backbone "
@@ -96,19 +96,6 @@ def read_sam2_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path} is not a SAM 2 checkpoint: no {', '.join(missing)} weights (found {sample})"
         )
     return state
-
-
-def _load(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CadsamError(f"checkpoint not found: {path}") from None
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CadsamError(
-            f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch file "
-            f"({first_line[:160]})"
-        ) from None
 
 
 def is_sam1_state_dict(content: object) -> bool:
