@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cadsam.backbones import BACKBONES, feature_layout
+from cadsam.backbones import BACKBONES, DEFAULT_BATCH, feature_layout
 from cadsam.bench import (
     IMAGE_SIZE,
-    PAPER_BATCH,
     VARIANTS,
     bench_batch,
     bench_jobs,
@@ -96,15 +95,18 @@ SAM2_TINY = "sam2.1_hiera_tiny_test"
 
 
 def test_every_backbone_has_a_batch_and_bench_feeds_what_train_feeds():
-    assert set(PAPER_BATCH) == set(BACKBONES)
-    assert PAPER_BATCH["sam2.1_hiera_b+"] == 4 and PAPER_BATCH["sam2.1_hiera_l"] == 2
+    assert set(DEFAULT_BATCH) == set(BACKBONES)
+    assert DEFAULT_BATCH["sam2.1_hiera_b+"] == 4 and DEFAULT_BATCH["sam2.1_hiera_l"] == 2
     assert TrainConfig(method="cad", backbone=SAM2_TINY, out="unused").image_size == IMAGE_SIZE
+    for backbone in ("vit_b", "vit_h", "sam2.1_hiera_l"):  # and the batch train feeds
+        config = TrainConfig(method="cad", backbone=backbone, out="unused")
+        assert config.batch_size == DEFAULT_BATCH[backbone]
 
 
 def _small_step(monkeypatch, backbone: str) -> None:
     """Bench's data at 64 pixels, batch 2: the same code, a few seconds on a CPU."""
     monkeypatch.setattr("cadsam.bench.IMAGE_SIZE", 64)
-    monkeypatch.setitem(PAPER_BATCH, backbone, 2)
+    monkeypatch.setitem(DEFAULT_BATCH, backbone, 2)
 
 
 def _model(variant: str, backbone: str = SAM2_TINY):

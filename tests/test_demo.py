@@ -262,6 +262,21 @@ def test_demo_picks_the_given_then_a_cached_then_a_random_sam(tmp_path, monkeypa
     assert pick_backbone(None, tmp_path) == ("vit_b", str(cached))
 
 
+def test_demo_takes_a_checkpoint_by_name_as_train_does(tmp_path, monkeypatch):
+    """``--checkpoint sam2.1_hiera_t`` finds Meta's file in the checkpoint cache, as ``train``
+    and ``cache`` do, rather than looking for a file of that name."""
+    import torch
+
+    from cadsam.demo import pick_backbone
+    from cadsam.sam2 import build_sam2
+
+    monkeypatch.setenv("CADSAM_HOME", str(tmp_path / "home"))
+    cached = tmp_path / "home" / "checkpoints" / "sam2.1_hiera_tiny.pt"
+    cached.parent.mkdir(parents=True)
+    torch.save({"model": build_sam2("sam2.1_hiera_t").state_dict()}, cached)
+    assert pick_backbone("sam2.1_hiera_t", tmp_path) == ("sam2.1_hiera_t", str(cached))
+
+
 def test_demo_refuses_a_checkpoint_of_no_known_backbone(tmp_path):
     import pytest
     import torch

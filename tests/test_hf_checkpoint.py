@@ -97,6 +97,9 @@ def test_safetensors_bin_and_folder_load_the_same_weights(hf_tiny, tmp_path):
     for source in (tmp_path / "bin" / "pytorch_model.bin", tmp_path / "bin", folder):
         loaded = build_sam("vit_tiny", checkpoint=source).state_dict()
         assert all(torch.equal(loaded[k], reference[k]) for k in reference), source
+    (tmp_path / "empty").mkdir()  # a folder without either file: said so, not "not found"
+    with pytest.raises(CadsamError, match=r"empty holds no model\.safetensors or pytorch_model"):
+        build_sam("vit_tiny", checkpoint=tmp_path / "empty")
     # Both tied names present (as older files hold them): one tensor, checked equal.
     state = {k: v for k, v in hf.state_dict().items()}
     assert TIED in state

@@ -100,10 +100,24 @@ def test_lora_counts_are_pinned():
 
 
 @pytest.mark.parametrize("method", ["sam-adapter", "sam-adapter-paper"])
-def test_sam_adapter_on_sam2_is_a_one_line_error(method, capsys):
+def test_sam_adapter_on_sam2_is_a_one_line_error(method, capsys, tmp_path):
     assert main(["params", "--backbone", "sam2.1_hiera_b+", "--method", method]) == 1
     err = capsys.readouterr().err
     assert "SAM-Adapter is SAM 1 only" in err and len(err.strip().splitlines()) == 1
+    # train says so before it reads images or checkpoints: neither of these exists
+    missing = ["--images", "no/images", "--masks", "no/masks", "--checkpoint", "sam2.1_hiera_l"]
+    args = [
+        "train",
+        "--method",
+        method,
+        "--backbone",
+        "sam2.1_hiera_l",
+        *missing,
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 1
+    assert "SAM-Adapter is SAM 1 only" in capsys.readouterr().err
 
 
 def test_zero_shot_is_the_sam2_image_path():

@@ -21,6 +21,7 @@ import torch
 
 from .errors import CadsamError
 from .sam import SAM_CONFIGS, Sam, SamConfig, build_sam, resolve_checkpoint
+from .sam.build import PROMPT_EMBED_DIM
 from .sam2 import (
     SAM2_CHECKPOINTS,
     SAM2_CONFIGS,
@@ -31,7 +32,9 @@ from .sam2 import (
 )
 
 BACKBONES: tuple[str, ...] = (*SAM_CONFIGS, *SAM2_CONFIGS)
-PROMPT_EMBED_DIM = 256  # both SAMs' image embedding channels
+# Images per training step by default (train, bench): the paper's for SAM (ViT-B 4, ViT-H 2).
+# The paper has no SAM 2.1: 4, and 2 for the large trunk, as for ViT-H.
+DEFAULT_BATCH = {backbone: 4 for backbone in BACKBONES} | {"vit_h": 2, "sam2.1_hiera_l": 2}
 
 
 def is_sam2(backbone: str) -> bool:

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from .backbones import BACKBONES, backbone_config, is_sam2
+from .backbones import BACKBONES, DEFAULT_BATCH, backbone_config
 from .errors import CadsamError
 from .figures import pyplot
-from .methods import AdaptedSam, build_model
+from .methods import AdaptedSam, build_model, runs_on
 from .paper import AUTHORS_CODE_H100_MIB, MEMORY_TABLES
 from .precision import autocast
 from .runtime import Runtime, named_runtime
@@ -62,19 +62,6 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
     "lora-lean": ("lora", "lean", {}, False),
 }
 WARMUP = 3  # untimed steps first: compilation, cuDNN's choices
-# Images per step: the paper's for SAM (ViT-B 4, ViT-H 2). The paper has no SAM 2.1: 4, and 2
-# for the large trunk, as for ViT-H.
-PAPER_BATCH = {
-    "vit_b": 4,
-    "vit_l": 4,
-    "vit_h": 2,
-    "vit_tiny": 4,
-    "sam2.1_hiera_t": 4,
-    "sam2.1_hiera_s": 4,
-    "sam2.1_hiera_b+": 4,
-    "sam2.1_hiera_l": 2,
-    "sam2.1_hiera_tiny_test": 4,
-}
 # The images a training step gets: cadsam train's default --image-size. The model resizes them
 # to its encoder's square itself (SAM 2.1 without padding) and CAD's adapter to adapter_size.
 IMAGE_SIZE = 512
@@ -82,16 +69,15 @@ ENCODER_BATCH = 16  # images per frozen-encoder call in encoder-forward
 MIB = 2**20
 
 
-def sam1_only(variant: str) -> bool:
-    """Whether ``variant``'s method exists on SAM 1 alone: SAM-Adapter prompts the tokens of
-    SAM's ViT encoder, which SAM 2.1's Hiera trunk does not have."""
-    return variant in VARIANTS and VARIANTS[variant][0].startswith("sam-adapter")
+def variant_runs_on(variant: str, backbone: str) -> bool:
+    """Whether ``variant``'s method exists on ``backbone`` (:func:`cadsam.methods.runs_on`)."""
+    return variant not in VARIANTS or runs_on(VARIANTS[variant][0], backbone)
 
 
 def default_variants(backbone: str) -> list[str]:
     """What ``cadsam bench`` measures on ``backbone`` when no --methods are given."""
     every = [*VARIANTS, "encoder-forward"]
-    return [v for v in every if not (is_sam2(backbone) and sam1_only(v))]
+    return [v for v in every if variant_runs_on(v, backbone)]
 
 
 def _nvml_mib() -> dict[str, float | None]:
@@ -148,7 +134,7 @@ def bench_batch(
     and masks at :data:`IMAGE_SIZE`, and from a cache what a cache row holds, packed as the
     model's decoder reads it (``model.layout``: SAM's embedding, or SAM 2.1's embedding and
     high-resolution maps in one row), float32 as the training loader gives it."""
-    batch = PAPER_BATCH[model.backbone]
+    batch = DEFAULT_BATCH[model.backbone]
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(0)
     size = (IMAGE_SIZE, IMAGE_SIZE)
@@ -188,7 +174,7 @@ def measure_training(
     ``overrides``: runtime settings that replace the variant's."""
     method, runtime, from_cache = variant_runtime(variant, overrides)
     graphed = runtime.cuda_graph
-    batch = PAPER_BATCH[backbone]
+    batch = DEFAULT_BATCH[backbone]
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     with torch.device("cuda"):
@@ -354,7 +340,7 @@ def check_request(
         )
     for backbone in backbones:
         for variant in variants or []:
-            if is_sam2(backbone) and sam1_only(variant):
+            if not variant_runs_on(variant, backbone):
                 raise CadsamError(
                     f"bench variant {variant} is SAM 1 only (SAM-Adapter prompts the tokens of "
                     f"SAM's ViT encoder, which {backbone}'s Hiera trunk does not have): leave it "

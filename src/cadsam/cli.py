@@ -407,7 +407,9 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     val.add_argument("--val-masks", help="validation masks folder")
     opt = train.add_argument_group("optimisation (defaults: the paper's)")
     opt.add_argument("--epochs", type=int, help="default 20")
-    opt.add_argument("--batch-size", type=int, help="per process; default 4 (2 for vit_h)")
+    opt.add_argument(
+        "--batch-size", type=int, help="per process; default 4 (2 for vit_h and sam2.1_hiera_l)"
+    )
     opt.add_argument("--lr", type=float, help="default 2e-4 (AdamW)")
     opt.add_argument("--image-size", type=int, help="training resolution (default 512)")
     opt.add_argument(
@@ -496,7 +498,14 @@ def add_export_arguments(ex: argparse.ArgumentParser) -> None:
         help="a float16 graph (float32 inputs and outputs), checked to 5e-2 of the logits' "
         "scale instead of 1e-3",
     )
-    ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest)")
+    from .export import DEFAULT_OPSET  # (the module reads onnx only when it exports)
+
+    ex.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset (default {DEFAULT_OPSET}, the lowest torch's exporter writes)",
+    )
     ex.add_argument(
         "--sample", help="a folder of images to check the graph on (default: 2 random images)"
     )

@@ -28,14 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .backbones import backbone_config, is_sam2
+from .backbones import backbone_config, resolve_base_checkpoint
 from .cache import build_cache
 from .data import SegmentationDataset, pair_folders
 from .data.synthetic import make_synthetic_set
 from .errors import CadsamError
 from .evaluate import evaluate
 from .figures import mask_rows, pyplot, save_grid
-from .methods import CACHEABLE, METHOD_OPTIONS, build_model
+from .methods import CACHEABLE, METHOD_OPTIONS, build_model, runs_on
 from .paper import MEMORY_TABLES
 from .sam import SAM_CONFIGS, build_sam
 from .sam.checkpoint import META_CHECKPOINTS, checkpoint_dir, encoder_signature, read_sam_state_dict
@@ -64,11 +64,16 @@ GPU_BENCH: dict[str, Any] = {
     "CAD from cached embeddings (`cad-cache`): 1,067 MiB",
 }
 LABELS = {"decoder": "decoder", "cad": "CAD", "sam-adapter-paper": "SAM-Adapter", "lora": "LoRA"}
-# The paper-scale memory by source: (key in each method's row, how a sentence names it).
+# The paper-scale memory by source: (key in each method's row, how a sentence names it, how
+# the figure labels it).
 SOURCES = (
-    ("kept_mib", "kept for backward"),
-    ("gpu_bench_mib", "at peak on the GPU"),
-    ("paper_mib", "in the paper"),
+    ("kept_mib", "kept for backward", "kept for backward\n(counted here)"),
+    (
+        "gpu_bench_mib",
+        "at peak on the GPU",
+        f"peak, cadsam bench\n({GPU_BENCH['device']}, {GPU_BENCH['date']})",
+    ),
+    ("paper_mib", "in the paper", "the paper\n(A100, nvidia-smi)"),
 )
 # Names in sentences; decoder-only is "decoder" in the figure's legend.
 NAMES = {**LABELS, "decoder": "decoder-only"}
@@ -84,10 +89,12 @@ SCORES = ("dice", "iou", "mae")
 
 
 def pick_backbone(checkpoint: str | None, out: Path) -> tuple[str, str]:
-    """(backbone, checkpoint path): the given checkpoint (SAM or SAM 2.1), else a Meta SAM
-    checkpoint already in the cache (smallest first), else a random ``vit_tiny`` under ``out``."""
+    """(backbone, checkpoint path): the given checkpoint (SAM or SAM 2.1, a path or the name
+    of one of Meta's, as ``train`` takes it), else a Meta SAM checkpoint already in the cache
+    (smallest first), else a random ``vit_tiny`` under ``out``."""
     if checkpoint is not None:
-        return _checkpoint_backbone(checkpoint), str(checkpoint)
+        path = str(resolve_base_checkpoint(checkpoint))
+        return _checkpoint_backbone(path), path
     for name in ("vit_b", "vit_l", "vit_h"):
         path = checkpoint_dir() / META_CHECKPOINTS[name].filename
         if path.is_file():
@@ -123,7 +130,7 @@ def _checkpoint_backbone(checkpoint: str) -> str:
 def not_trained_because(method: str, backbone: str) -> str | None:
     """Why the demo leaves ``method`` out on ``backbone`` (said on the console and in the
     report), or None: it trains."""
-    if method.startswith("sam-adapter") and is_sam2(backbone):
+    if not runs_on(method, backbone):
         return "SAM-Adapter prompts the tokens of SAM's ViT encoder; SAM 2.1 has a Hiera trunk"
     small = not backbone_config(backbone).pretrained  # vit_tiny, sam2.1_hiera_tiny_test
     if method not in CACHEABLE and not small and not torch.cuda.is_available():
@@ -540,7 +547,7 @@ def _against(scale: dict[str, dict[str, Any]], method: str, other: str) -> tuple
     """("3.4x less kept for backward and 7.0x less at peak on the GPU", {"less"}): ``method``'s
     memory against ``other``'s in each source with a figure for both, and the directions."""
     parts, directions = [], set()
-    for key, where in SOURCES:
+    for key, where, _ in SOURCES:
         a, b = scale[method][key], scale[other][key]
         if a is None or b is None:
             continue
@@ -554,7 +561,7 @@ def _against(scale: dict[str, dict[str, Any]], method: str, other: str) -> tuple
 def _most_text(scale: dict[str, dict[str, Any]]) -> str:
     """Which method needs the most memory in each source (among those with a figure)."""
     most: dict[str, list[str]] = {}
-    for key, where in SOURCES:
+    for key, where, _ in SOURCES:
         figures = {m: s[key] for m, s in scale.items() if s[key] is not None}
         if figures:
             most.setdefault(max(figures, key=lambda m: figures[m]), []).append(where)
@@ -616,16 +623,11 @@ def tradeoff_figure(results: dict[str, Any], scale: dict[str, dict[str, Any]]) -
 def _memory_bars(ax: Any, scale: dict[str, dict[str, Any]], colors: dict[str, str]) -> None:
     """One group of bars per source; a method the source has no figure for gets no bar (not a
     zero-height one), only a small "no figure" mark where its bar would stand."""
-    sources = [
-        ("kept_mib", "kept for backward\n(counted here)"),
-        ("gpu_bench_mib", f"peak, cadsam bench\n({GPU_BENCH['device']}, {GPU_BENCH['date']})"),
-        ("paper_mib", "the paper\n(A100, nvidia-smi)"),
-    ]
     width = 0.8 / len(METHODS)
     for i, method in enumerate(METHODS):
         offset = (i - (len(METHODS) - 1) / 2) * width
         xs, heights = [], []
-        for j, (key, _) in enumerate(sources):
+        for j, (key, _, _) in enumerate(SOURCES):
             if scale[method][key] is not None:
                 xs.append(j + offset)
                 heights.append(scale[method][key] / 1024)
@@ -642,7 +644,7 @@ def _memory_bars(ax: Any, scale: dict[str, dict[str, Any]], colors: dict[str, st
                 transform=ax.get_xaxis_transform(),
             )
         ax.bar(xs, heights, width, color=colors[method], label=LABELS[method])
-    ax.set_xticks(range(len(sources)), [label for _, label in sources], fontsize=8)
+    ax.set_xticks(range(len(SOURCES)), [label for _, _, label in SOURCES], fontsize=8)
     ax.set_ylabel("ViT-B, batch 4: each source's measure (GiB)")
     ax.set_title("Memory at the paper's scale, by source", fontsize=10)
     ax.legend(fontsize=8)

@@ -178,7 +178,9 @@ def export_onnx(
     require("onnx", "exporting to ONNX")
     require("onnxruntime", "checking the exported graph")
     if opset < DEFAULT_OPSET:
-        raise CadsamError(f"--opset {opset}: torch's ONNX exporter writes opset 18 or later")
+        raise CadsamError(
+            f"--opset {opset}: torch's ONNX exporter writes opset {DEFAULT_OPSET} or later"
+        )
     out = Path(out)
     if out.suffix != ".onnx":
         raise CadsamError(f"--out {out}: name the file FILE.onnx")
@@ -220,8 +222,7 @@ def _write_graphs(model: AdaptedSam, size: int, paths: list[Path], opset: int) -
     if len(paths) == 1:
         write_graph(WholeGraph(model, size), (traced,), paths[0], opset)
         return
-    with torch.no_grad():
-        embeddings = EncoderGraph(model, size)(traced)
+    embeddings = torch.zeros(len(traced), *model.layout.shape)  # the encoder's output's shape
     write_graph(EncoderGraph(model, size), (traced,), paths[0], opset)
     write_graph(DecoderGraph(model, size), (traced, embeddings), paths[1], opset)
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import distributed
-from .backbones import base_weights_note
+from .backbones import DEFAULT_BATCH, base_weights_note
 from .cache import check_cache_for_training, open_cache
 from .data import (
     SegmentationDataset,
@@ -42,7 +42,14 @@ from .errors import CadsamError
 from .evaluate import evaluate
 from .fast.graphs import GraphedStep, Step, adamw, match_graph_mode
 from .files import write_atomic
-from .methods import CACHEABLE, METHOD_OPTIONS, AdaptedSam, build_model, resolve_options
+from .methods import (
+    CACHEABLE,
+    METHOD_OPTIONS,
+    AdaptedSam,
+    build_model,
+    check_method_on_backbone,
+    resolve_options,
+)
 from .precision import PRECISIONS, autocast
 from .runtime import check_settings, resolve_runtime
 from .weights import base_checkpoint_record, save_weights
@@ -77,7 +84,7 @@ class TrainConfig:
     skip_bad: bool = False
     # optimisation (the paper's defaults)
     epochs: int = 20
-    batch_size: int | None = None  # 4, or 2 for vit_h
+    batch_size: int | None = None  # DEFAULT_BATCH's: 4, or 2 for vit_h and sam2.1_hiera_l
     grad_accum: int = 1
     lr: float = 2e-4
     weight_decay: float = 0.01
@@ -98,7 +105,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size is None:
-            self.batch_size = 2 if self.backbone == "vit_h" else 4
+            self.batch_size = DEFAULT_BATCH.get(self.backbone, 4)
         if isinstance(self.runtime, str):
             self.runtime = {"name": self.runtime}
         self.runtime = {"name": "auto", **(self.runtime or {})}
@@ -109,6 +116,7 @@ class TrainConfig:
         if self.method == "zero-shot":
             raise CadsamError("zero-shot has nothing to train: use cadsam eval --method zero-shot")
         resolve_options(self.method, self.options)  # an option the method does not take
+        check_method_on_backbone(self.method, self.backbone)  # before the data and weights
         check_settings(*self.runtime_parts())  # before any work
         for name, value in (
             ("epochs", self.epochs),

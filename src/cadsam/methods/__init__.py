@@ -53,6 +53,20 @@ def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+def runs_on(method: str, backbone: str) -> bool:
+    """Whether ``method`` exists on ``backbone``: SAM-Adapter prompts the tokens of SAM's ViT
+    encoder, which SAM 2.1's Hiera trunk does not have."""
+    return not (method.startswith("sam-adapter") and is_sam2(backbone))
+
+
+def check_method_on_backbone(method: str, backbone: str) -> None:
+    if not runs_on(method, backbone):
+        raise CadsamError(
+            f"SAM-Adapter is SAM 1 only (it prompts the tokens of SAM's ViT encoder, which "
+            f"SAM 2.1's Hiera trunk does not have): on {backbone}, use cad, decoder or lora"
+        )
+
+
 def build_model(
     method: str,
     backbone: str,
@@ -77,11 +91,7 @@ def build_model(
         raise CadsamError(
             f"{method} acts inside the image encoder, so it cannot train from cached embeddings"
         )
-    if method.startswith("sam-adapter") and is_sam2(backbone):
-        raise CadsamError(
-            f"SAM-Adapter is SAM 1 only (it prompts the tokens of SAM's ViT encoder, which "
-            f"SAM 2.1's Hiera trunk does not have): on {backbone}, use cad, decoder or lora"
-        )
+    check_method_on_backbone(method, backbone)
     sam = build_base(backbone, checkpoint, with_encoder=with_encoder)
     common = dict(sam=sam, method=method, backbone=backbone, options=options)
     if method == "cad":

@@ -32,12 +32,12 @@ RunBlock = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 class LowRank(nn.Module):
-    """``B A x``: dim -> rank -> dim_out (dim if not given); ``B`` zero at first."""
+    """``B A x``: dim -> rank -> dim_out; ``B`` zero at first."""
 
-    def __init__(self, dim: int, rank: int, dim_out: int | None = None) -> None:
+    def __init__(self, dim: int, rank: int, dim_out: int) -> None:
         super().__init__()
         self.a = nn.Linear(dim, rank, bias=False)
-        self.b = nn.Linear(rank, dim if dim_out is None else dim_out, bias=False)
+        self.b = nn.Linear(rank, dim_out, bias=False)
         nn.init.kaiming_uniform_(self.a.weight, a=5**0.5)  # as nn.Linear, and SAMed
         nn.init.zeros_(self.b.weight)
 

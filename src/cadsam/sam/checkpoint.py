@@ -90,7 +90,12 @@ def resolve_release(
     if name not in releases:
         path = Path(name).expanduser()
         if path.is_dir():  # a Hugging Face model folder
-            path = next((path / n for n in HF_WEIGHT_FILES if (path / n).is_file()), path)
+            found = [path / n for n in HF_WEIGHT_FILES if (path / n).is_file()]
+            if not found:
+                raise CadsamError(
+                    f"checkpoint folder {path} holds no {' or '.join(HF_WEIGHT_FILES)}"
+                )
+            path = found[0]
         if not path.is_file():
             known = ", ".join(releases)
             raise CadsamError(f"checkpoint not found: {path} (give a file or one of: {known})")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CadsamError
-from ..sam.build import load_state_strictly
+from ..sam.build import PROMPT_EMBED_DIM, load_state_strictly  # 256 in both SAMs
 from .checkpoint import read_sam2_state_dict, resolve_sam2_checkpoint, trunk_signature
 from .hiera import Hiera
 from .image_encoder import FpnNeck, ImageEncoder
@@ -17,7 +17,6 @@ from .prompt_encoder import PromptEncoder
 from .sam2 import Sam2
 from .transformer import TwoWayTransformer
 
-PROMPT_EMBED_DIM = 256  # SAM 2's d_model: the neck's, the prompt encoder's and the decoder's
 BACKBONE_STRIDE = 16  # of the image embedding
 # The neck, as every SAM 2.1 configuration has it.
 FPN_TOP_DOWN_LEVELS = (2, 3)
