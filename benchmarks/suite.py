@@ -85,10 +85,10 @@ VARIANTS = (
     "cad-plain",
     "cad",
     "cad-lean",
-    "cad-graph",
+    "cad-eager",
     "cad-cache",
     "cad-cache-lean",
-    "cad-cache-graph",
+    "cad-cache-eager",
     "lora",
     "lora-lean",
     "encoder-forward",
@@ -97,9 +97,10 @@ CACHE_BUILD = "cache-build"  # not a bench variant: cadsam cache, timed by this 
 KINDS = ("plain", "auto", "lean", "cache", "encoder", CACHE_BUILD)  # see group()
 # Seconds one variant takes on an H200, start to finish, by backbone and kind (see group()),
 # measured there with a warm compiler cache and rounded up (ViT-B's auto, lean and cache and
-# ViT-H's cache from the suite's timings.jsonl of 2026-12-01); the cache build includes making
+# ViT-H's cache from the suite's timings.jsonl of 2026-12-01; SAM 2.1 b+'s auto and cache from
+# its bf16 calls of 2026-12-01, from a cold compiler cache); the cache build includes making
 # its checkpoint and images.
-# SAM 2.1's rows are ESTIMATES, NOT YET MEASURED, reasoned from the ViT rows: a step at 1024 px
+# SAM 2.1's other entries are ESTIMATES, NOT YET MEASURED, reasoned from the ViT rows: a step at 1024 px
 # whose trunk is cheaper than ViT-B's (t, s) or near it (b+, batch 4), or between ViT-B's and
 # ViT-H's (l, batch 2); the decoder reads two high-resolution maps as well, and compiling
 # Hiera and that decoder may take longer. Rounded up; replace them with timings.jsonl's.
@@ -112,7 +113,7 @@ ESTIMATE_S = {
         "vit_h":           (25,  65,  35,  25,   12,     250),
         "sam2.1_hiera_t":  (20,  50,  30,  30,   10,     200),
         "sam2.1_hiera_s":  (20,  50,  30,  30,   10,     200),
-        "sam2.1_hiera_b+": (25,  55,  35,  30,   12,     220),
+        "sam2.1_hiera_b+": (25,  50,  35,  20,   12,     220),
         "sam2.1_hiera_l":  (30,  70,  40,  30,   15,     260),
     }.items()
     for kind, seconds in zip(KINDS, row, strict=True)

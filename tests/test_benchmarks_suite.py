@@ -62,7 +62,7 @@ def results(tmp_path: Path) -> Path:
     rows = [
         row("cad", "fp32", 1329.4, 22.64),
         row("cad", "bf16", 1103.0, 47.58),
-        row("cad-cache-graph", "bf16", 0, 0, error="out of memory"),
+        row("cad-cache-eager", "bf16", 0, 0, error="out of memory"),
     ]
     write(folder, "vit_b-auto", report("abc1234", "2026-01-02T10:05:00+00:00", rows))
     build = {"backbone": "vit_h", "variant": "cache-build", "mode": "compiled", "precision": "bf16"}
@@ -82,7 +82,7 @@ def test_tables_render_the_memory_table_from_the_reports(results: Path):
     assert "17,697" in lines["`cad-plain`"] and "17,697" not in lines["`cad`"]
     cad = [c.strip() for c in lines["`cad`"].split("|")]
     assert cad[6:10] == ["1,329", "1,103", "22.6", "47.6"]
-    assert "OOM" in lines["`cad-cache-graph`"]
+    assert "OOM" in lines["`cad-cache-eager`"]
     assert "Table 1. ViT-B, batch 4" in section and "`abc1234`" in section
     assert "Test GPU 9000" in section and "2026-01-02T10:30:00+00:00" in section
     assert "| ViT-H | compiled | 16 | 256 / 2,304 | 118.7 | 48.8 | RAM disk |" in section
@@ -170,7 +170,7 @@ def test_suite_dry_run_lists_the_sam2_rows(capsys, tmp_path: Path):
     for backbone in SAM2:
         for precision in suite.PRECISIONS:
             prefix = f"python -m cadsam bench --backbones {backbone}"
-            assert (  # some of auto's variants (not cad-graph): a folder named after them
+            assert (  # some of auto's variants (not cad-eager): a folder named after them
                 f"{prefix} --methods decoder cad lora --precision {precision} --steps 5 "
                 f"--out {out}/{backbone}-{precision}-decoder+cad+lora"
             ) in commands

@@ -34,7 +34,7 @@ def test_named_runtimes_and_what_they_say():
     [
         ("fast", {}, "--runtime must be one of auto, plain, lean"),
         ("plain", {"warp": 1}, "unknown runtime setting warp"),
-        ("plain", {"cuda_graph": "yes"}, "cuda_graph must be true or false"),
+        ("plain", {"cuda_graph": "yes"}, "cuda_graph must be auto, true or false"),
         ("plain", {"adapter_tile_mib": True}, "adapter_tile_mib must be a number"),
         ("plain", {"encoder_chunk": 1.5}, "encoder_chunk must be a whole number"),
         ("lean", {"compile_blocks": True}, "does not combine with checkpoint_adapter"),
@@ -158,6 +158,27 @@ def test_auto_fits_the_gpus_free_memory(monkeypatch, free_gib, expected, said):
     runtime, why = named_runtime("auto", "cuda")
     assert runtime == expected
     assert why.startswith(f"auto on Stand-in GPU ({free_gib} GiB free)") and said in why
+
+
+def test_auto_graphs_the_training_steps_the_gpu_tier_checks(monkeypatch):
+    """``auto`` replays a step as a CUDA graph only when training CAD (whose graphed step the
+    GPU tier checks against the eager one) on CUDA in whole optimiser steps; never for other
+    methods, outside training, under ``lean`` or on a CPU; a setting given stands."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (100 * 2**30, 2**40))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Stand-in GPU")
+
+    def graphed(name="auto", settings=None, device="cuda", *training) -> bool:
+        return resolve_runtime(name, settings, device, *training)[0].cuda_graph
+
+    runtime, said = resolve_runtime("auto", None, "cuda", "cad")
+    assert runtime.cuda_graph is True and "cuda_graph=true" in said
+    assert graphed("auto", None, "cuda", "cad", False) is False  # grad_accum or torchrun
+    assert not any(graphed("auto", None, "cuda", m) for m in ("decoder", "lora", "sam-adapter"))
+    assert graphed() is False  # eval, predict, cache
+    assert graphed("lean", None, "cuda", "cad") is False
+    assert graphed("auto", {"cuda_graph": "auto"}, "cpu", "cad") is False
+    assert graphed("auto", {"cuda_graph": False}, "cuda", "cad") is False
+    assert graphed("auto", {"cuda_graph": True}, "cuda", "decoder") is True
 
 
 def test_a_runtime_is_checked_however_it_is_made(monkeypatch):

@@ -13,9 +13,10 @@ Three named runtimes:
 * ``lean``: the least memory (bands and kernels for CAD's full-resolution blocks, one image per
   frozen-encoder call, SAM-Adapter's and LoRA's encoder blocks recomputed in backward);
 * ``auto`` (the commands' default): on a GPU, the fastest path that fits its free memory (the
-  frozen encoder batched and compiled, CAD's blocks kept for backward; the encoder's blocks
-  kept too where there is room for SAM-Adapter's and LoRA's activations), ``lean`` where
-  little is free; on a CPU, ``plain`` with the fused attention.
+  frozen encoder batched and compiled, CAD's blocks kept for backward, CAD's training step
+  replayed as a CUDA graph; the encoder's blocks kept too where there is room for
+  SAM-Adapter's and LoRA's activations), ``lean`` where little is free; on a CPU, ``plain``
+  with the fused attention.
 
 Individual switches (``--set NAME=VALUE``, or a ``runtime:`` section of a training config) pin
 any path on top of a named runtime.
@@ -38,13 +39,17 @@ AUTO = "auto"
 # Free GPU memory from which ``auto`` batches and compiles the frozen encoder and keeps CAD's
 # blocks for backward (ViT-H CAD at batch 2 in fp32 peaks near 5.3 GiB that way) ...
 FAST_GIB = 8
+# Methods whose training step ``cuda_graph=auto`` replays as a CUDA graph: those whose graphed
+# step the GPU tier checks against the eager one (from the cache and through the encoder).
+# Launched eagerly, a bf16 CAD step on ViT-B leaves an H200 idle half of the time.
+GRAPHED_METHODS = ("cad",)
 # ... and from which it also keeps the encoder's activations for methods that act inside it
 # (ViT-H's SAM-Adapter keeps 21 GiB in fp32 at batch 2; benchmarks/BENCHMARKS.md)
 ROOMY_GIB = 48
 
 
 def _check_value(name: str, value: Any, default: Any) -> None:
-    if isinstance(default, bool) and name.startswith(("compile_", "triton_")):
+    if isinstance(default, bool) and name.startswith(("compile_", "triton_", "cuda_graph")):
         if value not in (AUTO, True, False):
             raise CadsamError(f"{name} must be auto, true or false, not {value!r}")
     elif isinstance(default, bool):
@@ -72,7 +77,7 @@ class Runtime:
     triton_kernels: bool | str = False  # CAD: the banded first block as Triton kernels
     compile_blocks: bool | str = False  # CAD: whole (not recomputed) blocks compiled
     channels_last: bool = False  # CAD: activations in NHWC, cuDNN's fast layout
-    cuda_graph: bool = False  # training: the step captured once and replayed (one CUDA GPU)
+    cuda_graph: bool | str = False  # training: the step captured once and replayed (one GPU)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -130,6 +135,7 @@ ROOMY = dataclasses.replace(
     checkpoint_encoder=False,
     checkpoint_adapter=False,
     adapter_tile_mib=128,  # taller bands, fewer launches
+    cuda_graph=AUTO,
 )
 PRESETS = {
     "plain": (Runtime(),),
@@ -168,18 +174,36 @@ def named_runtime(name: str, device: torch.device | str = "cpu") -> tuple[Runtim
 
 
 def resolve_runtime(
-    name: str = AUTO, settings: dict[str, Any] | None = None, device: torch.device | str = "cpu"
+    name: str = AUTO,
+    settings: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    training: str | None = None,
+    whole_steps: bool = True,
 ) -> tuple[Runtime, str]:
     """A named runtime with ``settings`` on top, checked for ``device`` (a one-line error for a
-    switch that cannot apply there); and a line saying what was chosen."""
+    switch that cannot apply there), ``cuda_graph=auto`` settled (:func:`settle_cuda_graph`);
+    and a line saying what was chosen."""
     runtime, why = named_runtime(name, device)
     runtime = runtime.replace(**(settings or {}))
     check_device(runtime, torch.device(device))
+    runtime = settle_cuda_graph(runtime, torch.device(device), training, whole_steps)
     return runtime, f"runtime {why}; {runtime.describe()}"
 
 
+def settle_cuda_graph(
+    runtime: Runtime, device: torch.device, training: str | None, whole_steps: bool = True
+) -> Runtime:
+    """``cuda_graph=auto`` made true or false: true when training (``training``: the method)
+    one of GRAPHED_METHODS on CUDA in whole optimiser steps (``whole_steps``: no gradient
+    accumulation, one process), where a graph can replay the step."""
+    if runtime.cuda_graph != AUTO:
+        return runtime
+    graphed = training in GRAPHED_METHODS and device.type == "cuda" and whole_steps
+    return runtime.replace(cuda_graph=graphed)
+
+
 def check_device(runtime: Runtime, device: torch.device) -> None:
-    if runtime.cuda_graph and device.type != "cuda":
+    if runtime.cuda_graph is True and device.type != "cuda":
         raise CadsamError(f"cuda_graph needs a CUDA device; this run is on {device}")
     if runtime.triton_kernels is True:
         if not triton_available():

@@ -362,9 +362,10 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run:
     log = print if dist.is_main else (lambda *a, **k: None)
     show = cfg.progress and dist.is_main
     note = base_weights_note(cfg.backbone, cfg.checkpoint, cfg.random_weights)
-    if cfg.runtime.get("cuda_graph"):
+    if cfg.runtime.get("cuda_graph") is True:
         _check_graphable(cfg, dist)
-    runtime, chosen = resolve_runtime(*cfg.runtime_parts(), dist.device)
+    whole_steps = cfg.grad_accum == 1 and not dist.enabled
+    runtime, chosen = resolve_runtime(*cfg.runtime_parts(), dist.device, cfg.method, whole_steps)
     _fit_options_to_device(cfg, dist.device, log)
     train_pairs, val_pairs, bad = _pairs(cfg, show)
     if bad:
