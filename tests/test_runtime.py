@@ -161,24 +161,28 @@ def test_auto_fits_the_gpus_free_memory(monkeypatch, free_gib, expected, said):
 
 
 def test_auto_graphs_the_training_steps_the_gpu_tier_checks(monkeypatch):
-    """``auto`` replays a step as a CUDA graph only when training CAD (whose graphed step the
-    GPU tier checks against the eager one) on CUDA in whole optimiser steps; never for other
-    methods, outside training, under ``lean`` or on a CPU; a setting given stands."""
+    """``auto`` replays a step as a CUDA graph only when training CAD on SAM's ViT (the steps
+    the GPU tier checks graphed against eager) on CUDA in whole optimiser steps; never for
+    other methods or backbones, outside training, under ``lean`` or on a CPU; a setting given
+    stands."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (100 * 2**30, 2**40))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Stand-in GPU")
 
     def graphed(name="auto", settings=None, device="cuda", *training) -> bool:
         return resolve_runtime(name, settings, device, *training)[0].cuda_graph
 
-    runtime, said = resolve_runtime("auto", None, "cuda", "cad")
+    cad = ("cad", "vit_h")
+    runtime, said = resolve_runtime("auto", None, "cuda", cad)
     assert runtime.cuda_graph is True and "cuda_graph=true" in said
-    assert graphed("auto", None, "cuda", "cad", False) is False  # grad_accum or torchrun
-    assert not any(graphed("auto", None, "cuda", m) for m in ("decoder", "lora", "sam-adapter"))
+    assert graphed("auto", None, "cuda", cad, False) is False  # grad_accum or torchrun
+    others = [(m, "vit_b") for m in ("decoder", "lora", "sam-adapter")]
+    for training in [*others, ("cad", "sam2.1_hiera_b+")]:
+        assert graphed("auto", None, "cuda", training) is False, training
     assert graphed() is False  # eval, predict, cache
-    assert graphed("lean", None, "cuda", "cad") is False
-    assert graphed("auto", {"cuda_graph": "auto"}, "cpu", "cad") is False
-    assert graphed("auto", {"cuda_graph": False}, "cuda", "cad") is False
-    assert graphed("auto", {"cuda_graph": True}, "cuda", "decoder") is True
+    assert graphed("lean", None, "cuda", cad) is False
+    assert graphed("auto", {"cuda_graph": "auto"}, "cpu", cad) is False
+    assert graphed("auto", {"cuda_graph": False}, "cuda", cad) is False
+    assert graphed("auto", {"cuda_graph": True}, "cuda", ("decoder", "vit_b")) is True
 
 
 def test_a_runtime_is_checked_however_it_is_made(monkeypatch):

@@ -13,8 +13,8 @@ Three named runtimes:
 * ``lean``: the least memory (bands and kernels for CAD's full-resolution blocks, one image per
   frozen-encoder call, SAM-Adapter's and LoRA's encoder blocks recomputed in backward);
 * ``auto`` (the commands' default): on a GPU, the fastest path that fits its free memory (the
-  frozen encoder batched and compiled, CAD's blocks kept for backward, CAD's training step
-  replayed as a CUDA graph; the encoder's blocks kept too where there is room for
+  frozen encoder batched and compiled, CAD's blocks kept for backward, CAD's training step on
+  SAM's ViT replayed as a CUDA graph; the encoder's blocks kept too where there is room for
   SAM-Adapter's and LoRA's activations), ``lean`` where little is free; on a CPU, ``plain``
   with the fused attention.
 
@@ -39,10 +39,11 @@ AUTO = "auto"
 # Free GPU memory from which ``auto`` batches and compiles the frozen encoder and keeps CAD's
 # blocks for backward (ViT-H CAD at batch 2 in fp32 peaks near 5.3 GiB that way) ...
 FAST_GIB = 8
-# Methods whose training step ``cuda_graph=auto`` replays as a CUDA graph: those whose graphed
-# step the GPU tier checks against the eager one (from the cache and through the encoder).
-# Launched eagerly, a bf16 CAD step on ViT-B leaves an H200 idle half of the time.
-GRAPHED_METHODS = ("cad",)
+# Training steps ``cuda_graph=auto`` replays as a CUDA graph, by method: the backbones (name
+# prefixes) on which the GPU tier checks the graphed step against the eager one, from the
+# cache and through the encoder. Launched eagerly, a bf16 CAD step on ViT-B leaves an H200
+# idle half of the time.
+GRAPHED_STEPS = {"cad": ("vit_",)}
 # ... and from which it also keeps the encoder's activations for methods that act inside it
 # (ViT-H's SAM-Adapter keeps 21 GiB in fp32 at batch 2; benchmarks/BENCHMARKS.md)
 ROOMY_GIB = 48
@@ -177,7 +178,7 @@ def resolve_runtime(
     name: str = AUTO,
     settings: dict[str, Any] | None = None,
     device: torch.device | str = "cpu",
-    training: str | None = None,
+    training: tuple[str, str] | None = None,
     whole_steps: bool = True,
 ) -> tuple[Runtime, str]:
     """A named runtime with ``settings`` on top, checked for ``device`` (a one-line error for a
@@ -191,15 +192,19 @@ def resolve_runtime(
 
 
 def settle_cuda_graph(
-    runtime: Runtime, device: torch.device, training: str | None, whole_steps: bool = True
+    runtime: Runtime,
+    device: torch.device,
+    training: tuple[str, str] | None,
+    whole_steps: bool = True,
 ) -> Runtime:
-    """``cuda_graph=auto`` made true or false: true when training (``training``: the method)
-    one of GRAPHED_METHODS on CUDA in whole optimiser steps (``whole_steps``: no gradient
-    accumulation, one process), where a graph can replay the step."""
+    """``cuda_graph=auto`` made true or false: true when training (``training``: the method
+    and backbone) a step of GRAPHED_STEPS on CUDA in whole optimiser steps (``whole_steps``:
+    no gradient accumulation, one process), where a graph can replay the step."""
     if runtime.cuda_graph != AUTO:
         return runtime
-    graphed = training in GRAPHED_METHODS and device.type == "cuda" and whole_steps
-    return runtime.replace(cuda_graph=graphed)
+    method, backbone = training or ("", "")
+    tested = backbone.startswith(GRAPHED_STEPS.get(method, ()))
+    return runtime.replace(cuda_graph=tested and device.type == "cuda" and whole_steps)
 
 
 def check_device(runtime: Runtime, device: torch.device) -> None:

@@ -365,7 +365,8 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run:
     if cfg.runtime.get("cuda_graph") is True:
         _check_graphable(cfg, dist)
     whole_steps = cfg.grad_accum == 1 and not dist.enabled
-    runtime, chosen = resolve_runtime(*cfg.runtime_parts(), dist.device, cfg.method, whole_steps)
+    training = (cfg.method, cfg.backbone)
+    runtime, chosen = resolve_runtime(*cfg.runtime_parts(), dist.device, training, whole_steps)
     _fit_options_to_device(cfg, dist.device, log)
     train_pairs, val_pairs, bad = _pairs(cfg, show)
     if bad:
