@@ -20,15 +20,12 @@ once, for inference: the same function with no extra work.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ..sam.image_encoder import ImageEncoderViT
+from ..sam.image_encoder import ImageEncoderViT, RunBlock
 from ..sam2.image_encoder import ImageEncoder as HieraEncoder
-
-RunBlock = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 class LowRank(nn.Module):
@@ -86,12 +83,7 @@ class LoraAdapter(nn.Module):
     ) -> torch.Tensor | list[torch.Tensor]:
         """Normalised encoder input -> the encoder's output (SAM's image embedding, SAM 2.1's
         FPN levels), each block run by ``run_block``."""
-        if isinstance(encoder, HieraEncoder):
-            return encode_hiera(encoder, x, run_block)
-        tokens = encoder.patch_embed(x) + encoder.pos_embed
-        for block in encoder.blocks:
-            tokens = run_block(block, tokens)
-        return encoder.neck(tokens.permute(0, 3, 1, 2))
+        return encoder(x, run_block)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -105,17 +97,3 @@ class LoraAdapter(nn.Module):
             weight[:dim_out] += self.scale * self.q[i].delta_weight().to(weight.dtype)
             weight[2 * dim_out :] += self.scale * self.v[i].delta_weight().to(weight.dtype)
         self.merged = True
-
-
-def encode_hiera(encoder: HieraEncoder, x: torch.Tensor, run_block: RunBlock) -> list[torch.Tensor]:
-    """SAM 2.1's image encoder as its ``forward``, each trunk block run by ``run_block``."""
-    trunk = encoder.trunk
-    tokens = trunk.patch_embed(x)
-    tokens = tokens + trunk.position_embedding(tokens.shape[1], tokens.shape[2])
-    stages = []
-    for i, block in enumerate(trunk.blocks):
-        tokens = run_block(block, tokens)
-        if i in trunk.stage_ends:
-            stages.append(tokens.permute(0, 3, 1, 2))
-    features = encoder.neck(stages)
-    return features[: len(features) - encoder.scalp]

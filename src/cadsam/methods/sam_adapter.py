@@ -17,9 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..frequency import high_pass
-from ..sam.image_encoder import ImageEncoderViT
-
-RunBlock = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+from ..sam.image_encoder import ImageEncoderViT, RunBlock
 
 
 def _plain_block(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,16 @@ Attention comes in two formulations that compute the same function:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d, MLPBlock
+
+# runs one encoder block on its tokens: ``block(tokens)``, or recomputed in backward
+RunBlock = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 class ImageEncoderViT(nn.Module):
@@ -70,11 +75,13 @@ class ImageEncoderViT(nn.Module):
         for block in self.blocks:
             block.attn.fused = fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """B x 3 x img_size x img_size normalised images -> B x 256 x grid x grid embeddings."""
+    def forward(self, x: torch.Tensor, run_block: RunBlock | None = None) -> torch.Tensor:
+        """B x 3 x img_size x img_size normalised images -> B x 256 x grid x grid embeddings.
+        ``run_block(block, tokens)``, where given, runs each block: how a method that trains
+        inside the encoder (LoRA) has its runner keep or recompute their activations."""
         x = self.patch_embed(x) + self.pos_embed
         for block in self.blocks:
-            x = block(x)
+            x = block(x) if run_block is None else run_block(block, x)
         return self.neck(x.permute(0, 3, 1, 2))
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sam.image_encoder import window_partition, window_unpartition
+from ..sam.image_encoder import RunBlock, window_partition, window_unpartition
 from .common import MLP
 
 
@@ -99,13 +99,14 @@ class Hiera(nn.Module):
         pos = pos + window.tile(1, 1, height // window.shape[-2], width // window.shape[-1])
         return pos.permute(0, 2, 3, 1)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """B x 3 x H x W normalised images -> each stage's output (B x C x h x w), finest first."""
+    def forward(self, x: torch.Tensor, run_block: RunBlock | None = None) -> list[torch.Tensor]:
+        """B x 3 x H x W normalised images -> each stage's output (B x C x h x w), finest
+        first; each block run by ``run_block`` where given (as SAM's encoder does)."""
         x = self.patch_embed(x)
         x = x + self.position_embedding(x.shape[1], x.shape[2])
         outputs = []
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = block(x) if run_block is None else run_block(block, x)
             if i in self.stage_ends:
                 outputs.append(x.permute(0, 3, 1, 2))
         return outputs

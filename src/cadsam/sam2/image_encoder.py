@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..sam.image_encoder import RunBlock
 from .hiera import Hiera
 
 
@@ -71,8 +72,9 @@ class ImageEncoder(nn.Module):
         self.neck = neck
         self.scalp = scalp
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, run_block: RunBlock | None = None) -> list[torch.Tensor]:
         """B x 3 x S x S normalised images -> the FPN levels kept (finest first): for SAM 2.1,
-        B x 256 x S/4 x S/4, B x 256 x S/8 x S/8 and the image embedding B x 256 x S/16 x S/16."""
-        features = self.neck(self.trunk(x))
+        B x 256 x S/4 x S/4, B x 256 x S/8 x S/8 and the image embedding B x 256 x S/16 x S/16.
+        ``run_block``: as SAM's encoder takes it."""
+        features = self.neck(self.trunk(x, run_block))
         return features[: len(features) - self.scalp]
