@@ -115,8 +115,9 @@ def images_and_masks(batch: int, size: int, seed: int) -> tuple[torch.Tensor, to
 
 
 def embeddings_for(model: AdaptedSam, batch: int, seed: int) -> torch.Tensor:
-    grid = model.sam.prompt_encoder.image_embedding_size
-    return torch.randn(batch, 256, *grid, device=DEVICE, generator=generator(seed)) * 0.5
+    """Cache rows as the model's decoder reads them (SAM 2.1's: embedding and maps packed)."""
+    shape = (batch, *model.layout.shape)
+    return torch.randn(shape, device=DEVICE, generator=generator(seed)) * 0.5
 
 
 # -- distances ----------------------------------------------------------------------------------
@@ -574,16 +575,18 @@ def disagreement(state: dict, reference: dict, initial: dict) -> tuple[dict[str,
     return per_tensor, (differences / movements) ** 0.5
 
 
+@pytest.mark.parametrize("backbone", ["vit_b", "sam2.1_hiera_b+"])
 @pytest.mark.parametrize("source", ["cache", "encoder"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_graphed_steps_follow_the_eager_steps(precision, source):
-    """Seven steps of CAD (bands, Triton kernels; ViT-B's decoder), from cached embeddings or
-    through ViT-B's frozen encoder, with a cosine learning rate: captured on the fourth,
-    replayed on the fifth and sixth, the short seventh eager; against the same steps launched
-    eagerly, with the graph's optimiser and with the eager one."""
+def test_graphed_steps_follow_the_eager_steps(precision, source, backbone):
+    """Seven steps of CAD (bands, Triton kernels; the backbone's decoder), from cached
+    embeddings or through the backbone's frozen encoder, with a cosine learning rate: captured
+    on the fourth, replayed on the fifth and sixth, the short seventh eager; against the same
+    steps launched eagerly, with the graph's optimiser and with the eager one. SAM 2.1's cases
+    decide whether ``auto`` may graph its step too (runtime.GRAPHED_STEPS)."""
     torch.manual_seed(7)
     with_encoder = source == "encoder"
-    base = build_model("cad", "vit_b", adapter_size=ADAPTER_SIZE, with_encoder=with_encoder)
+    base = build_model("cad", backbone, adapter_size=ADAPTER_SIZE, with_encoder=with_encoder)
     base.to(DEVICE)
     initial = {k: v.clone() for k, v in base.trainable_state_dict().items()}
     runtime = Runtime(adapter_tile_mib=0.5, triton_kernels=True, channels_last=True)
