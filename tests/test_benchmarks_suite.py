@@ -170,11 +170,14 @@ def test_suite_dry_run_lists_the_sam2_rows(capsys, tmp_path: Path):
     for backbone in SAM2:
         for precision in suite.PRECISIONS:
             prefix = f"python -m cadsam bench --backbones {backbone}"
-            assert (  # some of auto's variants (not cad-eager): a folder named after them
+            assert (  # all of auto's variants on SAM 2.1: a folder named after the kind
                 f"{prefix} --methods decoder cad lora --precision {precision} --steps 5 "
-                f"--out {out}/{backbone}-{precision}-decoder+cad+lora"
+                f"--out {out}/{backbone}-{precision}-auto"
             ) in commands
-            assert f"{prefix} --methods cad-cache --precision {precision}" in printed
+            assert (  # some of the cache's: a folder named after them
+                f"{prefix} --methods cad-cache --precision {precision} --steps 5 "
+                f"--out {out}/{backbone}-{precision}-cad-cache"
+            ) in commands
     assert "sam-adapter" not in printed and "vit_" not in printed and not out.exists()
 
 
