@@ -85,3 +85,11 @@ def test_missing_inputs_are_reported_before_training(istd_like, capsys):
     err = capsys.readouterr().err
     assert "camo train split: expected folder" in err and "vit_b checkpoint missing" in err
     assert not (istd_like / "out").exists()
+
+
+def test_reproduce_refuses_torchrun_before_any_work(istd_like, capsys, monkeypatch):
+    """Under torchrun every process would run every training, and only rank 0 writes weights."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*_reproduce(istd_like), "--datasets", "istd", "--backbones", "vit_tiny"]) == 1
+    assert "not under torchrun" in capsys.readouterr().err
+    assert not (istd_like / "out").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,11 @@ def reproduce(
     if unknown:
         raise CadsamError(
             f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CadsamError(
+            "reproduce runs its trainings one after another in one process, not under "
+            "torchrun: run it with python or cadsam, or give torchrun one cadsam train at a time"
         )
     check_inputs(data_root, checkpoint_dir, datasets, backbones)
     say = print  # status lines always; ``progress`` governs the bars
