@@ -40,7 +40,7 @@ from .runtime import Runtime, named_runtime, settle_cuda_graph
 # variant -> (method, runtime, its settings, trains from cached embeddings). A variant is named
 # by its method and runtime: none for "auto" (the commands' default), "-lean" (the least
 # memory), "-plain" (the reference formulation, which reproduces what the authors' code
-# allocates); "-cache": from cached embeddings, no encoder (the paper's section 5); "-graph":
+# allocates); "-cache": from cached embeddings, no encoder (the paper's section 5); "-eager":
 # the step launched kernel by kernel, where ``auto`` replays CAD's as a CUDA graph
 # (cadsam train --set cuda_graph=false).
 VARIANTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
