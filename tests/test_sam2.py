@@ -27,7 +27,7 @@ from torch import nn
 
 from cadsam.errors import CadsamError
 from cadsam.sam import build_sam
-from cadsam.sam.checkpoint import checkpoint_dir
+from cadsam.sam.checkpoint import checkpoint_dir, file_sha256
 from cadsam.sam2 import SAM2_CONFIGS, Sam2, build_sam2, parameter_counts
 from cadsam.sam2 import checkpoint as ckpt2
 from cadsam.sam2.build import is_video_only
@@ -513,12 +513,15 @@ def mirror(tmp_path, monkeypatch, tiny_file):
     return served / "sam2.1_hiera_tiny.pt"
 
 
-def test_first_download_records_its_sha256(mirror):
+def test_first_download_records_its_sha256(mirror, monkeypatch):
     path = ckpt2.resolve_sam2_checkpoint("sam2.1_hiera_t")
     assert path == checkpoint_dir() / "sam2.1_hiera_tiny.pt"
     assert path.read_bytes() == mirror.read_bytes()
     sha256 = hashlib.sha256(mirror.read_bytes()).hexdigest()
     assert ckpt2.digest_record(path).read_text().strip() == sha256
+    # the weights' record of their base takes the digest from the download, not another read
+    monkeypatch.setattr("cadsam.sam.checkpoint.hashlib.sha256", None)
+    assert file_sha256(path) == sha256
     mirror.unlink()  # a second resolve uses the cache, not the network
     assert ckpt2.resolve_sam2_checkpoint("sam2.1_hiera_t") == path
 

@@ -112,6 +112,15 @@ def resolve_release(
     return path
 
 
+# sha256 by file (path, size, mtime): see file_sha256
+_SHA256_SEEN: dict[tuple[str, int, int], str] = {}
+
+
+def _file_key(path: str | os.PathLike) -> tuple[str, int, int]:
+    stat = Path(path).stat()
+    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
+
+
 def download_file(
     url: str, dest: Path, digest: str | None, progress: bool = True, origin: str = ""
 ) -> str:
@@ -154,27 +163,27 @@ def download_file(
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+    if algorithm == "sha256":  # file_sha256 need not read the file again
+        _SHA256_SEEN[_file_key(dest)] = hasher.hexdigest()
     return hasher.hexdigest()
 
 
-_SHA256_SEEN: dict[tuple[str, int, int], str] = {}
-
-
 def file_sha256(path: str | os.PathLike) -> str:
-    """The file's sha256, computed once per process for each (path, size, mtime): training,
-    caching and loading weights all identify the same multi-GB checkpoint by it."""
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    """The file's sha256, computed once per process for each (path, size, mtime), or taken
+    from its download: training, caching and loading weights all identify the same multi-GB
+    checkpoint by it."""
+    key = _file_key(path)
     if key not in _SHA256_SEEN:
+        size = key[1]
         hasher = hashlib.sha256()
         with (
             open(path, "rb") as f,
             tqdm(
-                total=stat.st_size,
+                total=size,
                 unit="B",
                 unit_scale=True,
                 desc=f"sha256 {Path(path).name}",
-                disable=stat.st_size < 2**28,
+                disable=size < 2**28,
                 leave=False,
             ) as bar,
         ):
