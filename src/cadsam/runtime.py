@@ -13,10 +13,10 @@ Three named runtimes:
 * ``lean``: the least memory (bands and kernels for CAD's full-resolution blocks, one image per
   frozen-encoder call, SAM-Adapter's and LoRA's encoder blocks recomputed in backward);
 * ``auto`` (the commands' default): on a GPU, the fastest path that fits its free memory (the
-  frozen encoder batched and compiled, CAD's blocks kept for backward, CAD's training step on
-  SAM's ViT replayed as a CUDA graph; the encoder's blocks kept too where there is room for
-  SAM-Adapter's and LoRA's activations), ``lean`` where little is free; on a CPU, ``plain``
-  with the fused attention.
+  frozen encoder batched and compiled, CAD's blocks kept for backward; where there is much
+  room, CAD's training step on SAM's ViT replayed as a CUDA graph, and the encoder's blocks
+  kept for SAM-Adapter's and LoRA's activations), ``lean`` where little is free; on a CPU,
+  ``plain`` with the fused attention.
 
 Individual switches (``--set NAME=VALUE``, or a ``runtime:`` section of a training config) pin
 any path on top of a named runtime.
@@ -45,7 +45,8 @@ FAST_GIB = 8
 # idle half of the time.
 GRAPHED_STEPS = {"cad": ("vit_",)}
 # ... and from which it also keeps the encoder's activations for methods that act inside it
-# (ViT-H's SAM-Adapter keeps 21 GiB in fp32 at batch 2; benchmarks/BENCHMARKS.md)
+# (ViT-H's SAM-Adapter keeps 21 GiB in fp32 at batch 2; benchmarks/BENCHMARKS.md), and
+# replays CAD's step as a CUDA graph (GRAPHED_STEPS; its pool reserves memory of its own)
 ROOMY_GIB = 48
 
 
@@ -170,7 +171,10 @@ def named_runtime(name: str, device: torch.device | str = "cpu") -> tuple[Runtim
     if free_gib >= ROOMY_GIB:
         return ROOMY, f"{where}: fast"
     if free_gib >= FAST_GIB:
-        return ROOMY.replace(checkpoint_encoder=True), f"{where}: fast, encoder blocks recomputed"
+        # no graph: its private pool keeps a step's buffers apart from the allocator's cache,
+        # reserving ~3x what the step allocates (ViT-B bf16: 4,752 MiB for 1,457, on an H200)
+        fast = ROOMY.replace(checkpoint_encoder=True, cuda_graph=False)
+        return fast, f"{where}: fast, encoder blocks recomputed, steps launched eagerly"
     return LEAN, f"{where}: lean"
 
 
