@@ -83,12 +83,12 @@ def test_every_variant_is_a_valid_method_and_runtime():
     from cadsam.methods import resolve_options
 
     for variant in VARIANTS:
-        method, runtime, _ = variant_runtime(variant, device="cpu")
+        method, runtime, _ = variant_runtime(variant, "vit_b", device="cpu")
         resolve_options(method, {})
         assert runtime.cuda_graph is False, variant
         assert (runtime == Runtime()) == variant.endswith("-plain"), variant
-    assert variant_runtime("cad-cache-eager", device="cpu")[2] is True
-    assert variant_runtime("cad-lean", device="cpu")[1] == LEAN
+    assert variant_runtime("cad-cache-eager", "vit_b", device="cpu")[2] is True
+    assert variant_runtime("cad-lean", "vit_b", device="cpu")[1] == LEAN
 
 
 SAM2_TINY = "sam2.1_hiera_tiny_test"
@@ -110,7 +110,7 @@ def _small_step(monkeypatch, backbone: str) -> None:
 
 
 def _model(variant: str, backbone: str = SAM2_TINY):
-    method, runtime, from_cache = variant_runtime(variant, device="cpu")
+    method, runtime, from_cache = variant_runtime(variant, backbone, device="cpu")
     options = {"adapter_size": 32} if method == "cad" else {}
     torch.manual_seed(0)
     model = build_model(method, backbone, with_encoder=not from_cache, runtime=runtime, **options)

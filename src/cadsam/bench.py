@@ -104,10 +104,7 @@ def _nvml_mib() -> dict[str, float | None]:
 
 
 def variant_runtime(
-    variant: str,
-    overrides: dict[str, Any] | None = None,
-    device: str = "cuda",
-    backbone: str = "vit_b",
+    variant: str, backbone: str, overrides: dict[str, Any] | None = None, device: str = "cuda"
 ) -> tuple[str, Runtime, bool]:
     """A bench variant's method, its runtime on ``device`` for ``backbone`` (``overrides``:
     runtime settings replacing the variant's), and whether it trains from cached embeddings."""
@@ -123,7 +120,7 @@ def warmed_step(
 ) -> tuple[Callable[[], None], dict[str, Any]]:
     """A variant's training step on the GPU after its warm-up steps, and its runtime settings:
     what the profiling scripts in ``benchmarks/`` look at."""
-    method, runtime, from_cache = variant_runtime(variant, overrides, backbone=backbone)
+    method, runtime, from_cache = variant_runtime(variant, backbone, overrides)
     with torch.device("cuda"):
         model = build_model(method, backbone, with_encoder=not from_cache, runtime=runtime)
     step = bench_step(model, precision, from_cache)
@@ -178,7 +175,7 @@ def measure_training(
 ) -> dict[str, Any]:
     """One variant's training step on the current CUDA device: peak memory and images/s.
     ``overrides``: runtime settings that replace the variant's."""
-    method, runtime, from_cache = variant_runtime(variant, overrides, backbone=backbone)
+    method, runtime, from_cache = variant_runtime(variant, backbone, overrides)
     graphed = runtime.cuda_graph
     batch = DEFAULT_BATCH[backbone]
     torch.manual_seed(0)
