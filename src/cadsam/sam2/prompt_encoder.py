@@ -11,7 +11,7 @@ import torch
 
 from ..sam.prompt_encoder import PromptEncoder as SamPromptEncoder
 
-BOX_CORNER_LABELS = (2, 3)
+TOP_LEFT_LABEL = 2  # a box's first corner; its second is labelled 3
 
 
 class PromptEncoder(SamPromptEncoder):
@@ -43,7 +43,10 @@ def boxes_as_points(
     if boxes is None:
         return points
     corners = boxes.reshape(-1, 2, 2)
-    labels = torch.tensor(BOX_CORNER_LABELS, dtype=torch.int32, device=boxes.device)
+    # Made on the device, not copied from the CPU, so that a CUDA graph can capture it.
+    labels = torch.arange(
+        TOP_LEFT_LABEL, TOP_LEFT_LABEL + 2, dtype=torch.int32, device=boxes.device
+    )
     labels = labels.expand(corners.shape[0], -1)
     if points is None:
         return corners, labels
