@@ -216,6 +216,9 @@ def test_a_graph_that_differs_is_refused_and_nothing_is_left(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("cadsam: error: the exported graph differs from PyTorch by 5.0e-01")
     assert "nothing written" in err[-1]
+    stages = [line.strip() for line in err if line.startswith("  ")]  # each said as it starts
+    assert stages[0] == "tracing the whole graph into bad.onnx..."
+    assert stages[1].startswith("running it with onnxruntime on ") and len(stages) == 2
     assert list(tmp_path.iterdir()) == []  # no graph, no staging folder
 
 

@@ -286,13 +286,19 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     model, size = _load_eval_model(args, None)
     print(f"exporting {model.method} on {model.backbone}, {size} x {size} images", file=sys.stderr)
-    report = export_onnx(model, size, args.out, args.split, args.half, args.opset, args.sample)
+    report = export_onnx(
+        model, size, args.out, args.split, args.half, args.opset, args.sample, progress=_stage
+    )
     for path in report.files:
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     print(
         f"onnxruntime vs PyTorch on {report.samples} {report.sample_source} image(s): largest "
         f"difference {report.difference:.1e} of the logits' scale (limit {report.limit:.0e})"
     )
+
+
+def _stage(stage: str) -> None:
+    print(f"  {stage}...", file=sys.stderr, flush=True)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -63,30 +63,31 @@ def require(module: str, purpose: str) -> ModuleType:
 # -- what is traced ------------------------------------------------------------------------
 
 
-class HighPassBank(nn.Module):
-    """:func:`cadsam.frequency.high_pass` for the square sizes a model feeds it, as matrices
-    (buffers, so they become the graph's constants)."""
+class FixedHighPass(nn.Module):
+    """:func:`cadsam.frequency.high_pass` for the one S x S size and area a model feeds it,
+    as matrices (buffers, so they become the graph's constants); none where the model has
+    no high-pass."""
 
-    def __init__(self, sizes: Sequence[int], area: float) -> None:
+    def __init__(self, size: int | None, area: float) -> None:
         super().__init__()
-        self.area = area
-        self.by_size = nn.ModuleDict({f"s{s}": MatrixHighPass(s, s, area) for s in sizes})
+        self.matrices = MatrixHighPass(size, size, area) if size else None
 
     def forward(self, images: torch.Tensor, area: float) -> torch.Tensor:
-        height, width = images.shape[-2:]
-        key = f"s{height}"
-        if height != width or key not in self.by_size or area != self.area:
+        matrices = self.matrices
+        if matrices is None or images.shape[-2:] != matrices.size or area != matrices.area:
+            height, width = images.shape[-2:]
             raise RuntimeError(f"no exportable high-pass for {height} x {width}, area {area}")
-        return self.by_size[key](images)
+        return matrices(images)
 
 
-def high_pass_inputs(model: AdaptedSam, size: int) -> tuple[list[int], float]:
-    """The sizes at which ``model`` calls the high-pass for S x S images, and its area."""
+def high_pass_input(model: AdaptedSam, size: int) -> tuple[int | None, float]:
+    """The size at which ``model`` calls the high-pass for S x S images (``None``: it does
+    not), and its area."""
     if model.adapter is not None:
-        return [model.options.get("adapter_size") or size], model.adapter.high_pass_area
+        return model.options.get("adapter_size") or size, model.adapter.high_pass_area
     if isinstance(model.encoder_adapter, (OfficialSamAdapter, PaperSamAdapter)):
-        return [model.sam.image_size], model.encoder_adapter.high_pass_area
-    return [], 0.25
+        return model.sam.image_size, model.encoder_adapter.high_pass_area
+    return None, 0.25
 
 
 class _Graph(nn.Module):
@@ -98,7 +99,7 @@ class _Graph(nn.Module):
     def __init__(self, model: AdaptedSam, size: int) -> None:
         super().__init__()
         self.model, self.size = model, size
-        self.high_pass = HighPassBank(*high_pass_inputs(model, size))
+        self.high_pass = FixedHighPass(*high_pass_input(model, size))
 
     def exportable(self) -> contextlib.AbstractContextManager:
         return high_pass_replaced(self.high_pass)
@@ -168,12 +169,14 @@ def export_onnx(
     half: bool = False,
     opset: int = DEFAULT_OPSET,
     sample: str | os.PathLike | None = None,
+    progress: Callable[[str], None] = lambda stage: None,
 ) -> ExportReport:
     """Export ``model`` (for S = ``size`` pixel images) to ``out``, or with ``split`` to
     ``<out stem>.encoder.onnx`` and ``<out stem>.decoder.onnx``; run the result with
     onnxruntime on a sample batch (``SAMPLE_IMAGES`` images from the folder ``sample``, or
     random ones) and compare it with PyTorch. Above the limit (``FP32_LIMIT``, or
-    ``FP16_LIMIT`` with ``half``) it is a :class:`CadsamError` and nothing is written."""
+    ``FP16_LIMIT`` with ``half``) it is a :class:`CadsamError` and nothing is written.
+    ``progress`` hears each stage as it starts: each takes minutes on ViT-H."""
     require("onnxscript", "exporting to ONNX")
     require("onnx", "exporting to ONNX")
     require("onnxruntime", "checking the exported graph")
@@ -191,10 +194,12 @@ def export_onnx(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         staged = [staging / name.name for name in names]
-        _write_graphs(model, size, staged, opset)
+        _write_graphs(model, size, staged, opset, progress)
         if half:
             for path in staged:
+                progress(f"converting {path.name} to float16")
                 to_half(path)
+        progress(f"running it with onnxruntime on {len(images)} {source} image(s)")
         difference = compare_with_pytorch(model, staged, images)
         limit = FP16_LIMIT if half else FP32_LIMIT
         if not difference <= limit:
@@ -215,15 +220,20 @@ def graph_names(out: Path, split: bool) -> list[Path]:
     return [out.with_suffix(".encoder.onnx"), out.with_suffix(".decoder.onnx")]
 
 
-def _write_graphs(model: AdaptedSam, size: int, paths: list[Path], opset: int) -> None:
+def _write_graphs(
+    model: AdaptedSam, size: int, paths: list[Path], opset: int, progress: Callable[[str], None]
+) -> None:
     """Trace and write the whole graph, or the encoder and decoder graphs."""
     traced = torch.randint(0, 256, (2, 3, size, size), generator=torch.Generator().manual_seed(0))
     traced = traced.float()  # batch 2: a batch of 1 would fix N at 1
     if len(paths) == 1:
+        progress(f"tracing the whole graph into {paths[0].name}")
         write_graph(WholeGraph(model, size), (traced,), paths[0], opset)
         return
     embeddings = torch.zeros(len(traced), *model.layout.shape)  # the encoder's output's shape
+    progress(f"tracing the encoder into {paths[0].name}")
     write_graph(EncoderGraph(model, size), (traced,), paths[0], opset)
+    progress(f"tracing the decoder into {paths[1].name}")
     write_graph(DecoderGraph(model, size), (traced, embeddings), paths[1], opset)
 
 
