@@ -26,6 +26,14 @@ commit; give it with ``--out`` when the parts run on different days, or ``--root
 elsewhere; ``--commit`` names the commit where the machine's copy of the checkout has no git
 history to tell it.
 
+A run goes on where an earlier one into the same folder stopped: a call whose report is in
+the folder already, complete and of the same commit, is kept, not measured again (remove its
+folder to measure it again). ``--within SECONDS`` starts only the calls whose estimate fits in
+the time left and lists the rest, so that one command, repeated where each run may take only
+minutes, completes the canonical run:
+
+    python benchmarks/suite.py --out benchmarks/results/NAME --within 540   # again, until done
+
 Duration on one H200, from ``ESTIMATE_S`` and ``CALL_S`` (measured there: a fresh process's
 startup, compilation in the auto, lean and cache variants, 3 warm-up and ``--steps 5`` timed
 steps; 10-80 s a variant): about 40 minutes in all, in 6 chunks of at most 7.5 minutes
@@ -490,6 +498,27 @@ def run_cache_build(backbone: str, out: Path, work: Path, commit: str | None) ->
     return sum("error" in row for row in rows)
 
 
+def kept(report: Path, variants: list[str], commit: str | None) -> bool:
+    """Whether ``report`` (a bench.json or cache.json) measured each of ``variants`` without
+    error, so a run into its folder keeps it; a report of another commit is an error."""
+    if not report.exists():
+        return False
+    data = json.loads(report.read_text())
+    if not set(variants) <= {row["variant"] for row in data["results"] if "error" not in row}:
+        return False  # an interrupted or failed call: measured again
+    measured = data["environment"].get("commit") or ""
+    if commit and not measured.startswith(commit[:7]):
+        sys.exit(
+            f"{report} measured commit {measured}, not {commit}: remove {report.parent} to "
+            "measure it again, or give another --out"
+        )
+    return True
+
+
+def fits(seconds: float, deadline: float | None) -> bool:
+    return deadline is None or time.monotonic() + seconds <= deadline
+
+
 def run_bench_call(folder: Path, command: list[str], out: Path, commit: str | None) -> int:
     """One ``cadsam bench`` call, its output shown as it goes; its duration logged in
     OUT/timings.jsonl. Returns 1 if it failed."""
@@ -595,6 +624,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "checkout): names the folder, and goes into each report (git's answer kept as "
         "commit_from_git)",
     )
+    parser.add_argument(
+        "--within",
+        type=float,
+        metavar="SECONDS",
+        help="start only the calls whose estimate fits in what is left of SECONDS; list the "
+        "rest (the same command again goes on: what is measured already is kept)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     return parser.parse_args(argv)
 
@@ -613,19 +649,55 @@ def main(argv: list[str] | None = None) -> int:
     if not jobs:
         sys.exit("nothing selected")
     out.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    for folder, command, _ in bench_calls(jobs, out, args.steps):
-        failures += run_bench_call(folder, command, out, args.commit)
-    builds = [job.backbone for job in jobs if job.variant == CACHE_BUILD]
+    deadline = time.monotonic() + args.within if args.within is not None else None
+    commit = args.commit or git("rev-parse", "--short=7", "HEAD")
+    failures, later = run_calls(jobs, out, args.steps, commit, deadline, args.commit)
+    builds = [job for job in jobs if job.variant == CACHE_BUILD]
+    builds = [job for job in builds if not kept_build(out, job.backbone, commit)]
     if builds:
         work = Path(args.work or tempfile.mkdtemp(prefix="cadsam-suite-"))
         work.mkdir(parents=True, exist_ok=True)
-        for backbone in builds:
-            failures += run_cache_build(backbone, out, work, args.commit)
+        for job in builds:
+            if fits(estimate(job), deadline):
+                failures += run_cache_build(job.backbone, out, work, args.commit)
+            else:
+                later.append(f"cache-{job.backbone}")
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+    if later:
+        print(f"not started, too little of --within left: {', '.join(later)}")
+        print("the same command again goes on from here")
     print(f"results: {out}\ntables: python benchmarks/tables.py {out}")
     return 1 if failures else 0
+
+
+def run_calls(
+    jobs: list[Job],
+    out: Path,
+    steps: int,
+    commit: str | None,
+    deadline: float | None,
+    stamped: str | None,
+) -> tuple[int, list[str]]:
+    """The ``cadsam bench`` calls of ``jobs`` not yet in ``out`` that fit before ``deadline``:
+    the number that failed, and the folders of those left for later."""
+    failures, later = 0, []
+    for folder, command, seconds in bench_calls(jobs, out, steps):
+        variants = command[command.index("--methods") + 1 : command.index("--precision")]
+        if kept(folder / "bench.json", variants, commit):
+            print(f"== kept {folder.name}: measured already", flush=True)
+        elif fits(seconds, deadline):
+            failures += run_bench_call(folder, command, out, stamped)
+        else:
+            later.append(folder.name)
+    return failures, later
+
+
+def kept_build(out: Path, backbone: str, commit: str | None) -> bool:
+    if kept(out / f"cache-{backbone}" / "cache.json", [CACHE_BUILD], commit):
+        print(f"== kept cache-{backbone}: measured already", flush=True)
+        return True
+    return False
 
 
 if __name__ == "__main__":

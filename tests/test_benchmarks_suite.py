@@ -233,3 +233,52 @@ def test_tables_give_sam2_its_own_table_without_the_papers_columns(results: Path
     assert "paper" not in "\n".join(table)
     # ViT-B's table comes first and keeps the paper's columns
     assert "Table 1. ViT-B" in before and "| paper, A100 (MiB) |" in before
+
+
+CACHE_VARIANTS = ["cad-cache", "cad-cache-lean", "cad-cache-eager"]
+SELECTION = ["--backbones", "vit_b", "--precision", "bf16", "--variants", *CACHE_VARIANTS]
+SELECTION += ["encoder-forward", suite.CACHE_BUILD]
+
+
+@pytest.fixture
+def ran(monkeypatch) -> list[str]:
+    """What the suite measures, recorded instead of run."""
+    calls: list[str] = []
+
+    def bench_call(folder: Path, command: list[str], out: Path, commit: str | None) -> int:
+        calls.append(folder.name)
+        return 0
+
+    def cache_build(backbone: str, out: Path, work: Path, commit: str | None) -> int:
+        calls.append(f"cache-{backbone}")
+        return 0
+
+    monkeypatch.setattr(suite, "run_bench_call", bench_call)
+    monkeypatch.setattr(suite, "run_cache_build", cache_build)
+    return calls
+
+
+def test_suite_goes_on_where_a_run_stopped(tmp_path: Path, ran: list[str], capsys):
+    out = tmp_path / "r"
+    rows = [row(variant, "bf16", 900.0, 100.0) for variant in CACHE_VARIANTS]
+    write(out, "vit_b-bf16-cache", report("abc1234", "2026-01-02", rows))  # complete
+    interrupted = [row("encoder-forward", "bf16", 0, 0, error="killed")]
+    write(out, "vit_b-bf16-encoder", report("abc1234", "2026-01-02", interrupted))
+    assert suite.main(["--out", str(out), "--commit", "abc1234", *SELECTION]) == 0
+    assert ran == ["vit_b-bf16-encoder", "cache-vit_b"]
+    assert "== kept vit_b-bf16-cache: measured already" in capsys.readouterr().out
+    # a report of another commit is never mixed in
+    with pytest.raises(SystemExit, match="measured commit abc1234, not def5678: remove"):
+        suite.main(["--out", str(out), "--commit", "def5678", *SELECTION])
+
+
+def test_suite_within_starts_only_what_fits(tmp_path: Path, ran: list[str], capsys):
+    out = tmp_path / "r"
+    jobs = suite.select(suite.parse_args(SELECTION))
+    seconds = {folder.name: s for folder, _, s in suite.bench_calls(jobs, out, suite.STEPS)}
+    assert seconds["vit_b-bf16-encoder"] < seconds["vit_b-bf16-cache"]
+    within = seconds["vit_b-bf16-encoder"] + 1  # the cache call and the build do not fit
+    assert suite.main(["--out", str(out), "--within", str(within), *SELECTION]) == 0
+    assert ran == ["vit_b-bf16-encoder"]
+    printed = capsys.readouterr().out
+    assert "not started, too little of --within left: vit_b-bf16-cache, cache-vit_b" in printed
