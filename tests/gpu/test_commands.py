@@ -1,7 +1,8 @@
 """The commands end to end on CUDA, as a user runs them: a SAM checkpoint in Meta's format, an
 embedding cache, training (from the cache and with the encoder, fp32 and bf16, graphed),
-evaluation and prediction, each checked against the same work on the CPU; and a graphed run
-killed after an epoch resumes to the end of an uninterrupted one."""
+evaluation and prediction, each checked against the same work on the CPU; the same on SAM 2.1
+(CAD from its cache, LoRA in Hiera); and a graphed run killed after an epoch resumes to the
+end of an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from test_train import _isbi_subset
 import cadsam.train
 from cadsam.cli import main
 from cadsam.sam import build_sam
+from cadsam.sam2 import build_sam2
 
 SIZE = "128"  # training resolution: small, so each command takes seconds
+SAM2_TEST = "sam2.1_hiera_tiny_test"
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +33,18 @@ def sam_file(tmp_path_factory):
     return str(path)
 
 
-def _train(sam_file, data, out, *extra):
-    args = ["train", "--method", "cad", "--backbone", "vit_tiny", "--checkpoint", sam_file]
+@pytest.fixture(scope="module")
+def sam2_file(tmp_path_factory):
+    """Random SAM 2.1 weights (its small test configuration) saved as Meta's checkpoints are:
+    the state_dict under "model"."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_tiny_test.pt"
+    torch.save({"model": build_sam2(SAM2_TEST).state_dict()}, path)
+    return str(path)
+
+
+def _train(sam_file, data, out, *extra, method="cad", backbone="vit_tiny"):
+    args = ["train", "--method", method, "--backbone", backbone, "--checkpoint", sam_file]
     args += [*data, "--image-size", SIZE, "--batch-size", "2", "--set", "num_workers=0"]
     args += ["--no-progress", "--out", str(out), *extra]
     assert main(args) == 0
@@ -75,6 +88,46 @@ def test_cache_train_eval_predict_on_cuda(tmp_path, sam_file, capsys):
     assert len(masks["cuda"]) == 6
     agree = np.mean([np.mean(a == b) for a, b in zip(masks["cuda"], masks["cpu"], strict=True)])
     assert agree > 0.99  # the same masks, bar pixels whose logit is within rounding of 0
+
+
+def test_sam2_cache_train_eval_predict_on_cuda(tmp_path, sam2_file, capsys):
+    """SAM 2.1 on CUDA from a Meta-format file: its cache (the embedding and the
+    high-resolution maps), CAD trained from it with the step graphed, LoRA trained in Hiera,
+    both in bf16 under ``auto`` (compiled decoder, compiled frozen encoder); evaluation and
+    prediction on CUDA agree with the CPU's."""
+    data = _isbi_subset(tmp_path, 4)
+    sam2 = ["--backbone", SAM2_TEST, "--checkpoint", sam2_file]
+    cache = tmp_path / "cache"
+    assert main(["cache", *sam2, "--images", data[1], "--out", str(cache), "--image-size", SIZE,
+                 "--device", "cuda", "--num-workers", "0"]) == 0  # fmt: skip
+    common = ("--epochs", "2", "--device", "cuda", "--precision", "bf16")
+    runs = {"cad": tmp_path / "cad", "lora": tmp_path / "lora"}
+    graphed = ("--cache", str(cache), "--set", "cuda_graph=true", "--set", "adapter_size=64")
+    cad = _train(sam2_file, data, runs["cad"], *common, *graphed, backbone=SAM2_TEST)
+    lora = _train(sam2_file, data, runs["lora"], *common, method="lora", backbone=SAM2_TEST)
+    for records in (cad, lora):
+        assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)
+        assert records[-1]["peak_memory_mib"] > 0  # it ran on the GPU
+    capsys.readouterr()
+
+    for method, run in runs.items():
+        scores = {}
+        for device in ("cuda", "cpu"):
+            assert main(["eval", "--weights", str(run), *data, "--device", device, "--json",
+                         "--num-workers", "0"]) == 0  # fmt: skip
+            scores[device] = json.loads(capsys.readouterr().out)
+        for key in ("dice", "iou", "mae"):  # as for SAM above: TF32 on the GPU
+            assert scores["cuda"][key] == pytest.approx(scores["cpu"][key], abs=2e-3), (method, key)
+
+    masks = {}
+    for device in ("cuda", "cpu"):
+        out = tmp_path / f"predicted-{device}"
+        assert main(["predict", "--weights", str(runs["cad"]), "--input", data[1],
+                     "--output", str(out), "--device", device]) == 0  # fmt: skip
+        masks[device] = [np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))]
+    assert len(masks["cuda"]) == 4
+    agree = np.mean([np.mean(a == b) for a, b in zip(masks["cuda"], masks["cpu"], strict=True)])
+    assert agree > 0.99
 
 
 def _relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

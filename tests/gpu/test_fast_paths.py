@@ -1,6 +1,7 @@
 """Every fast path against the plain path on a CUDA GPU: fused attention, CAD's banded blocks
-and Triton kernels, the compiled decoder and blocks, the CUDA-graph step, bf16 autocast and
-training from cached embeddings.
+and Triton kernels, the compiled encoder, decoder and blocks, the CUDA-graph step, bf16
+autocast, training from cached embeddings and encoder blocks recomputed in backward; on SAM's
+ViT and, for the paths that SAM 2.1 runs, on Hiera.
 
 Float32 on CUDA is not one arithmetic: cuDNN's convolutions use TF32 by default (10-bit
 mantissa, ~1e-3 relative), cuBLAS's matrix products where asked
@@ -29,13 +30,16 @@ from contextlib import AbstractContextManager, contextmanager
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+import cadsam.fast
 import cadsam.fast.adapter as fast_adapter
 from cadsam import build_model
 from cadsam.fast import fit
 from cadsam.fast.graphs import adamw
 from cadsam.fast.tiling import tiled_residual_block
 from cadsam.methods.cad import ResidualDilatedBlock
+from cadsam.methods.lora import encoder_blocks
 from cadsam.methods.model import AdaptedSam
 from cadsam.runtime import Runtime
 from cadsam.train import forward_backward, lr_factor, segmentation_loss, training_step
@@ -465,15 +469,43 @@ def test_fast_adapter_equals_the_plain_adapter(monkeypatch, precision, variant):
     assert_same_counts((fast.adapter,), (plain.adapter,))
 
 
-# -- 4. compiled decoder and compiled blocks ----------------------------------------------------
+# -- 4. compiled encoder, decoder and blocks ----------------------------------------------------
 
 
+@pytest.mark.parametrize("backbone", ["vit_tiny", "sam2.1_hiera_tiny_test"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"], indirect=True)
-def test_compiled_decoder_equals_the_plain_decoder(precision):
+@torch.no_grad()
+def test_compiled_encoder_gives_the_frozen_embeddings_of_the_plain_encoder(precision, backbone):
+    """The frozen encoder through torch.compile, the whole batch in one call (what training CAD
+    or the decoder on CUDA runs by default, and ``cache --compile``): the embeddings, with
+    SAM 2.1's high-resolution maps. Small configurations: the compiled code is the same."""
+    torch.manual_seed(11)
+    plain = build_model("decoder", backbone).to(DEVICE).train()
+    compiled = twin(plain, Runtime(fused_attention=True, compile_encoder=True))
+    images, _ = images_and_masks(2, 256, seed=12)
+    exact = float64_twin(plain).frozen_embeddings(images)
+    with autocast(precision):
+        found = {
+            name: m.frozen_embeddings(images)
+            for name, m in (("plain", plain), ("compiled", compiled))
+        }
+    assert "encoder" in compiled.runner.compiled
+    assert_no_farther(
+        {"embeddings": found["compiled"]},
+        {"embeddings": found["plain"]},
+        {"embeddings": exact},
+        precision,
+    )
+
+
+@pytest.mark.parametrize("backbone", ["vit_b", "sam2.1_hiera_b+"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"], indirect=True)
+def test_compiled_decoder_equals_the_plain_decoder(precision, backbone):
     """The mask decoder and the upsampling through torch.compile (what training on CUDA runs by
-    default), from embeddings: the logits and every trainable gradient."""
+    default), from embeddings (SAM 2.1's with its high-resolution maps): the logits and every
+    trainable gradient."""
     torch.manual_seed(5)
-    plain = build_model("decoder", "vit_b", with_encoder=False).to(DEVICE)
+    plain = build_model("decoder", backbone, with_encoder=False).to(DEVICE)
     compiled = twin(plain, Runtime(compile_decoder=True))
     exact = float64_twin(plain)
     images, masks = images_and_masks(2, 256, seed=6)
@@ -713,3 +745,40 @@ def test_a_step_from_cached_embeddings_equals_a_step_with_the_encoder():
     worst = max(per_tensor, key=per_tensor.get)
     assert per_tensor[worst] < 1e-2, (worst, per_tensor[worst])
     assert total < 1e-3, total
+
+
+# -- 8. encoder blocks recomputed in backward ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", ["vit_b", "sam2.1_hiera_b+"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"], indirect=True)
+def test_recomputed_encoder_blocks_equal_kept_blocks(monkeypatch, precision, backbone):
+    """LoRA's step with every encoder block recomputed in backward (``lean``, and ``auto``
+    with 8-48 GiB free; SAM-Adapter's blocks go the same way), fused attention as those
+    runtimes run it: the logits and every trainable gradient. Its factors moved off their
+    start, so that the gradients reach through the whole encoder."""
+    torch.manual_seed(13)
+    plain = build_model("lora", backbone).to(DEVICE).train()
+    with torch.no_grad():
+        for parameter in plain.trainable_parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    recomputed = twin(plain, Runtime(fused_attention=True, checkpoint_encoder=True))
+    exact = float64_twin(plain)
+    recomputations = []
+
+    def counted(*args, **kwargs):
+        recomputations.append(args[0])
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(cadsam.fast, "checkpoint", counted)
+    images, masks = images_and_masks(2, 256, seed=14)
+    found = {}
+    for name, model in (("plain", plain), ("recomputed", recomputed), ("exact", exact)):
+        with autocast("fp32" if name == "exact" else precision):
+            logits = model(images)
+        segmentation_loss(logits.double(), masks.double()).backward()
+        found[name] = {"logits": logits.detach()} | grads(model)
+    assert len(recomputations) == len(
+        encoder_blocks(plain.sam.image_encoder)
+    )  # each block, once in forward
+    assert_no_farther(found["recomputed"], found["plain"], found["exact"], precision, GRAD_SLACK)
