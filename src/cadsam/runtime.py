@@ -41,8 +41,9 @@ AUTO = "auto"
 FAST_GIB = 8
 # Training steps ``cuda_graph=auto`` replays as a CUDA graph, by method: the backbones (name
 # prefixes) on which the GPU tier checks the graphed step against the eager one, from the
-# cache and through the encoder. Launched eagerly, a bf16 CAD step on ViT-B leaves an H200
-# idle half of the time.
+# cache and through the encoder, and the graph was measured faster. Launched eagerly, a bf16
+# CAD step on ViT-B leaves an H200 idle half of the time. (The tier checks SAM 2.1's
+# Hiera-B+ too; its graphed rate is not yet measured.)
 GRAPHED_STEPS = {"cad": ("vit_",)}
 # ... and from which it also keeps the encoder's activations for methods that act inside it
 # (ViT-H's SAM-Adapter keeps 21 GiB in fp32 at batch 2; benchmarks/BENCHMARKS.md), and
