@@ -38,8 +38,7 @@ METHODS = {
     "cad": "CAD",
     "lora": "LoRA",
 }
-# A variant's place within its method: its runtime, then cache, then how the step launches
-# ("-graph": results from before CAD's step was graphed by default).
+# A variant's place within its method: its runtime, then cache, then how the step launches.
 SUFFIXES = ("-plain", "", "-eager", "-graph", "-lean")
 SUFFIXES += ("-cache", "-cache-eager", "-cache-graph", "-cache-lean")
 NOT_TRAINING = ("encoder-forward", "cache-build")
@@ -48,8 +47,8 @@ LEGEND = (
     "fits); `-lean` the least memory; `-plain` the reference formulation, which allocates what "
     "the authors' code allocates (measured in fp32, the paper's precision); `-cache` trains "
     "from cached embeddings, with no image encoder in memory; `auto` replays CAD's step on "
-    "SAM's ViT as a CUDA graph, `-eager` launches it kernel by kernel (in older runs, `-graph` was the "
-    "graphed step and no suffix the eager one). Peak allocated memory is `torch.cuda.max_memory_allocated` over the whole "
+    "SAM's ViT as a CUDA graph, `-eager` launches it kernel by kernel, `-graph` replays it where "
+    "`auto` does not (SAM 2.1; in runs of commits before 33ffedd, no suffix was the eager step). Peak allocated memory is `torch.cuda.max_memory_allocated` over the whole "
     "run; images/s is the batch over the median step time after 3 warm-up steps. The paper's "
     "figures are `nvidia-smi` readings on an A100, which add the CUDA context and the "
     "allocator's cache; the authors' code was measured as peak allocated on an H100."
