@@ -218,6 +218,27 @@ def failures(rows: dict) -> list[str]:
     return lines
 
 
+def still_to_measure(rows: dict) -> list[str]:
+    """The rows of benchmarks/suite.py's whole run, for the backbones this folder measured,
+    that it lacks: a run in parts says what it does not hold yet (failures: above)."""
+    sys.path.insert(0, str(HERE))
+    import suite
+
+    present = {backbone for backbone, _, _ in rows}
+    backbones = tuple(b for b in (*suite.BACKBONES, *suite.SAM2_BACKBONES) if b in present)
+    missing: dict[tuple[str, str], list[str]] = {}
+    for job in suite.canonical_jobs(backbones):
+        if (job.backbone, job.variant, job.precision) not in rows:
+            name = "the cache build" if job.variant == suite.CACHE_BUILD else f"`{job.variant}`"
+            missing.setdefault((job.backbone, job.precision), []).append(name)
+    if not missing:
+        return []
+    lines = ["**Not in this folder yet** (rows of `benchmarks/suite.py`'s whole run):", ""]
+    for (backbone, precision), names in missing.items():
+        lines.append(f"- {TITLES.get(backbone, backbone)}, {precision}: {', '.join(names)}")
+    return lines
+
+
 def shown(folder: Path) -> str:
     """``folder`` as a maintainer would type it: from the repository's root if inside it."""
     folder = folder.resolve()
@@ -283,7 +304,7 @@ def render(
             parts.append([title, "", *table])
     if len(parts) > 1:
         parts.append([LEGEND])
-    parts += [encoder_table(rows), cache_table(rows), failures(rows)]
+    parts += [encoder_table(rows), cache_table(rows), failures(rows), still_to_measure(rows)]
     return "\n\n".join("\n".join(part) for part in parts if part) + "\n"
 
 
