@@ -524,9 +524,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         dest="variants",
         metavar="VARIANT",
-        help=f"any of: {', '.join(VARIANTS)}, encoder-forward (default: all but the -graph "
-        "ones, which repeat auto's step there; on SAM 2.1 all but SAM-Adapter's, which are "
-        "SAM 1 only)",
+        help=f"any of: {', '.join(VARIANTS)}, encoder-forward (default on SAM's ViT: all "
+        "but the -graph ones, which repeat auto's graphed step there; on SAM 2.1: all but "
+        "SAM-Adapter's, which are SAM 1 only)",
     )
     parser.add_argument(
         "--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"]
