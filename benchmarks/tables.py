@@ -4,10 +4,11 @@ Reads every JSON report under RESULTS_DIR (``cadsam bench``'s bench.json files a
 cache.json files, which share their layout: ``{"environment": ..., "results": [...]}``),
 merges their rows (a later report's row replaces an earlier one's; a failed row never
 replaces a measured one; rows measured with ``--set`` are left out), and rewrites the part of
-BENCHMARKS.md between the markers below. The reports must come from one commit: tables stitched
-across code versions are refused unless ``--allow-mixed-commits``.
+BENCHMARKS.md between a section's markers (the canonical run's, ``tables``, unless
+``--section``). The reports must come from one commit: tables stitched across code versions are
+refused unless ``--allow-mixed-commits``; a run of another commit gets a section of its own.
 
-Run: python benchmarks/tables.py RESULTS_DIR [--markdown FILE] [--stdout] [--allow-mixed-commits]
+Run: python benchmarks/tables.py RESULTS_DIR [--markdown FILE] [--section NAME] [--stdout]
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
+SECTION = "tables"  # the section rewritten: between <!-- tables:begin --> and <!-- tables:end -->
+BEGIN, END = f"<!-- {SECTION}:begin -->", f"<!-- {SECTION}:end -->"
 TITLES = {
     "vit_b": "ViT-B",
     "vit_l": "ViT-L",
@@ -308,11 +310,13 @@ def render(
     return "\n\n".join("\n".join(part) for part in parts if part) + "\n"
 
 
-def replace_section(text: str, section: str) -> str:
-    start, end = text.find(BEGIN), text.find(END)
+def replace_section(text: str, section: str, name: str = SECTION) -> str:
+    """``text`` with ``section`` between the markers of the section called ``name``."""
+    begin, end_marker = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    start, end = text.find(begin), text.find(end_marker)
     if start < 0 or end < start:
-        sys.exit(f"no section between {BEGIN} and {END} to rewrite")
-    return f"{text[: start + len(BEGIN)]}\n{section.strip()}\n{text[end:]}"
+        sys.exit(f"no section between {begin} and {end_marker} to rewrite")
+    return f"{text[: start + len(begin)]}\n{section.strip()}\n{text[end:]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", help="a results folder of benchmarks/suite.py")
     parser.add_argument(
         "--markdown", default=str(HERE / "BENCHMARKS.md"), help="the file to rewrite"
+    )
+    parser.add_argument(
+        "--section",
+        default=SECTION,
+        help=f"the section to rewrite, between <!-- NAME:begin --> and <!-- NAME:end --> "
+        f"(default {SECTION}; e.g. sam2-tables for a run of SAM 2.1 at another commit)",
     )
     parser.add_argument("--stdout", action="store_true", help="print the section; write nothing")
     parser.add_argument("--allow-mixed-commits", action="store_true")
@@ -333,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stdout:
         print(section, end="")
         return 0
-    markdown.write_text(replace_section(markdown.read_text(), section))
+    markdown.write_text(replace_section(markdown.read_text(), section, args.section))
     print(f"rewrote the tables in {markdown} from {len(reports)} reports in {folder}")
     return 0
 

@@ -112,6 +112,13 @@ def test_tables_rewrite_only_the_section_between_the_markers(results: Path, tmp_
     assert "awaiting" not in text and "1,329" in text
     assert tables.main([str(results), "--markdown", str(markdown)]) == 0
     assert markdown.read_text() == text  # rewriting is idempotent
+    # a second section, for another run: the first stays as it is
+    markdown.write_text(f"{text}\n<!-- sam2-tables:begin -->\n<!-- sam2-tables:end -->\n")
+    assert tables.main([str(results), "--markdown", str(markdown), "--section", "sam2-tables"]) == 0
+    first, second = markdown.read_text().split("<!-- sam2-tables:begin -->")
+    assert first == f"{text}\n" and "1,329" in second
+    with pytest.raises(SystemExit, match="no section between <!-- other:begin -->"):
+        tables.main([str(results), "--markdown", str(markdown), "--section", "other"])
 
 
 def test_tables_keep_the_later_row_and_never_replace_a_measurement_by_an_error(results: Path):
