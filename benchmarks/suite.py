@@ -680,7 +680,9 @@ def run_calls(
     stamped: str | None,
 ) -> tuple[int, list[str]]:
     """The ``cadsam bench`` calls of ``jobs`` not yet in ``out`` that fit before ``deadline``:
-    the number that failed, and the folders of those left for later."""
+    the number that failed, and the folders of those left for later. ``commit``: the commit
+    measured, which a kept report must be of; ``stamped``: ``--commit``, written into each
+    new report."""
     failures, later = 0, []
     for folder, command, seconds in bench_calls(jobs, out, steps):
         variants = command[command.index("--methods") + 1 : command.index("--precision")]
