@@ -329,3 +329,28 @@ def test_demo_runs_on_a_sam2_checkpoint(tmp_path):
     assert f"`sam-adapter-paper` is not trained here: {why}." in text
     for method in results["methods"]:
         assert _table_row(method, results["methods"][method]) in text
+
+
+SAM2_TEST = "sam2.1_hiera_tiny_test"
+
+
+def test_the_backbone_is_told_from_one_read_of_the_checkpoint(tmp_path, monkeypatch):
+    """SAM 2.1's file or SAM's, each read once to pick the backbone; a file that is neither
+    gets SAM's one-line error."""
+    import cadsam.demo as demo
+    from cadsam.sam import build_sam
+    from cadsam.sam2 import build_sam2
+
+    files = {SAM2_TEST: tmp_path / "hiera.pt", "vit_tiny": tmp_path / "vit.pth"}
+    torch.save({"model": build_sam2(SAM2_TEST).state_dict()}, files[SAM2_TEST])
+    torch.save(build_sam("vit_tiny").state_dict(), files["vit_tiny"])
+    reads = []
+    read = demo.read_checkpoint_file
+    monkeypatch.setattr(demo, "read_checkpoint_file", lambda path: reads.append(path) or read(path))
+    for backbone, path in files.items():
+        assert demo.pick_backbone(str(path), tmp_path) == (backbone, str(path))
+    assert reads == list(files.values())
+    neither = tmp_path / "neither.pth"
+    torch.save({"weights": torch.zeros(2)}, neither)
+    with pytest.raises(CadsamError, match=r"neither\.pth is not a SAM state_dict"):
+        demo.pick_backbone(str(neither), tmp_path)

@@ -38,9 +38,15 @@ from .figures import mask_rows, pyplot, save_grid
 from .methods import CACHEABLE, METHOD_OPTIONS, build_model, runs_on
 from .paper import MEMORY_TABLES
 from .sam import SAM_CONFIGS, build_sam
-from .sam.checkpoint import META_CHECKPOINTS, checkpoint_dir, encoder_signature, read_sam_state_dict
+from .sam.checkpoint import (
+    META_CHECKPOINTS,
+    checkpoint_dir,
+    encoder_signature,
+    read_checkpoint_file,
+    sam_state_dict,
+)
 from .sam2 import SAM2_CONFIGS
-from .sam2.checkpoint import read_sam2_state_dict, trunk_signature
+from .sam2.checkpoint import is_sam2_checkpoint, sam2_state_dict, trunk_signature
 from .train import TrainConfig, segmentation_loss, train
 from .weights import load_weights
 
@@ -107,17 +113,16 @@ def pick_backbone(checkpoint: str | None, out: Path) -> tuple[str, str]:
 
 
 def _checkpoint_backbone(checkpoint: str) -> str:
-    """The backbone whose encoder ``checkpoint`` holds: a SAM ViT by its encoder, else a SAM 2.1
-    Hiera by its trunk, as SAM 2.1's loader tells them apart. A file that is neither gets
-    SAM's own error, which names a SAM 2.1 file it could not read."""
+    """The backbone whose encoder ``checkpoint`` holds, from one read of the file: a SAM 2.1
+    Hiera by its trunk where the file is SAM 2.1's, else a SAM ViT by its encoder (a file that
+    is neither gets SAM's error)."""
     configs: dict[str, Any]
-    try:
-        configs, found = SAM_CONFIGS, encoder_signature(read_sam_state_dict(checkpoint))
-    except CadsamError as not_sam:
-        try:
-            configs, found = SAM2_CONFIGS, trunk_signature(read_sam2_state_dict(checkpoint))
-        except CadsamError:
-            raise not_sam from None
+    content = read_checkpoint_file(Path(checkpoint))
+    if is_sam2_checkpoint(content):
+        configs = SAM2_CONFIGS
+        found = trunk_signature(sam2_state_dict(content, Path(checkpoint)))
+    else:
+        configs, found = SAM_CONFIGS, encoder_signature(sam_state_dict(content, Path(checkpoint)))
     for name, config in configs.items():
         if (config.embed_dim, config.depth) == found:
             return name

@@ -199,7 +199,12 @@ def read_sam_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     (``weights_only``), or a Hugging Face ``SamModel``'s ``model.safetensors`` or
     ``pytorch_model.bin``, whose keys are renamed to Meta's (:mod:`cadsam.sam.hf`)."""
     path = Path(path)
-    state = read_checkpoint_file(path)
+    return sam_state_dict(read_checkpoint_file(path), path)
+
+
+def sam_state_dict(state: object, path: Path) -> dict[str, torch.Tensor]:
+    """What :func:`read_checkpoint_file` read from ``path``, as SAM's state_dict in Meta's keys,
+    or the one-line error that says why it is not one."""
     from ..sam2.checkpoint import is_sam2_checkpoint  # (sam2 builds on this module)
 
     if is_sam2_checkpoint(state):

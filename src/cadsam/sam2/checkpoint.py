@@ -75,7 +75,12 @@ def read_sam2_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a SAM 2 checkpoint (its weights under ``"model"``) safely, or say clearly why the
     file cannot be one."""
     path = Path(path)
-    content = read_checkpoint_file(path)
+    return sam2_state_dict(read_checkpoint_file(path), path)
+
+
+def sam2_state_dict(content: object, path: Path) -> dict[str, torch.Tensor]:
+    """What :func:`read_checkpoint_file` read from ``path``, as SAM 2's state_dict, or the
+    one-line error that says why it is not one."""
     if is_sam1_state_dict(content):
         raise CadsamError(
             f"{path} is a SAM (1) checkpoint, not SAM 2.1: use it with a SAM backbone "
