@@ -771,7 +771,8 @@ def test_recomputed_encoder_blocks_equal_kept_blocks(monkeypatch, precision, bac
         return checkpoint(*args, **kwargs)
 
     monkeypatch.setattr(cadsam.fast, "checkpoint", counted)
-    images, masks = images_and_masks(2, 256, seed=14)
+    # one image: in float64, the plain attention keeps GiBs per global block for backward
+    images, masks = images_and_masks(1, 256, seed=14)
     found = {}
     for name, model in (("plain", plain), ("recomputed", recomputed), ("exact", exact)):
         with autocast("fp32" if name == "exact" else precision):
