@@ -19,6 +19,7 @@ from cadsam.demo import (
     PAPER_SCALE,
     _comparisons,
     _memory_at_paper_scale,
+    _missing_text,
     kept_for_backward,
     run_demo,
     tradeoff_figure,
@@ -142,9 +143,9 @@ def test_demo_report_sets_the_run_beside_the_paper_scale(demo):
     }
     assert counted["lora"] > counted["cad"]
     assert kept["lora"] == round(counted["lora"], 1) and kept["cad"] == round(counted["cad"], 1)
-    # The GPU column is one H200 run (no decoder there); the paper has no LoRA: "-", not 0.
-    gpu = {"decoder": "-", "cad": "1,393", "sam-adapter-paper": "9,821", "lora": "10,249"}
-    assert ("vit_b", "lora") not in MEMORY_TABLES and "decoder" not in GPU_BENCH["mib"]
+    # The GPU column is one H200 call; the paper has no LoRA: "-", not 0.
+    gpu = {"decoder": "1,093", "cad": "1,603", "sam-adapter-paper": "9,796", "lora": "10,249"}
+    assert ("vit_b", "lora") not in MEMORY_TABLES and set(GPU_BENCH["mib"]) == set(METHODS)
     at_scale = text[text.index("## Memory at the paper's scale") :]
     for method, s in scale.items():
         paper = MEMORY_TABLES[("vit_b", method)][1] if method != "lora" else None
@@ -152,9 +153,9 @@ def test_demo_report_sets_the_run_beside_the_paper_scale(demo):
             f"| {method} | {s['trainable']:,} | {round(s['kept_mib']):,} "
             f"| {gpu[method]} | {'-' if paper is None else f'{paper:,}'} |"
         ) in at_scale
-    assert "2026-12-01" in text and "e7e1861" in text and "benchmarks/BENCHMARKS.md" in text
+    assert "2026-12-01" in text and "8c39fe9" in text and "benchmarks/BENCHMARKS.md" in text
     assert "H100" not in text  # one device in the GPU column, named once
-    assert "the paper has no LoRA" in text and "did not measure decoder-only" in text
+    assert "the paper has no LoRA" in text and "did not measure" not in text
     lora_vs_cad = f"{kept['lora'] / kept['cad']:.1f}x more kept for backward"
     assert f"Against CAD, LoRA needs {lora_vs_cad}" in text
 
@@ -182,6 +183,18 @@ def test_memory_sentences_follow_the_figures():
     assert "like SAM-Adapter" not in text  # the reason holds only where LoRA needs more
 
 
+def test_a_missing_figure_is_said_to_be_missing_not_zero():
+    scale = {
+        "decoder": {"gpu_bench_mib": None, "paper_mib": 1_000},
+        "lora": {"gpu_bench_mib": 310.0, "paper_mib": None},
+    }
+    assert _missing_text(scale) == (
+        '"-": no figure from that source (that GPU run did not measure decoder-only; no other '
+        "device's figure is used; the paper has no LoRA)."
+    )
+    assert _missing_text({"cad": {"gpu_bench_mib": 1.0, "paper_mib": 2}}) == ""
+
+
 def test_demo_figures_are_labelled(demo):
     out, *_ = demo
     assert Image.open(out / "tradeoff.png").size[0] > 0
@@ -193,14 +206,14 @@ def test_demo_figures_are_labelled(demo):
     bars = {c.get_label(): [p.get_height() for p in c.patches] for c in right.containers}
     # Three sources; no bar, not a zero-height one, where a source has no figure.
     assert {m: len(h) for m, h in bars.items()} == {
-        "decoder": 2,  # no H200 figure
+        "decoder": 3,
         "CAD": 3,
         "SAM-Adapter": 3,
         "LoRA": 2,  # no paper figure
     }
     assert all(h > 0 for heights in bars.values() for h in heights)
     assert bars["LoRA"][0] > bars["CAD"][0]  # kept for backward at ViT-B
-    assert [t.get_text() for t in right.texts] == ["no figure", "no figure"]
+    assert [t.get_text() for t in right.texts] == ["no figure"]  # LoRA's, in the paper
     pyplot().close(fig)
     examples = np.asarray(Image.open(out / "examples.png").convert("L"))
     columns = 2 + len(METHODS)  # image, ground truth, one per method

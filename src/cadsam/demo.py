@@ -63,11 +63,11 @@ PAPER_SCALE = {"backbone": "vit_b", "image_size": 512, "adapter_size": 512}
 GPU_BENCH: dict[str, Any] = {
     "date": "2026-12-01",
     "device": "NVIDIA H200",
-    "commit": "e7e1861",
-    "source": "benchmarks/results/2026-12-01_H200_fp32-lora-partial",
-    "mib": {"cad": 1_393.1, "sam-adapter-paper": 9_820.5, "lora": 10_248.7},
+    "commit": "8c39fe9",
+    "source": "benchmarks/results/2026-12-01_H200_8c39fe9",
+    "mib": {"decoder": 1_092.8, "cad": 1_603.4, "sam-adapter-paper": 9_796.1, "lora": 10_248.7},
     "notes": "LoRA with its encoder blocks recomputed in backward (`lora-lean`): 2,270 MiB; "
-    "CAD from cached embeddings (`cad-cache`): 1,067 MiB",
+    "CAD from cached embeddings (`cad-cache`): 1,295 MiB, 938 under `lean`",
 }
 LABELS = {"decoder": "decoder", "cad": "CAD", "sam-adapter-paper": "SAM-Adapter", "lora": "LoRA"}
 # The paper-scale memory by source: (key in each method's row, how a sentence names it, how
