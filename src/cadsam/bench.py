@@ -32,7 +32,7 @@ import torch
 from .backbones import BACKBONES, DEFAULT_BATCH, backbone_config
 from .errors import CadsamError
 from .figures import pyplot
-from .methods import AdaptedSam, build_model, runs_on
+from .methods import SAM1_ONLY_WHY, AdaptedSam, build_model, runs_on
 from .paper import AUTHORS_CODE_H100_MIB, MEMORY_TABLES
 from .precision import autocast
 from .runtime import Runtime, named_runtime, settle_cuda_graph
@@ -357,9 +357,8 @@ def check_request(
         for variant in variants or []:
             if not variant_runs_on(variant, backbone):
                 raise CadsamError(
-                    f"bench variant {variant} is SAM 1 only (SAM-Adapter prompts the tokens of "
-                    f"SAM's ViT encoder, which {backbone}'s Hiera trunk does not have): leave it "
-                    f"out of --methods for {backbone}"
+                    f"bench variant {variant} is SAM 1 only ({SAM1_ONLY_WHY}): leave it out of "
+                    f"--methods for {backbone}"
                 )
     Runtime().replace(**overrides)  # a bad name or value is an error before any run
     measured = variants if variants is not None else [*VARIANTS]

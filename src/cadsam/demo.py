@@ -35,7 +35,7 @@ from .data.synthetic import make_synthetic_set
 from .errors import CadsamError
 from .evaluate import evaluate
 from .figures import mask_rows, pyplot, save_grid
-from .methods import CACHEABLE, METHOD_OPTIONS, build_model, runs_on
+from .methods import CACHEABLE, METHOD_OPTIONS, SAM1_ONLY_WHY, build_model, runs_on
 from .paper import MEMORY_TABLES
 from .sam import SAM_CONFIGS, build_sam
 from .sam.checkpoint import (
@@ -117,12 +117,12 @@ def _checkpoint_backbone(checkpoint: str) -> str:
     Hiera by its trunk where the file is SAM 2.1's, else a SAM ViT by its encoder (a file that
     is neither gets SAM's error)."""
     configs: dict[str, Any]
-    content = read_checkpoint_file(Path(checkpoint))
+    path = Path(checkpoint)
+    content = read_checkpoint_file(path)
     if is_sam2_checkpoint(content):
-        configs = SAM2_CONFIGS
-        found = trunk_signature(sam2_state_dict(content, Path(checkpoint)))
+        configs, found = SAM2_CONFIGS, trunk_signature(sam2_state_dict(content, path))
     else:
-        configs, found = SAM_CONFIGS, encoder_signature(sam_state_dict(content, Path(checkpoint)))
+        configs, found = SAM_CONFIGS, encoder_signature(sam_state_dict(content, path))
     for name, config in configs.items():
         if (config.embed_dim, config.depth) == found:
             return name
@@ -136,7 +136,7 @@ def not_trained_because(method: str, backbone: str) -> str | None:
     """Why the demo leaves ``method`` out on ``backbone`` (said on the console and in the
     report), or None: it trains."""
     if not runs_on(method, backbone):
-        return "SAM-Adapter prompts the tokens of SAM's ViT encoder; SAM 2.1 has a Hiera trunk"
+        return SAM1_ONLY_WHY
     small = not backbone_config(backbone).pretrained  # vit_tiny, sam2.1_hiera_tiny_test
     if method not in CACHEABLE and not small and not torch.cuda.is_available():
         return f"it trains with the {backbone} encoder: far too slow here"

@@ -53,17 +53,19 @@ def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+# why SAM-Adapter's methods are SAM 1 only, wherever that is said
+SAM1_ONLY_WHY = "SAM-Adapter prompts the tokens of SAM's ViT encoder; SAM 2.1 has a Hiera trunk"
+
+
 def runs_on(method: str, backbone: str) -> bool:
-    """Whether ``method`` exists on ``backbone``: SAM-Adapter prompts the tokens of SAM's ViT
-    encoder, which SAM 2.1's Hiera trunk does not have."""
+    """Whether ``method`` exists on ``backbone`` (SAM1_ONLY_WHY)."""
     return not (method.startswith("sam-adapter") and is_sam2(backbone))
 
 
 def check_method_on_backbone(method: str, backbone: str) -> None:
     if not runs_on(method, backbone):
         raise CadsamError(
-            f"SAM-Adapter is SAM 1 only (it prompts the tokens of SAM's ViT encoder, which "
-            f"SAM 2.1's Hiera trunk does not have): on {backbone}, use cad, decoder or lora"
+            f"SAM-Adapter is SAM 1 only ({SAM1_ONLY_WHY}): on {backbone}, use cad, decoder or lora"
         )
 
 
@@ -113,4 +115,14 @@ def build_model(
     return model
 
 
-__all__ = ["CACHEABLE", "METHODS", "METHOD_OPTIONS", "AdaptedSam", "build_model", "resolve_options"]
+__all__ = [
+    "CACHEABLE",
+    "METHODS",
+    "METHOD_OPTIONS",
+    "SAM1_ONLY_WHY",
+    "AdaptedSam",
+    "build_model",
+    "check_method_on_backbone",
+    "resolve_options",
+    "runs_on",
+]
