@@ -47,11 +47,11 @@ SAM 2.1 (``SAM2_BACKBONES``) is measured on request only, never in the canonical
 one in ``--backbones`` makes the run that ``--chunk`` cuts the whole run of the backbones
 named (every variant but SAM-Adapter's, which are SAM 1 only; the encoder's rate and the
 cache build), batch 4 (2 for ``sam2.1_hiera_l``). Its estimates are guesses but for
-Hiera-B+'s auto and cache kinds. The training rows of SAM 2.1 Hiera-B+ and Hiera-L, about 17
-minutes by those estimates (one backbone and precision at a time where a command may run only
-a few minutes):
+Hiera-B+'s auto and cache kinds. The training rows of SAM 2.1 Hiera-B+ and Hiera-L, about 19
+minutes by those estimates (``--within`` where a command may run only a few minutes):
 
-    python benchmarks/suite.py --backbones sam2.1_hiera_b+ sam2.1_hiera_l --variants decoder cad cad-cache lora
+    python benchmarks/suite.py --backbones sam2.1_hiera_b+ sam2.1_hiera_l \
+        --variants decoder cad cad-cache cad-cache-eager lora
 """
 
 from __future__ import annotations
@@ -106,10 +106,9 @@ CACHE_BUILD = "cache-build"  # not a bench variant: cadsam cache, timed by this 
 KINDS = ("plain", "auto", "lean", "cache", "encoder", CACHE_BUILD)  # see group()
 # Seconds one variant takes on an H200, by backbone and kind (see group()): a call's time less
 # CALL_S, over its variants, in the slower precision, rounded up to 5 s. Measured: ViT-B's
-# every kind and ViT-H's plain, cache and encoder (the canonical run of 8c39fe9, its
-# timings.jsonl), SAM 2.1 b+'s auto and cache (its bf16 calls of 2026-12-01). ViT-H's auto and
-# lean and the cache builds (which include making a checkpoint and images) are not yet
-# measured in a canonical run: earlier calls' timings, rounded up.
+# and ViT-H's every kind (the canonical run of 8c39fe9, its timings.jsonl; the two cache builds,
+# which include making a checkpoint and images, took 338 s together, split here by their timed
+# builds), SAM 2.1 b+'s auto and cache (its bf16 calls of 2026-12-01).
 # SAM 2.1's other entries are ESTIMATES, NOT YET MEASURED, reasoned from the ViT rows: a step at 1024 px
 # whose trunk is cheaper than ViT-B's (t, s) or near it (b+, batch 4), or between ViT-B's and
 # ViT-H's (l, batch 2); the decoder reads two high-resolution maps as well, and compiling
@@ -119,8 +118,8 @@ ESTIMATE_S = {
     (backbone, kind): seconds
     for backbone, row in {
         #                  plain auto lean cache encoder cache-build
-        "vit_b":           (15,  25,  25,  30,   10,     180),
-        "vit_h":           (15,  65,  35,  25,   12,     250),
+        "vit_b":           (15,  25,  25,  30,   10,     160),
+        "vit_h":           (15,  50,  25,  25,   12,     200),
         "sam2.1_hiera_t":  (20,  50,  30,  30,   10,     200),
         "sam2.1_hiera_s":  (20,  50,  30,  30,   10,     200),
         "sam2.1_hiera_b+": (25,  50,  35,  20,   12,     220),

@@ -161,9 +161,9 @@ def test_auto_fits_the_gpus_free_memory(monkeypatch, free_gib, expected, said):
 
 
 def test_auto_graphs_the_training_steps_the_gpu_tier_checks(monkeypatch):
-    """``auto`` replays a step as a CUDA graph only when training CAD on SAM's ViT (the steps
-    the GPU tier checks graphed against eager) on CUDA in whole optimiser steps; never for
-    other methods or backbones, outside training, under ``lean`` or on a CPU; a setting given
+    """``auto`` replays a step as a CUDA graph only when training CAD on SAM's ViT or SAM 2.1
+    (the steps the GPU tier checks graphed against eager) on CUDA in whole optimiser steps;
+    never for other methods, outside training, under ``lean`` or on a CPU; a setting given
     stands."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (100 * 2**30, 2**40))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Stand-in GPU")
@@ -174,9 +174,10 @@ def test_auto_graphs_the_training_steps_the_gpu_tier_checks(monkeypatch):
     cad = ("cad", "vit_h")
     runtime, said = resolve_runtime("auto", None, "cuda", cad)
     assert runtime.cuda_graph is True and "cuda_graph=true" in said
+    assert graphed("auto", None, "cuda", ("cad", "sam2.1_hiera_b+")) is True
     assert graphed("auto", None, "cuda", cad, False) is False  # grad_accum or torchrun
     others = [(m, "vit_b") for m in ("decoder", "lora", "sam-adapter")]
-    for training in [*others, ("cad", "sam2.1_hiera_b+")]:
+    for training in [*others, ("lora", "sam2.1_hiera_l")]:
         assert graphed("auto", None, "cuda", training) is False, training
     assert graphed() is False  # eval, predict, cache
     assert graphed("lean", None, "cuda", cad) is False

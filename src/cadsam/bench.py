@@ -42,8 +42,7 @@ from .runtime import Runtime, named_runtime, settle_cuda_graph
 # memory), "-plain" (the reference formulation, which reproduces what the authors' code
 # allocates); "-cache": from cached embeddings, no encoder (the paper's section 5); "-eager":
 # the step launched kernel by kernel, where ``auto`` replays CAD's as a CUDA graph
-# (cadsam train --set cuda_graph=false); "-graph": replayed as a CUDA graph, where ``auto``
-# launches it eagerly (SAM 2.1: what a graph would gain there; measured only there by default).
+# (cadsam train --set cuda_graph=false).
 VARIANTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
     "decoder-plain": ("decoder", "plain", {}, False),
     "decoder": ("decoder", "auto", {}, False),
@@ -52,11 +51,9 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
     "cad": ("cad", "auto", {}, False),
     "cad-lean": ("cad", "lean", {}, False),
     "cad-eager": ("cad", "auto", {"cuda_graph": False}, False),
-    "cad-graph": ("cad", "auto", {"cuda_graph": True}, False),
     "cad-cache": ("cad", "auto", {}, True),
     "cad-cache-lean": ("cad", "lean", {}, True),
     "cad-cache-eager": ("cad", "auto", {"cuda_graph": False}, True),
-    "cad-cache-graph": ("cad", "auto", {"cuda_graph": True}, True),
     "sam-adapter-paper-plain": ("sam-adapter-paper", "plain", {}, False),
     "sam-adapter-paper": ("sam-adapter-paper", "auto", {}, False),
     "sam-adapter-paper-lean": ("sam-adapter-paper", "lean", {}, False),
@@ -80,17 +77,7 @@ def variant_runs_on(variant: str, backbone: str) -> bool:
 
 def default_variants(backbone: str) -> list[str]:
     """What ``cadsam bench`` measures on ``backbone`` when no --methods are given."""
-    every = [*VARIANTS, "encoder-forward"]
-    return [v for v in every if variant_runs_on(v, backbone) and not _graphed_anyway(v, backbone)]
-
-
-def _graphed_anyway(variant: str, backbone: str) -> bool:
-    """A ``-graph`` variant where ``auto`` graphs the step already (SAM's ViT): a repeat."""
-    if not variant.endswith("-graph"):
-        return False
-    method = VARIANTS[variant][0]
-    auto = settle_cuda_graph(Runtime(cuda_graph="auto"), torch.device("cuda"), (method, backbone))
-    return auto.cuda_graph is True
+    return [v for v in [*VARIANTS, "encoder-forward"] if variant_runs_on(v, backbone)]
 
 
 def _nvml_mib() -> dict[str, float | None]:
@@ -523,8 +510,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         dest="variants",
         metavar="VARIANT",
-        help=f"any of: {', '.join(VARIANTS)}, encoder-forward (default on SAM's ViT: all "
-        "but the -graph ones, which repeat auto's graphed step there; on SAM 2.1: all but "
+        help=f"any of: {', '.join(VARIANTS)}, encoder-forward (default: all; on SAM 2.1 all but "
         "SAM-Adapter's, which are SAM 1 only)",
     )
     parser.add_argument(

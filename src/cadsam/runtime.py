@@ -14,7 +14,7 @@ Three named runtimes:
   frozen-encoder call, SAM-Adapter's and LoRA's encoder blocks recomputed in backward);
 * ``auto`` (the commands' default): on a GPU, the fastest path that fits its free memory (the
   frozen encoder batched and compiled, CAD's blocks kept for backward; where there is much
-  room, CAD's training step on SAM's ViT replayed as a CUDA graph, and the encoder's blocks
+  room, CAD's training step replayed as a CUDA graph, and the encoder's blocks
   kept for SAM-Adapter's and LoRA's activations), ``lean`` where little is free; on a CPU,
   ``plain`` with the fused attention.
 
@@ -42,9 +42,9 @@ FAST_GIB = 8
 # Training steps ``cuda_graph=auto`` replays as a CUDA graph, by method: the backbones (name
 # prefixes) on which the GPU tier checks the graphed step against the eager one, from the
 # cache and through the encoder, and the graph was measured faster. Launched eagerly, a bf16
-# CAD step on ViT-B leaves an H200 idle half of the time. (The tier checks SAM 2.1's
-# Hiera-B+ too; its graphed rate is not yet measured.)
-GRAPHED_STEPS = {"cad": ("vit_",)}
+# CAD step leaves an H200 idle half of the time or more: graphed, ViT-B's runs 178 images/s
+# against 95, SAM 2.1 Hiera-B+'s 179 against 74 (benchmarks/BENCHMARKS.md).
+GRAPHED_STEPS = {"cad": ("vit_", "sam2.1_")}
 # ... and from which it also keeps the encoder's activations for methods that act inside it
 # (ViT-H's SAM-Adapter keeps 21 GiB in fp32 at batch 2; benchmarks/BENCHMARKS.md), and
 # replays CAD's step as a CUDA graph (GRAPHED_STEPS; its pool reserves memory of its own)
