@@ -3,7 +3,8 @@
 The GPU tier's ``test_compiled_decoder_equals_the_plain_decoder[bf16]``, under several
 inductor settings: one JSON line each, with how many gradients fail the test's bound, the
 worst three (distance ratio compiled / eager) and the median distances. Run from the
-repository root on a CUDA machine (``results/2026-12-01_H200_67f3310-partial/2-b524d1c``).
+repository root on a CUDA machine (its output at b524d1c on an H200:
+``h200_compiled_decoder_bf16.jsonl``).
 """
 
 from __future__ import annotations

@@ -55,11 +55,9 @@ BATCH = 4
 # The paper's setting for its memory tables (ViT-B: batch 4; 1024-pixel encoder input).
 PAPER_SCALE = {"backbone": "vit_b", "image_size": 512, "adapter_size": 512}
 # Peak allocated MiB while training, ViT-B, batch 4, fp32, cadsam's default `auto` runtime:
-# one `cadsam bench` call on an NVIDIA H200, 2026-12-01, commit e7e1861
-# (benchmarks/results/2026-12-01_H200_fp32-lora-partial/1-e7e1861/bench/*/bench.json). Chosen
-# over the earlier H100 figures (2026-11-24, no LoRA, stitched from runs of older code) as the
-# one run that measured LoRA beside CAD and SAM-Adapter, by one commit on one device. It did
-# not measure decoder-only: that cell shows "-", and no other device's figure fills it.
+# one `cadsam bench` call of the canonical run on an NVIDIA H200, 2026-12-01, commit 8c39fe9
+# (benchmarks/results/2026-12-01_H200_8c39fe9/vit_b-fp32-auto/bench.json): the four methods
+# side by side, from one commit on one device.
 GPU_BENCH: dict[str, Any] = {
     "date": "2026-12-01",
     "device": "NVIDIA H200",

@@ -173,7 +173,7 @@ def named_runtime(name: str, device: torch.device | str = "cpu") -> tuple[Runtim
         return ROOMY, f"{where}: fast"
     if free_gib >= FAST_GIB:
         # no graph: its private pool keeps a step's buffers apart from the allocator's cache,
-        # reserving ~3x what the step allocates (ViT-B bf16: 4,752 MiB for 1,457, on an H200)
+        # reserving ~3x what the step allocates (ViT-B bf16: 4,734 MiB for 1,456, on an H200)
         fast = ROOMY.replace(checkpoint_encoder=True, cuda_graph=False)
         return fast, f"{where}: fast, encoder blocks recomputed, steps launched eagerly"
     return LEAN, f"{where}: lean"
