@@ -64,6 +64,38 @@ def test_paper_counts_shared_layer_once_per_adapter():
         assert unique + (depth + 1) * shared == paper
 
 
+def test_params_command_tabulates_what_it_is_asked(capsys):
+    """Several backbones and methods: a JSON line or a table row each, the methods that run on
+    a backbone by default; a method named where it does not run is an error, not a skip."""
+    assert main(["params", "--backbone", "vit_b", "sam2.1_hiera_t", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    pairs = [(row["backbone"], row["method"]) for row in rows]
+    sam1 = ["zero-shot", "decoder", "cad", "sam-adapter", "sam-adapter-paper", "lora"]
+    sam2 = [m for m in sam1 if not m.startswith("sam-adapter")]
+    assert pairs == [("vit_b", m) for m in sam1] + [("sam2.1_hiera_t", m) for m in sam2]
+    trainable = {pair: row["trainable"] for pair, row in zip(pairs, rows, strict=True)}
+    assert trainable["vit_b", "decoder"] == 4_058_340  # Meta's mask decoder
+    assert trainable["vit_b", "lora"] == 4_058_340 + 12 * 4 * 768 * 4  # 4 x width x rank a block
+    assert trainable["vit_b", "zero-shot"] == trainable["sam2.1_hiera_t", "zero-shot"] == 0
+
+    assert main(["params", "--backbone", "vit_b", "sam2.1_hiera_t"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["backbone", "method", "trainable", "total"]
+    for line, row in zip(table[1:], rows, strict=True):
+        assert line.split() == [row["backbone"], row["method"], f"{row['trainable']:,}",
+                                f"{row['total']:,}"]  # fmt: skip
+
+    assert main(["params", "--backbone", "vit_b", "sam2.1_hiera_t", "--method", "sam-adapter"]) == 1
+    assert "SAM-Adapter is SAM 1 only" in capsys.readouterr().err
+
+
+def test_params_command_defaults_to_the_released_backbones(capsys):
+    assert main(["params", "--method", "decoder", "--json"]) == 0
+    backbones = [json.loads(line)["backbone"] for line in capsys.readouterr().out.splitlines()]
+    sam2 = ["sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l"]
+    assert backbones == ["vit_b", "vit_l", "vit_h", *sam2]  # not vit_tiny, the test config
+
+
 def test_params_command_json(capsys, meta_sam):
     assert main(["params", "--backbone", "vit_b", "--method", "decoder", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -26,16 +26,41 @@ from .sam import SAM_CONFIGS
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        model = build_model(args.method, args.backbone)
-    counts = model.parameter_counts()
+    from .methods import check_method_on_backbone, runs_on
+
+    backbones = args.backbone or released_backbones()
+    for backbone in backbones if args.method else ():
+        for method in args.method:
+            check_method_on_backbone(method, backbone)  # named both: an error, not a skip
+    rows = []
+    for backbone in backbones:
+        for method in args.method or [m for m in METHODS if runs_on(m, backbone)]:
+            with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+                counts = build_model(method, backbone).parameter_counts()
+            rows.append({"method": method, "backbone": backbone, **counts})
     if args.json:
-        print(json.dumps({"method": args.method, "backbone": args.backbone, **counts}))
-    else:
+        print("\n".join(json.dumps(row) for row in rows))
+    elif len(rows) == 1:
+        row = rows[0]
         print(
-            f"{args.method} on {args.backbone}: {counts['trainable']:,} trainable "
-            f"of {counts['total']:,} parameters"
+            f"{row['method']} on {row['backbone']}: {row['trainable']:,} trainable "
+            f"of {row['total']:,} parameters"
         )
+    else:
+        print(f"{'backbone':<16} {'method':<18} {'trainable':>12} {'total':>13}")
+        for row in rows:
+            print(
+                f"{row['backbone']:<16} {row['method']:<18} {row['trainable']:>12,} "
+                f"{row['total']:>13,}"
+            )
+
+
+def released_backbones() -> list[str]:
+    """The backbones Meta released weights for (not the small test configurations)."""
+    from .sam import META_CHECKPOINTS
+    from .sam2 import SAM2_CHECKPOINTS
+
+    return [b for b in BACKBONES if b in META_CHECKPOINTS or b in SAM2_CHECKPOINTS]
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -535,9 +560,23 @@ def _set_epilog() -> str:
 
 
 def add_params_arguments(params: argparse.ArgumentParser) -> None:
-    params.add_argument("--backbone", required=True, choices=list(BACKBONES))
-    params.add_argument("--method", required=True, choices=list(METHODS))
-    params.add_argument("--json", action="store_true", help="print one JSON object")
+    params.add_argument(
+        "--backbone",
+        nargs="+",
+        choices=list(BACKBONES),
+        metavar="BACKBONE",
+        help=f"any of: {', '.join(BACKBONES)} (default: every one Meta released weights for)",
+    )
+    params.add_argument(
+        "--method",
+        nargs="+",
+        choices=list(METHODS),
+        metavar="METHOD",
+        help=f"any of: {', '.join(METHODS)} (default: every one that runs on the backbone)",
+    )
+    params.add_argument(
+        "--json", action="store_true", help="one JSON object per backbone and method, a line each"
+    )
 
 
 def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
@@ -693,7 +732,7 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "params": (
         cmd_params,
         add_params_arguments,
-        "Count a method's trainable and total parameters.",
+        "Count methods' trainable and total parameters, per backbone.",
     ),
     "train": (
         cmd_train,
