@@ -1,6 +1,6 @@
 """Where one training step's GPU time goes: a torch.profiler table of the costliest kernels;
-for an eager step (no ``-graph`` variant) also of the costliest operators, by input shape,
-which names what a graph replay shows only as kernels.
+for an eager step (an ``-eager`` variant, or ``cuda_graph=false``) also of the costliest
+operators, by input shape, which names what a graph replay shows only as kernels.
 
 Run: python benchmarks/profile_step.py VARIANT [PRECISION] [OPTION=VALUE ...]
      e.g. python benchmarks/profile_step.py cad-cache fp32 adapter_tile_mib=64
@@ -30,7 +30,7 @@ def main(variant: str, precision: str = "fp32", *settings: str) -> None:
             sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70
         )
     )
-    if not variant.endswith("-graph"):
+    if not options.get("cuda_graph"):  # a replay shows kernels, not the operators behind them
         print(
             prof.key_averages(group_by_input_shape=True).table(
                 sort_by="self_cuda_time_total",

@@ -614,8 +614,8 @@ def test_graphed_steps_follow_the_eager_steps(precision, source, backbone):
     """Seven steps of CAD (bands, Triton kernels; the backbone's decoder), from cached
     embeddings or through the backbone's frozen encoder, with a cosine learning rate: captured
     on the fourth, replayed on the fifth and sixth, the short seventh eager; against the same
-    steps launched eagerly, with the graph's optimiser and with the eager one. SAM 2.1's cases
-    decide whether ``auto`` may graph its step too (runtime.GRAPHED_STEPS)."""
+    steps launched eagerly, with the graph's optimiser and with the eager one: what lets
+    ``auto`` graph the step on each backbone family (runtime.GRAPHED_STEPS)."""
     torch.manual_seed(7)
     with_encoder = source == "encoder"
     base = build_model("cad", backbone, adapter_size=ADAPTER_SIZE, with_encoder=with_encoder)
