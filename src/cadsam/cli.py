@@ -19,19 +19,23 @@ import torch
 from . import __version__
 from .backbones import BACKBONES
 from .errors import CadsamError
-from .methods import METHOD_OPTIONS, METHODS, build_model
+from .methods import (
+    METHOD_OPTIONS,
+    METHODS,
+    build_model,
+    check_method_on_backbone,
+    runs_on,
+)
 from .precision import PRECISIONS
 from .runtime import RUNTIMES, Runtime, parse_setting, resolve_runtime
 from .sam import SAM_CONFIGS
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    from .methods import check_method_on_backbone, runs_on
-
     backbones = args.backbone or released_backbones()
-    for backbone in backbones if args.method else ():
-        for method in args.method:
-            check_method_on_backbone(method, backbone)  # named both: an error, not a skip
+    for backbone in backbones:  # a method named where it does not run: an error, not a skip
+        for method in args.method or ():
+            check_method_on_backbone(method, backbone)
     rows = []
     for backbone in backbones:
         for method in args.method or [m for m in METHODS if runs_on(m, backbone)]:
