@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .backbones import BACKBONES
+from .backbones import BACKBONES, RELEASED_BACKBONES
 from .errors import CadsamError
 from .methods import (
     METHOD_OPTIONS,
@@ -32,7 +32,7 @@ from .sam import SAM_CONFIGS
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    backbones = args.backbone or released_backbones()
+    backbones = args.backbone or RELEASED_BACKBONES
     for backbone in backbones:  # a method named where it does not run: an error, not a skip
         for method in args.method or ():
             check_method_on_backbone(method, backbone)
@@ -57,14 +57,6 @@ def cmd_params(args: argparse.Namespace) -> None:
                 f"{row['backbone']:<16} {row['method']:<18} {row['trainable']:>12,} "
                 f"{row['total']:>13,}"
             )
-
-
-def released_backbones() -> list[str]:
-    """The backbones Meta released weights for (not the small test configurations)."""
-    from .sam import META_CHECKPOINTS
-    from .sam2 import SAM2_CHECKPOINTS
-
-    return [b for b in BACKBONES if b in META_CHECKPOINTS or b in SAM2_CHECKPOINTS]
 
 
 def cmd_train(args: argparse.Namespace) -> None:
