@@ -47,8 +47,9 @@ SAM 2.1 (``SAM2_BACKBONES``) is measured on request only, never in the canonical
 one in ``--backbones`` makes the run that ``--chunk`` cuts the whole run of the backbones
 named (every variant but SAM-Adapter's, which are SAM 1 only; the encoder's rate and the
 cache build), batch 4 (2 for ``sam2.1_hiera_l``). Its estimates are guesses but for
-Hiera-B+'s auto and cache kinds. The training rows of SAM 2.1 Hiera-B+ and Hiera-L, about 19
-minutes by those estimates (``--within`` where a command may run only a few minutes):
+Hiera-B+'s and Hiera-L's auto and cache kinds. The training rows of SAM 2.1 Hiera-B+ and
+Hiera-L, about 18 minutes by those estimates (16 in the run of 9ef4f35; ``--within`` where a
+command may run only a few minutes):
 
     python benchmarks/suite.py --backbones sam2.1_hiera_b+ sam2.1_hiera_l \
         --variants decoder cad cad-cache cad-cache-eager lora
@@ -108,7 +109,7 @@ KINDS = ("plain", "auto", "lean", "cache", "encoder", CACHE_BUILD)  # see group(
 # CALL_S, over its variants, in the slower precision, rounded up to 5 s. Measured: ViT-B's
 # and ViT-H's every kind (the canonical run of 8c39fe9, its timings.jsonl; the two cache builds,
 # which include making a checkpoint and images, took 338 s together, split here by their timed
-# builds), SAM 2.1 b+'s auto and cache (its bf16 calls of 2026-12-01).
+# builds), SAM 2.1 b+'s and l's auto and cache (the SAM 2.1 run of 9ef4f35, its timings.jsonl).
 # SAM 2.1's other entries are ESTIMATES, NOT YET MEASURED, reasoned from the ViT rows: a step at 1024 px
 # whose trunk is cheaper than ViT-B's (t, s) or near it (b+, batch 4), or between ViT-B's and
 # ViT-H's (l, batch 2); the decoder reads two high-resolution maps as well, and compiling
@@ -122,8 +123,8 @@ ESTIMATE_S = {
         "vit_h":           (15,  50,  25,  25,   12,     200),
         "sam2.1_hiera_t":  (20,  50,  30,  30,   10,     200),
         "sam2.1_hiera_s":  (20,  50,  30,  30,   10,     200),
-        "sam2.1_hiera_b+": (25,  50,  35,  20,   12,     220),
-        "sam2.1_hiera_l":  (30,  70,  40,  30,   15,     260),
+        "sam2.1_hiera_b+": (25,  40,  35,  40,   12,     220),
+        "sam2.1_hiera_l":  (30,  55,  40,  40,   15,     260),
     }.items()
     for kind, seconds in zip(KINDS, row, strict=True)
 }
