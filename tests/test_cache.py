@@ -17,6 +17,7 @@ from cadsam.data.io import read_image, read_mask
 from cadsam.data.transforms import apply_view, resize_pair
 from cadsam.errors import CadsamError
 from cadsam.sam.image_encoder import ImageEncoderViT
+from cadsam.sam2 import build_sam2
 from cadsam.train import TrainConfig, segmentation_loss, train
 from cadsam.weights import base_checkpoint_record
 
@@ -102,6 +103,16 @@ def test_an_interrupted_build_resumes_without_recomputing(data, tmp_path, sam_fi
 def test_a_cache_does_not_run_without_a_checkpoint(data, tmp_path):
     with pytest.raises(CadsamError, match="a cache needs --checkpoint"):
         build_cache(sorted((data / "images").iterdir()), tmp_path / "c", "vit_tiny", None)
+
+
+def test_a_refused_checkpoint_writes_nothing(data, tmp_path, sam_file):
+    """The corrected command must then run: a manifest left behind would refuse it."""
+    wrong = tmp_path / "sam2.pt"
+    torch.save({"model": build_sam2("sam2.1_hiera_tiny_test").state_dict()}, wrong)
+    with pytest.raises(CadsamError, match="SAM 2"):
+        _build(data, tmp_path / "cache", wrong)
+    assert not (tmp_path / "cache").exists()
+    assert _build(data, tmp_path / "cache", sam_file).complete
 
 
 def test_refusals(data, tmp_path, sam_file):

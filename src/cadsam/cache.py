@@ -273,15 +273,16 @@ def build_cache(
         root = Path(out)
         base = base_checkpoint_record(checkpoint)
         manifest = cache_manifest(backbone, base, image_size, views, images, dtype, precision)
+        # the whole batch per encoder call, with the fused attention: nothing is kept. Built
+        # before the folder, so that a checkpoint refused for this backbone writes nothing
+        runtime = Runtime(fused_attention=True, compile_encoder=compile_encoder)
+        model = build_model("zero-shot", backbone, checkpoint, runtime=runtime)
+        model.to(dist.device).eval()
         if dist.is_main:
             _prepare_folder(root, manifest)
         distributed.barrier(dist)
         cache = open_cache(root, writable=True)
         todo = [int(e) for e in np.flatnonzero(cache.done == 0) if e % dist.world_size == dist.rank]
-        # the whole batch per encoder call, with the fused attention: nothing is kept
-        runtime = Runtime(fused_attention=True, compile_encoder=compile_encoder)
-        model = build_model("zero-shot", backbone, checkpoint, runtime=runtime)
-        model.to(dist.device).eval()
         loader = DataLoader(
             _ViewImages(images, views, image_size, todo),
             batch_size=batch_size,
