@@ -51,6 +51,8 @@ def test_bench_set_checks_runtime_settings_before_running(capsys, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert main(["bench", "--methods", "decoder", "--set", "warp_speed=8"]) == 1
     assert "unknown runtime setting warp_speed" in capsys.readouterr().err
+    assert main(["bench", "--methods", "decoder", "cad", "--set", "adapter_tile_mib=8"]) == 1
+    assert "which method decoder does not have" in capsys.readouterr().err
     assert main(["bench", "--methods", "cad", "--set", "adapter_tile_mib"]) == 1
     assert "--set takes NAME=VALUE" in capsys.readouterr().err
     # a valid setting gets as far as the GPU check

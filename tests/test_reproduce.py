@@ -93,3 +93,12 @@ def test_reproduce_refuses_torchrun_before_any_work(istd_like, capsys, monkeypat
     assert main([*_reproduce(istd_like), "--datasets", "istd", "--backbones", "vit_tiny"]) == 1
     assert "not under torchrun" in capsys.readouterr().err
     assert not (istd_like / "out").exists()
+
+
+def test_an_adapter_size_without_cad_is_an_error(istd_like, capsys):
+    args = [*_reproduce(istd_like), "--methods", "decoder", "--adapter-size", "256"]
+    assert main(args) == 1
+    assert "--adapter-size is CAD's adapter input, and --methods names no cad" in (
+        capsys.readouterr().err
+    )
+    assert not (istd_like / "out").exists()

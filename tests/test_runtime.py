@@ -129,6 +129,28 @@ def test_eval_under_any_runtime_scores_alike(tmp_path, capsys):
     for name in ("lean", "auto"):
         for key in ("dice", "iou", "mae"):
             assert scores[name][key] == pytest.approx(scores["plain"][key], abs=1e-4), name
+    # a setting for a part the weights' method lacks changes nothing: an error, before loading
+    predict = [
+        "predict",
+        "--weights",
+        str(run),
+        "--input",
+        data[1],
+        "--output",
+        str(tmp_path / "p"),
+    ]
+    assert main([*predict, "--set", "checkpoint_encoder=true"]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint_encoder acts on the encoder blocks that train inside autograd" in err
+    assert "which method cad does not have" in err and not (tmp_path / "p").exists()
+
+
+def test_eval_refuses_a_setting_for_a_part_zero_shot_lacks(capsys):
+    args = ["eval", "--method", "zero-shot", "--backbone", "vit_tiny", "--random-weights"]
+    assert main([*args, "--images", "i", "--masks", "m", "--set", "channels_last=true"]) == 1
+    err = capsys.readouterr().err
+    assert "runtime setting channels_last acts on CAD's adapter" in err
+    assert "(it is for: cad)" in err and len(err.strip().splitlines()) == 1
 
 
 def test_training_on_a_cpu_picks_a_cpu_sized_adapter_and_says_so(tmp_path, capsys):

@@ -12,12 +12,14 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import SHARED_DATA, join_as_rank
 from PIL import Image
 from safetensors.torch import load_file
 
 from cadsam import build_model
 from cadsam.cli import main
+from cadsam.errors import CadsamError
 from cadsam.train import TrainConfig, lr_factor, segmentation_loss, train
 
 ISBI = SHARED_DATA / "isbi2012-membrane"
@@ -466,6 +468,9 @@ def test_each_setting_reaches_its_place(monkeypatch, tmp_path):
         (["--set", "adapter_tile_mib"], "--set takes NAME=VALUE"),
         (["--set", "cad_layout=fancy"], "cad_layout must be one of"),
         (["--runtime", "lean", "--set", "compile_blocks=true"], "does not combine"),
+        (["--set", "grad_accum=0"], "grad_accum must be at least 1, got 0"),
+        (["--set", "schedule=linear"], "schedule must be one of cosine, constant"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
     ],
 )
 def test_bad_settings_are_one_line_errors(capsys, tmp_path, flags, message):
@@ -479,3 +484,60 @@ def test_an_option_the_method_does_not_take_is_an_error(capsys, tmp_path):
     args = ["train", "--method", "decoder", "--backbone", "vit_tiny", "--out", str(tmp_path)]
     assert main([*args, "--images", "i", "--masks", "m", "--set", "adapter_size=256"]) == 1
     assert "method decoder does not take adapter_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("method", "flags", "message"),
+    [
+        ("decoder", ["--set", "adapter_tile_mib=8"], "adapter_tile_mib acts on CAD's adapter"),
+        ("lora", ["--set", "channels_last=true"], "which method lora does not have"),
+        ("cad", ["--set", "checkpoint_encoder=true"], "(it is for: sam-adapter, sam-adapter-paper, lora)"),
+        ("lora", ["--cache", "c"], "lora acts inside the image encoder, so it cannot train from"),
+    ],
+)  # fmt: skip
+def test_what_the_method_cannot_use_is_an_error_before_the_data(
+    capsys, tmp_path, method, flags, message
+):
+    """Images "i" do not exist: the error comes before they are looked for."""
+    args = ["train", "--method", method, "--backbone", "vit_tiny", "--out", str(tmp_path / "r")]
+    assert main([*args, "--images", "i", "--masks", "m", *flags]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_old_configs_method_options_split_into_options_and_runtime(tmp_path):
+    """Before model and runtime options were told apart, both were ``method_options``."""
+    old = {"method": "sam-adapter", "backbone": "vit_tiny", "out": "r", "images": "i", "masks": "m"}
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({**old, "method_options": {"checkpoint_blocks": True}}))
+    config = TrainConfig.from_sources(str(path), {})
+    assert config.runtime == {"name": "auto", "checkpoint_encoder": True} and config.options == {}
+    old = {
+        **old,
+        "method": "decoder",
+        "method_options": {"adapter_size": 256, "compile_decoder": False},
+    }
+    path.write_text(yaml.safe_dump(old))
+    with pytest.raises(CadsamError, match="method decoder does not take adapter_size"):
+        TrainConfig.from_sources(str(path), {})
+
+
+def test_every_training_setting_is_reached_once_and_help_stays_short():
+    """A flag, or --set NAME=VALUE (the epilogue lists those): each TrainConfig key is one of
+    them, never both; and train --help shows at most 30 flags."""
+    import argparse
+    import dataclasses
+
+    from cadsam.cli import SET_ONLY_TRAINING, add_train_arguments
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len({flag.dest for flag in flags}) <= 30
+    by_flag = {flag.dest for flag in flags} - {"config", "runtime_name", "overrides"}
+    keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"options", "runtime"}
+    assert by_flag | set(SET_ONLY_TRAINING) == keys
+    assert not by_flag & set(SET_ONLY_TRAINING)
+    for name in SET_ONLY_TRAINING:
+        assert name in parser.epilog

@@ -32,7 +32,7 @@ import torch
 from .backbones import BACKBONES, DEFAULT_BATCH, backbone_config
 from .errors import CadsamError
 from .figures import pyplot
-from .methods import SAM1_ONLY_WHY, AdaptedSam, build_model, runs_on
+from .methods import SAM1_ONLY_WHY, AdaptedSam, build_model, check_runtime_settings, runs_on
 from .paper import AUTHORS_CODE_H100_MIB, MEMORY_TABLES
 from .precision import autocast
 from .runtime import Runtime, named_runtime, settle_cuda_graph
@@ -351,7 +351,8 @@ def check_request(
     measured = variants if variants is not None else [*VARIANTS]
     for variant in measured:
         if overrides and variant != "encoder-forward":
-            settings = VARIANTS[variant][2]
+            method, _, settings, _ = VARIANTS[variant]
+            check_runtime_settings(method, overrides)
             for name, value in overrides.items():
                 if name in settings and settings[name] != value:
                     raise CadsamError(

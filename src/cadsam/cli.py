@@ -24,6 +24,7 @@ from .methods import (
     METHODS,
     build_model,
     check_method_on_backbone,
+    check_runtime_settings,
     runs_on,
 )
 from .precision import PRECISIONS
@@ -175,8 +176,15 @@ def _runtime_args(sub: argparse.ArgumentParser) -> None:
 
 
 def _runtime(args: argparse.Namespace, device: torch.device) -> Runtime:
-    """The runtime --runtime and --set ask for, checked for ``device``; said on stderr."""
+    """The runtime --runtime and --set ask for, checked for ``device`` and for the method that
+    runs (the one the weights were trained with); said on stderr."""
+    from .weights import read_weights_metadata
+
     settings = dict(parse_setting(text) for text in args.overrides)
+    if settings:
+        method = read_weights_metadata(args.weights)["method"] if args.weights else args.method
+        if method:  # none: the missing --weights is said next
+            check_runtime_settings(method, settings)
     runtime, chosen = resolve_runtime(args.runtime_name, settings, device)
     print(chosen, file=sys.stderr)
     return runtime
@@ -538,7 +546,23 @@ def add_export_arguments(ex: argparse.ArgumentParser) -> None:
     )
 
 
+# TrainConfig's settings that no flag of train sets: --set NAME=VALUE or a --config file's key
+SET_ONLY_TRAINING = (
+    "grad_accum",
+    "weight_decay",
+    "schedule",
+    "seed",
+    "num_workers",
+    "tensorboard",
+)
+
+
 def _set_epilog() -> str:
+    from .train import SCHEDULES, TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    shown = {**defaults, "schedule": "|".join(SCHEDULES)}
+    training = ", ".join(f"{name} ({str(shown[name]).lower()})" for name in SET_ONLY_TRAINING)
     runtime = ", ".join(f.name for f in dataclasses.fields(Runtime))
     options = "; ".join(
         f"{method}: {', '.join(f'{k} (default {v})' for k, v in accepted.items())}"
@@ -548,8 +572,7 @@ def _set_epilog() -> str:
     return (
         "--set NAME=VALUE reaches every other setting (also a key of a --config file):\n"
         f"  model options (saved with the weights): {options}\n"
-        "  training: grad_accum (1), weight_decay (0.01), schedule (cosine|constant), seed (21),\n"
-        "    num_workers (2), tensorboard (false), mask_threshold (127)\n"
+        f"  training: {training}\n"
         f"  runtime (speed and memory only; README 'Runtime'): {runtime}\n"
         "e.g. --set adapter_size=256 --set schedule=constant --set cuda_graph=true"
     )
@@ -711,7 +734,7 @@ def add_reproduce_arguments(rep: argparse.ArgumentParser) -> None:
     )
     rep.add_argument("--epochs", type=int, default=20)
     rep.add_argument("--image-size", type=int, default=512)
-    rep.add_argument("--adapter-size", type=int, default=512)
+    rep.add_argument("--adapter-size", type=int, help="cad's adapter input (default 512)")
     rep.add_argument("--device")
     rep.add_argument("--num-workers", type=int, default=2)
     rep.add_argument("--no-progress", action="store_true")

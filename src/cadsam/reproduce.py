@@ -80,7 +80,7 @@ def reproduce(
     methods: list[str] | None = None,
     epochs: int = 20,
     image_size: int = 512,
-    adapter_size: int = 512,
+    adapter_size: int | None = None,
     device: str | None = None,
     num_workers: int = 2,
     progress: bool = True,
@@ -94,6 +94,8 @@ def reproduce(
         raise CadsamError(
             f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}"
         )
+    if adapter_size is not None and "cad" not in methods:
+        raise CadsamError("--adapter-size is CAD's adapter input, and --methods names no cad")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CadsamError(
             "reproduce runs its trainings one after another in one process, not under "
@@ -104,7 +106,7 @@ def reproduce(
     protocol = dict(
         epochs=epochs,
         image_size=image_size,
-        adapter_size=adapter_size,
+        adapter_size=512 if adapter_size is None else adapter_size,
         device=device,
         num_workers=num_workers,
         progress=progress,

@@ -44,14 +44,14 @@ from .fast.graphs import GraphedStep, Step, adamw, match_graph_mode
 from .files import write_atomic
 from .methods import (
     CACHEABLE,
-    METHOD_OPTIONS,
     AdaptedSam,
     build_model,
     check_method_on_backbone,
+    check_runtime_settings,
     resolve_options,
 )
 from .precision import PRECISIONS, autocast
-from .runtime import check_settings, resolve_runtime
+from .runtime import Runtime, check_settings, resolve_runtime
 from .weights import base_checkpoint_record, save_weights
 
 SCHEDULES = ("cosine", "constant")
@@ -110,21 +110,28 @@ class TrainConfig:
             self.runtime = {"name": self.runtime}
         self.runtime = {"name": "auto", **(self.runtime or {})}
         if self.schedule not in SCHEDULES:
-            raise CadsamError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+            raise CadsamError(f"schedule must be one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise CadsamError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.method == "zero-shot":
             raise CadsamError("zero-shot has nothing to train: use cadsam eval --method zero-shot")
         resolve_options(self.method, self.options)  # an option the method does not take
         check_method_on_backbone(self.method, self.backbone)  # before the data and weights
-        check_settings(*self.runtime_parts())  # before any work
+        name, settings = self.runtime_parts()
+        check_settings(name, settings)  # before any work
+        check_runtime_settings(self.method, settings)
+        if self.cache and self.method not in CACHEABLE:
+            raise CadsamError(
+                f"{self.method} acts inside the image encoder, so it cannot train from cached "
+                "embeddings: drop --cache"
+            )
         for name, value in (
-            ("epochs", self.epochs),
-            ("batch_size", self.batch_size),
-            ("grad_accum", self.grad_accum),
+            ("--epochs", self.epochs),
+            ("--batch-size", self.batch_size),
+            ("grad_accum", self.grad_accum),  # a --set setting, not a flag
         ):
             if value < 1:
-                raise CadsamError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+                raise CadsamError(f"{name} must be at least 1, got {value}")
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -163,14 +170,17 @@ def _upgraded(values: dict[str, Any]) -> dict[str, Any]:
     if "method_options" not in values and "cuda_graph" not in values:
         return values
     values = dict(values)
-    old = values.pop("method_options", None) or {}
-    known = METHOD_OPTIONS.get(values.get("method"), {})
+    old = dict(values.pop("method_options", None) or {})
+    if old.pop("checkpoint_blocks", False):  # its name before checkpoint_encoder
+        old["checkpoint_encoder"] = True
+    settings = {f.name for f in dataclasses.fields(Runtime)}
     runtime = {"name": "auto", **(values.get("runtime") or {})}
-    runtime.update({k: v for k, v in old.items() if k not in known})
+    runtime.update({k: v for k, v in old.items() if k in settings})
     if values.pop("cuda_graph", False):
         runtime["cuda_graph"] = True
-    runtime.pop("checkpoint_blocks", None)  # now checkpoint_encoder
-    values["options"] = {k: v for k, v in old.items() if k in known}
+    # the rest are model options: one the method does not take is then an error naming it
+    options = {k: v for k, v in old.items() if k not in settings}
+    values["options"] = {**options, **(values.get("options") or {})}
     values["runtime"] = runtime
     return values
 
@@ -274,11 +284,6 @@ def _cache_links(cfg: TrainConfig, train_pairs, val_pairs, base, log):
     """(folder, views, rows) of the train and validation pairs in ``cfg.cache``, or Nones."""
     if cfg.cache is None:
         return None, None
-    if cfg.method not in CACHEABLE:
-        raise CadsamError(
-            f"{cfg.method} acts inside the image encoder, so it cannot train from cached "
-            "embeddings: drop --cache"
-        )
     cache = open_cache(cfg.cache)
     if "identity" not in cache.views:
         raise CadsamError(

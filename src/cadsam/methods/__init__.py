@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from ..backbones import backbone_config, build_base, is_sam2
@@ -51,6 +52,37 @@ def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
             raise CadsamError(f"lora_alpha must be a number, not {alpha!r}")
     return resolved
+
+
+# Runtime settings that act on a part only some methods have, and those methods. Named for a
+# method without the part (--set, a config's runtime:), a setting would change nothing, so it
+# is an error there; the named runtimes set them all and each method uses its own.
+IN_ENCODER = tuple(method for method in METHODS if method not in CACHEABLE)
+PART_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "checkpoint_encoder": ("the encoder blocks that train inside autograd", IN_ENCODER),
+    **{
+        name: ("CAD's adapter", ("cad",))
+        for name in (
+            "checkpoint_adapter",
+            "adapter_tile_mib",
+            "compile_tiles",
+            "triton_kernels",
+            "compile_blocks",
+            "channels_last",
+        )
+    },
+}
+
+
+def check_runtime_settings(method: str, names: Iterable[str]) -> None:
+    """Runtime settings given by name for ``method``: each must act on a part it has."""
+    for name in names:
+        part, methods = PART_SETTINGS.get(name, ("", (method,)))
+        if method not in methods:
+            raise CadsamError(
+                f"runtime setting {name} acts on {part}, which method {method} does not have "
+                f"(it is for: {', '.join(methods)})"
+            )
 
 
 # why SAM-Adapter's methods are SAM 1 only, wherever that is said
