@@ -84,6 +84,10 @@ def test_params_command_tabulates_what_it_is_asked(capsys):
     for line, row in zip(table[1:], rows, strict=True):
         assert line.split() == [row["backbone"], row["method"], f"{row['trainable']:,}",
                                 f"{row['total']:,}"]  # fmt: skip
+    assert (
+        main(["params", "--backbone", "sam2.1_hiera_tiny_test", "vit_tiny", "--method", "cad"]) == 0
+    )
+    assert len({len(line) for line in capsys.readouterr().out.splitlines()}) == 1  # aligned
 
     assert main(["params", "--backbone", "vit_b", "sam2.1_hiera_t", "--method", "sam-adapter"]) == 1
     assert "SAM-Adapter is SAM 1 only" in capsys.readouterr().err

@@ -52,10 +52,11 @@ def cmd_params(args: argparse.Namespace) -> None:
             f"of {row['total']:,} parameters"
         )
     else:
-        print(f"{'backbone':<16} {'method':<18} {'trainable':>12} {'total':>13}")
+        wide = max(len("backbone"), *(len(row["backbone"]) for row in rows))
+        print(f"{'backbone':<{wide}} {'method':<18} {'trainable':>12} {'total':>13}")
         for row in rows:
             print(
-                f"{row['backbone']:<16} {row['method']:<18} {row['trainable']:>12,} "
+                f"{row['backbone']:<{wide}} {row['method']:<18} {row['trainable']:>12,} "
                 f"{row['total']:>13,}"
             )
 
