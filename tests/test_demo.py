@@ -273,6 +273,14 @@ def test_demo_picks_the_given_then_a_cached_then_a_random_sam(tmp_path, monkeypa
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"found by name")
     assert pick_backbone(None, tmp_path) == ("vit_b", str(cached))
+    # a small configuration asked for: its random weights, whatever the cache holds
+    random_hiera = str(tmp_path / "sam2.1_hiera_tiny_test_random.pt")
+    assert pick_backbone(None, tmp_path, SAM2_TEST) == (SAM2_TEST, random_hiera)
+    assert pick_backbone(random_hiera, tmp_path) == (SAM2_TEST, random_hiera)  # read back
+    with pytest.raises(CadsamError, match="give --checkpoint vit_b"):
+        pick_backbone(None, tmp_path, "vit_b")
+    with pytest.raises(CadsamError, match="leave out --backbone"):
+        pick_backbone(str(given), tmp_path, "vit_tiny")
 
 
 def test_demo_takes_a_checkpoint_by_name_as_train_does(tmp_path, monkeypatch):
@@ -312,20 +320,19 @@ def test_demo_refuses_a_checkpoint_of_no_known_backbone(tmp_path):
         pick_backbone(str(tmp_path / "odd.pth"), tmp_path)
 
 
-def test_demo_runs_on_a_sam2_checkpoint(tmp_path):
-    """A SAM 2.1 checkpoint (Meta's format) picks its Hiera backbone; SAM-Adapter, SAM 1 only,
-    is left out with its reason, the other three train."""
+def test_demo_runs_on_sam2s_small_configuration(tmp_path):
+    """``--backbone sam2.1_hiera_tiny_test``: random weights saved in Meta's SAM 2.1 format,
+    read back as any SAM 2.1 checkpoint; SAM-Adapter, SAM 1 only, is left out with its reason,
+    the other three train."""
     from cadsam.cli import main
-    from cadsam.sam2 import Sam2, build_sam2
+    from cadsam.sam2 import Sam2
 
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "random_hiera.pt"
-    torch.save({"model": build_sam2("sam2.1_hiera_tiny_test").state_dict()}, checkpoint)
     out = tmp_path / "demo"
     console = io.StringIO()
     with contextlib.redirect_stdout(console):
-        args = ["demo", "--out", str(out), "--checkpoint", str(checkpoint), *DEMO_ARGS]
+        args = ["demo", "--out", str(out), "--backbone", "sam2.1_hiera_tiny_test", *DEMO_ARGS]
         assert main(args) == 0
+    assert "model" in torch.load(out / "sam2.1_hiera_tiny_test_random.pt", weights_only=True)
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["backbone"] == "sam2.1_hiera_tiny_test"
     assert list(results["methods"]) == ["decoder", "cad", "lora"]

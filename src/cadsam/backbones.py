@@ -34,6 +34,8 @@ from .sam2 import (
 BACKBONES: tuple[str, ...] = (*SAM_CONFIGS, *SAM2_CONFIGS)
 # Those Meta released weights for (not the small test configurations).
 RELEASED_BACKBONES = tuple(b for b in BACKBONES if b in META_CHECKPOINTS or b in SAM2_CHECKPOINTS)
+# The small random configurations, for tests and the demo: no weights were ever released.
+TEST_BACKBONES = tuple(b for b in BACKBONES if b not in RELEASED_BACKBONES)
 # Images per training step by default (train, bench): the paper's for SAM (ViT-B 4, ViT-H 2).
 # The paper has no SAM 2.1: 4, and 2 for the large trunk, as for ViT-H.
 DEFAULT_BATCH = {backbone: 4 for backbone in BACKBONES} | {"vit_h": 2, "sam2.1_hiera_l": 2}

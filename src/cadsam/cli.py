@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .backbones import BACKBONES, RELEASED_BACKBONES
+from .backbones import BACKBONES, RELEASED_BACKBONES, TEST_BACKBONES
 from .errors import CadsamError
 from .methods import (
     METHOD_OPTIONS,
@@ -386,6 +386,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(
         args.out,
         args.checkpoint,
+        args.backbone,
         args.train_images,
         args.test_images,
         args.image_size,
@@ -703,6 +704,12 @@ def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--out", default="cadsam-demo", help="folder for data, runs and report.md")
     demo.add_argument(
         "--checkpoint", help="a SAM or SAM 2.1 checkpoint to use instead of random vit_tiny"
+    )
+    demo.add_argument(
+        "--backbone",
+        choices=TEST_BACKBONES,
+        help="without --checkpoint: the small configuration to run on random weights "
+        "(default vit_tiny, unless a Meta SAM checkpoint is in the cache)",
     )
     demo.add_argument("--train-images", type=int, default=48)
     demo.add_argument("--test-images", type=int, default=16)

@@ -6,7 +6,8 @@ embeddings once, trains ``decoder`` and ``cad`` from the cache and ``sam-adapter
 held-out images and writes a report: a table, the accuracy/memory trade-off and example masks.
 
 Without a checkpoint it runs ``vit_tiny`` with random weights (saved as a file so that every
-step, weights and all, is as with a real checkpoint). With a real SAM checkpoint, given or
+step, weights and all, is as with a real checkpoint); ``--backbone sam2.1_hiera_tiny_test``
+runs SAM 2.1's small random configuration the same way. With a real SAM checkpoint, given or
 found in the checkpoint cache, it uses that instead; a given SAM 2.1 checkpoint works too, less
 ``sam-adapter-paper``, which prompts the tokens of SAM's ViT encoder (SAM 2.1 has a Hiera trunk).
 
@@ -28,7 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .backbones import backbone_config, resolve_base_checkpoint
+from .backbones import (
+    TEST_BACKBONES,
+    backbone_config,
+    build_base,
+    is_sam2,
+    resolve_base_checkpoint,
+)
 from .cache import build_cache
 from .data import SegmentationDataset, pair_folders
 from .data.synthetic import make_synthetic_set
@@ -37,7 +44,7 @@ from .evaluate import evaluate
 from .figures import mask_rows, pyplot, save_grid
 from .methods import CACHEABLE, METHOD_OPTIONS, SAM1_ONLY_WHY, build_model, runs_on
 from .paper import MEMORY_TABLES
-from .sam import SAM_CONFIGS, build_sam
+from .sam import SAM_CONFIGS
 from .sam.checkpoint import (
     META_CHECKPOINTS,
     checkpoint_dir,
@@ -92,22 +99,35 @@ PAIRS = (
 SCORES = ("dice", "iou", "mae")
 
 
-def pick_backbone(checkpoint: str | None, out: Path) -> tuple[str, str]:
+def pick_backbone(
+    checkpoint: str | None, out: Path, backbone: str | None = None
+) -> tuple[str, str]:
     """(backbone, checkpoint path): the given checkpoint (SAM or SAM 2.1, a path or the name
-    of one of Meta's, as ``train`` takes it), else a Meta SAM checkpoint already in the cache
-    (smallest first), else a random ``vit_tiny`` under ``out``."""
+    of one of Meta's, as ``train`` takes it); else, for a ``backbone`` of TEST_BACKBONES,
+    random weights under ``out``; else a Meta SAM checkpoint already in the cache (smallest
+    first), else a random ``vit_tiny`` under ``out``."""
     if checkpoint is not None:
+        if backbone is not None:
+            raise CadsamError("--checkpoint says the backbone: leave out --backbone")
         path = str(resolve_base_checkpoint(checkpoint))
         return _checkpoint_backbone(path), path
-    for name in ("vit_b", "vit_l", "vit_h"):
-        path = checkpoint_dir() / META_CHECKPOINTS[name].filename
-        if path.is_file():
-            return name, str(path)
-    path = out / "sam_vit_tiny_random.pth"
+    if backbone not in (None, *TEST_BACKBONES):
+        raise CadsamError(
+            f"--backbone picks random weights: {', '.join(TEST_BACKBONES)} (for {backbone}, "
+            f"give --checkpoint {backbone})"
+        )
+    if backbone is None:
+        for name in ("vit_b", "vit_l", "vit_h"):
+            path = checkpoint_dir() / META_CHECKPOINTS[name].filename
+            if path.is_file():
+                return name, str(path)
+        backbone = "vit_tiny"
+    path = out / (f"{backbone}_random.pt" if is_sam2(backbone) else f"sam_{backbone}_random.pth")
     if not path.is_file():
         torch.manual_seed(0)
-        torch.save(build_sam("vit_tiny").state_dict(), path)
-    return "vit_tiny", str(path)
+        sam = build_base(backbone)  # in Meta's format: SAM 2.1's state dict under "model"
+        torch.save({"model": sam.state_dict()} if is_sam2(backbone) else sam.state_dict(), path)
+    return backbone, str(path)
 
 
 def _checkpoint_backbone(checkpoint: str) -> str:
@@ -199,6 +219,7 @@ def kept_for_backward(
 def run_demo(
     out: str | Path = "cadsam-demo",
     checkpoint: str | None = None,
+    backbone: str | None = None,
     n_train: int = 48,
     n_test: int = 16,
     size: int = 128,
@@ -212,8 +233,8 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
     given = checkpoint
-    backbone, checkpoint = pick_backbone(checkpoint, out)
-    own = given is None and backbone == "vit_tiny"  # the random weights saved in ``out``
+    backbone, checkpoint = pick_backbone(checkpoint, out, backbone)
+    own = given is None and backbone in TEST_BACKBONES  # the random weights saved in ``out``
     settings = dict(
         backbone=backbone,
         sam=f"random, {Path(checkpoint).name} in this folder"
