@@ -153,13 +153,23 @@ def test_sam2_and_sam_adapter_split_graphs_equal_pytorch(method, backbone, tmp_p
     assert export.relative_difference(composed, expected) < 1e-3
 
 
-def test_zero_shot_export_takes_every_backbone(tmp_path, capsys):
-    """A SAM 2.1 backbone is a valid --backbone for export, as for eval: the run goes as far
-    as the output's name, which is the error here, found before any tracing."""
-    args = ["export", "--method", "zero-shot", "--backbone", "sam2.1_hiera_tiny_test"]
-    assert main([*args, "--out", str(tmp_path / "graph.txt")]) == 1
-    err = capsys.readouterr().err
-    assert "name the file FILE.onnx" in err and "invalid choice" not in err
+def test_zero_shot_sam2_exports_as_one_graph(tmp_path):
+    """Zero-shot from a base checkpoint (Meta's SAM 2.1 format), as the whole graph: the method
+    without a part of its own, and SAM 2.1's whole graph (the other tests split it)."""
+    from cadsam.sam2 import build_sam2
+
+    backbone, checkpoint = "sam2.1_hiera_tiny_test", tmp_path / "sam2.pt"
+    torch.manual_seed(5)
+    torch.save({"model": build_sam2(backbone).state_dict()}, checkpoint)
+    out = tmp_path / "sam2.onnx"
+    args = ["export", "--method", "zero-shot", "--backbone", backbone, "--checkpoint"]
+    args += [str(checkpoint), "--image-size", str(SIZE), "--out", str(out)]
+    assert main([*args, "--sample", str(ISBI_IMAGES)]) == 0
+    model = build_model("zero-shot", backbone, checkpoint).for_inference()
+    images = _real_batch(ISBI_IMAGES, 2)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    assert export.relative_difference(_run(out, images), expected) < 1e-3
 
 
 def test_predict_onnx_writes_the_masks_predict_writes(cad_weights, cad_graph, tmp_path):
@@ -212,6 +222,7 @@ def test_a_graph_that_differs_is_refused_and_nothing_is_left(
     )
     monkeypatch.setattr(export, "relative_difference", lambda actual, expected: 0.5)
     out = tmp_path / "bad.onnx"
+    out.write_bytes(b"an earlier graph")  # replaced only by a graph that passes
     assert main(["export", "--weights", str(cad_weights), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("cadsam: error: the exported graph differs from PyTorch by 5.0e-01")
@@ -219,7 +230,15 @@ def test_a_graph_that_differs_is_refused_and_nothing_is_left(
     stages = [line.strip() for line in err if line.startswith("  ")]  # each said as it starts
     assert stages[0] == "tracing the whole graph into bad.onnx..."
     assert stages[1].startswith("running it with onnxruntime on ") and len(stages) == 2
-    assert list(tmp_path.iterdir()) == []  # no graph, no staging folder
+    assert list(tmp_path.iterdir()) == [out]  # no new graph, no staging folder
+    assert out.read_bytes() == b"an earlier graph"
+
+
+def test_a_model_that_is_not_finite_is_not_blamed_on_the_graph():
+    images = torch.zeros(1, 3, SIZE, SIZE)
+    nan = torch.full((1, 1, SIZE, SIZE), float("nan"))
+    with pytest.raises(CadsamError, match=r"the model's own logits .* are not finite"):
+        export.compare_with_pytorch(lambda x: nan, [], images)
 
 
 def test_what_is_traced_needs_no_fft(monkeypatch):

@@ -423,8 +423,9 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--backbone", choices=list(BACKBONES))
     train.add_argument(
         "--checkpoint",
-        help="SAM checkpoint: a .pth/.pt path or vit_b / vit_l / vit_h / sam2.1_hiera_t / _s / "
-        "_b+ / _l (downloaded if absent)",
+        help="SAM checkpoint: Meta's .pth/.pt, a Hugging Face SamModel file or folder "
+        "(model.safetensors, pytorch_model.bin), or vit_b / vit_l / vit_h / sam2.1_hiera_t / "
+        "_s / _b+ / _l (downloaded if absent)",
     )
     train.add_argument(
         "--random-weights",
@@ -501,7 +502,8 @@ def _model_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", choices=list(BACKBONES), help="with --method zero-shot")
     parser.add_argument(
         "--checkpoint",
-        help="SAM checkpoint (zero-shot), or where the weights' base checkpoint now is",
+        help="SAM checkpoint for zero-shot (Meta's, Hugging Face's, or a name, as train "
+        "takes it), or where the weights' base checkpoint now is",
     )
     parser.add_argument(
         "--random-weights",
@@ -664,7 +666,8 @@ def add_cache_arguments(ca: argparse.ArgumentParser) -> None:
     ca.add_argument("--backbone", required=True, choices=list(BACKBONES))
     ca.add_argument(
         "--checkpoint",
-        help="SAM checkpoint: a .pth/.pt path or vit_b / vit_l / vit_h / sam2.1_hiera_t / ...",
+        help="SAM checkpoint: Meta's .pth/.pt, a Hugging Face SamModel file or folder, or "
+        "vit_b / vit_l / vit_h / sam2.1_hiera_t / ...",
     )
     ca.add_argument("--images", help="folder of images")
     ca.add_argument("--dataset", help="named layout: istd, camo, cod10k, sinet")

@@ -330,6 +330,11 @@ def relative_difference(actual: np.ndarray, expected: np.ndarray) -> float:
 def compare_with_pytorch(model: AdaptedSam, graphs: list[Path], images: torch.Tensor) -> float:
     """Run the graph(s) with onnxruntime and ``model`` in PyTorch on ``images``."""
     expected = model(images).double().numpy()
+    if not np.isfinite(expected).all():
+        raise CadsamError(
+            "the model's own logits (PyTorch's, before any export) are not finite on the "
+            "sample images: its weights hold NaN or inf, so there is nothing to check against"
+        )
     sessions = [onnx_session(path) for path in graphs]
     feed = {"images": images.numpy()}
     if len(sessions) == 1:
