@@ -386,12 +386,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(
         args.out,
         args.checkpoint,
-        args.backbone,
         args.train_images,
         args.test_images,
         args.image_size,
         args.epochs,
         progress=not args.no_progress,
+        backbone=args.backbone,
     )
 
 

@@ -219,16 +219,17 @@ def kept_for_backward(
 def run_demo(
     out: str | Path = "cadsam-demo",
     checkpoint: str | None = None,
-    backbone: str | None = None,
     n_train: int = 48,
     n_test: int = 16,
     size: int = 128,
     epochs: int = 10,
     adapter_size: int = 64,
     progress: bool = True,
+    backbone: str | None = None,
 ) -> Path:
     """Run (or finish) the demo in ``out``; print the results table and return the report's
-    path. A rerun reuses every finished step with its recorded time and scores."""
+    path. A rerun reuses every finished step with its recorded time and scores. ``backbone``:
+    one of TEST_BACKBONES, on random weights, instead of what :func:`pick_backbone` finds."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)

@@ -77,7 +77,9 @@ PART_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
 def check_runtime_settings(method: str, names: Iterable[str]) -> None:
     """Runtime settings given by name for ``method``: each must act on a part it has."""
     for name in names:
-        part, methods = PART_SETTINGS.get(name, ("", (method,)))
+        if name not in PART_SETTINGS:
+            continue  # a setting every method uses
+        part, methods = PART_SETTINGS[name]
         if method not in methods:
             raise CadsamError(
                 f"runtime setting {name} acts on {part}, which method {method} does not have "
