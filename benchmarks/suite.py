@@ -36,8 +36,8 @@ minutes, completes the canonical run:
 
 Duration on one H200, from ``ESTIMATE_S`` and ``CALL_S`` (measured there: a fresh process's
 startup, compilation in the auto, lean and cache variants, 3 warm-up and ``--steps 5`` timed
-steps; 10-80 s a variant): about 40 minutes in all, in 6 chunks of at most 7.5 minutes
-(ViT-B about 13, ViT-H 20, the two cache builds 7). Examples:
+steps; 10-80 s a variant): about 35 minutes in all, in chunks of at most 7.5 minutes
+(ViT-B about 16, ViT-H 19, each with its cache build). Examples:
 
     python benchmarks/suite.py --dry-run                # the plan, chunk by chunk
     python benchmarks/suite.py --chunk 1 --out benchmarks/results/NAME
