@@ -16,7 +16,7 @@ from cadsam import build_model
 from cadsam.errors import CadsamError
 from cadsam.sam import SAM_CONFIGS, build_sam
 from cadsam.sam.checkpoint import file_sha256, read_sam_state_dict
-from cadsam.sam.hf import from_hf
+from cadsam.sam.hf import POSITIONAL, from_hf, hf_key
 from cadsam.weights import base_checkpoint_record, load_weights, save_weights
 
 transformers = pytest.importorskip("transformers")
@@ -125,6 +125,8 @@ def test_every_key_and_shape_of_the_published_sizes_maps(backbone):
     assert mapped.keys() == ours.keys()
     assert all(mapped[k].shape == ours[k].shape for k in ours)
     assert len(set(mapped.source.values())) == len(mapped)  # one file key for each of ours
+    # and back: the name the file would give each of ours (for errors about a missing one)
+    assert all(hf_key(k) == mapped.source[k] for k in ours if k != POSITIONAL), backbone  # tied
 
 
 def test_a_safetensors_file_that_is_not_sam_is_refused(tmp_path):
@@ -208,3 +210,16 @@ def test_a_misshapen_hf_tensor_is_named_as_the_file_names_it(hf_tiny, tmp_path, 
         CadsamError, match=rf"{re.escape(meta)} \({re.escape(hf_name)} in the file\)"
     ):
         build_model("decoder", "vit_tiny", tmp_path / "model.safetensors", with_encoder)
+
+
+def test_a_key_missing_from_an_hf_file_is_named_as_the_file_would_name_it(hf_tiny, tmp_path):
+    _, folder = hf_tiny
+    hf_state = load_file(str(folder / "model.safetensors"))
+    del hf_state["vision_encoder.neck.conv1.weight"]
+    save_file(hf_state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(
+        CadsamError,
+        match=r"missing image_encoder\.neck\.0\.weight "
+        r"\(vision_encoder\.neck\.conv1\.weight in its naming\)",
+    ):
+        build_sam("vit_tiny", tmp_path / "model.safetensors")

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import CadsamError
 from .checkpoint import encoder_signature, read_sam_state_dict, resolve_checkpoint
-from .hf import MappedStateDict
+from .hf import MappedStateDict, hf_key
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -112,7 +112,10 @@ def load_sam_checkpoint(sam: Sam, backbone: str, checkpoint: str | os.PathLike) 
                 f"{path} holds {what} image encoder (embed dim {found[0]}, {found[1]} blocks), "
                 f"not {backbone} (embed dim {config.embed_dim}, {config.depth} blocks)"
             )
-    names = state.source if isinstance(state, MappedStateDict) else {}
+    names = {}
+    if isinstance(state, MappedStateDict):  # a Hugging Face file: errors name its keys
+        names = {k: hf_key(k) for k in sam.state_dict() if k not in state and hf_key(k)}
+        names |= state.source
     if sam.image_encoder is None:
         state = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
     load_state_strictly(sam, state, f"{path} does not match SAM {backbone}", names)
@@ -129,11 +132,11 @@ def load_state_strictly(
     own name for a key where ``names`` gives one: a Hugging Face checkpoint's)."""
     names = names or {}
 
-    def named(key: str) -> str:
-        return f"{key} ({names[key]} in the file)" if key in names else key
+    def named(key: str, where: str = "in the file") -> str:
+        return f"{key} ({names[key]} {where})" if key in names else key
 
     own = module.state_dict()
-    problems = [f"missing {k}" for k in own if k not in state]
+    problems = [f"missing {named(k, 'in its naming')}" for k in own if k not in state]
     problems += [f"unexpected {named(k)}" for k in state if k not in own]
     problems += [
         f"{named(k)} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"

@@ -118,6 +118,24 @@ def meta_key(hf_key: str) -> str | None:
     return None
 
 
+def hf_key(meta: str) -> str | None:
+    """The HF ``SamModel`` name of a Meta key (RULES read backwards), or None: for errors that
+    name a key the file lacks."""
+    for pattern, template in RULES:
+        groups = re.findall(r"\(([^()]*)\)", pattern)  # the capture groups, in order
+        parts = re.split(r"\\(\d)", template)  # literal, group number, literal, ...
+        regex = "".join(
+            re.escape(part) if i % 2 == 0 else f"({groups[int(part) - 1]})"
+            for i, part in enumerate(parts)
+        )
+        match = re.fullmatch(regex, meta)
+        if match:
+            values = dict(zip(parts[1::2], match.groups(), strict=True))
+            in_order = [values[str(n)] for n in range(1, len(groups) + 1)]
+            return re.sub(r"\([^()]*\)", "{}", pattern).replace("\\.", ".").format(*in_order)
+    return None
+
+
 def from_hf(state: dict[str, torch.Tensor], path: object) -> MappedStateDict:
     """Rename an HF ``SamModel`` state_dict to Meta's keys, strictly: a key that is not
     SAM's, or tied positional embeddings that differ, is a :class:`CadsamError`."""
