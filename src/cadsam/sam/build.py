@@ -114,8 +114,8 @@ def load_sam_checkpoint(sam: Sam, backbone: str, checkpoint: str | os.PathLike) 
             )
     names = {}
     if isinstance(state, MappedStateDict):  # a Hugging Face file: errors name its keys
-        names = {k: hf_key(k) for k in sam.state_dict() if k not in state and hf_key(k)}
-        names |= state.source
+        lacking = {k: hf_key(k) for k in sam.state_dict() if k not in state}
+        names = {k: name for k, name in lacking.items() if name} | state.source
     if sam.image_encoder is None:
         state = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
     load_state_strictly(sam, state, f"{path} does not match SAM {backbone}", names)
