@@ -127,3 +127,44 @@ def test_the_graph_is_captured_on_a_full_batch_not_the_short_last_one(monkeypatc
     with pytest.raises(CapturedError) as captured:
         graphed(torch.ones(4))
     assert eager == [4, 4, 3, 4] and captured.value.args == (4,)
+
+
+@pytest.mark.parametrize(("free_mib", "captured"), [(400, True), (399, False)])
+def test_auto_captures_only_where_the_pool_fits(monkeypatch, free_mib, captured):
+    """``only_if_it_fits``: a step that grew allocated memory by 160 MiB captures where 2.5
+    times that is free once the allocator's cache is released, and otherwise stays eager for
+    good, said once. The GPU is stood in for: its free memory, peak and cache."""
+    from cadsam.fast.graphs import CAPTURE_POOL_FACTOR, GraphedStep
+
+    class CapturedError(Exception):
+        pass
+
+    def capture(batch):
+        raise CapturedError
+
+    assert CAPTURE_POOL_FACTOR == 2.5
+    mib = 2**20
+    readings = {"free": (free_mib - 100) * mib}  # 100 MiB cached until released
+
+    def empty_cache():
+        readings["free"] = free_mib * mib
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 1160 * mib)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (readings["free"], 2**40))
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    said, calls = [], []
+    graphed = GraphedStep(lambda x: calls.append("eager"), 2, only_if_it_fits=True, log=said.append)
+    graphed.allocated_before = 1000 * mib  # as the first warm-up call records it
+    monkeypatch.setattr(graphed, "_on_side_stream", lambda batch: calls.append("warm-up"))
+    monkeypatch.setattr(graphed, "_capture", capture)
+    for _ in range(2):
+        graphed(torch.ones(2))
+    if captured:
+        with pytest.raises(CapturedError):
+            graphed(torch.ones(2))
+        assert said == []
+    else:
+        for _ in range(2):
+            graphed(torch.ones(2))
+        assert calls == ["warm-up", "warm-up", "eager", "eager"] and len(said) == 1, said
+        assert "up to 400 MiB and 399 MiB are free" in said[0], said

@@ -167,7 +167,7 @@ def test_training_on_a_cpu_picks_a_cpu_sized_adapter_and_says_so(tmp_path, capsy
     ("free_gib", "expected", "said"),
     [
         (100, ROOMY, "fast"),
-        (20, ROOMY.replace(checkpoint_encoder=True, cuda_graph=False), "launched eagerly"),
+        (20, ROOMY.replace(checkpoint_encoder=True), "encoder blocks recomputed"),
         (4, LEAN, "lean"),
     ],
 )
@@ -206,6 +206,11 @@ def test_auto_graphs_the_training_steps_the_gpu_tier_checks(monkeypatch):
     assert graphed("auto", {"cuda_graph": "auto"}, "cpu", cad) is False
     assert graphed("auto", {"cuda_graph": False}, "cuda", cad) is False
     assert graphed("auto", {"cuda_graph": True}, "cuda", ("decoder", "vit_b")) is True
+    # with less free, still graphed where the capture fits (GraphedStep checks it); lean, not
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * 2**30, 2**40))
+    assert graphed("auto", None, "cuda", cad) is True
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * 2**30, 2**40))
+    assert graphed("auto", None, "cuda", cad) is False
 
 
 def test_a_runtime_is_checked_however_it_is_made(monkeypatch):

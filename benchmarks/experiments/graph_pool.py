@@ -1,15 +1,20 @@
 """How much GPU memory capturing CAD's training step as a CUDA graph takes, against what the
 eager step allocates: what lets ``auto`` graph the step on a GPU with less memory free than
-a roomy one, and how much to ask for first.
+a roomy one, and how much to ask for first (``cadsam.fast.graphs.CAPTURE_POOL_FACTOR``).
 
 For each configuration: ``auto``'s runtime on this GPU (the graph forced on), three eager
 warm-up steps, then the capture and three replays, recording the allocator's counters between
 them: the eager step's growth over what was allocated before it (its peak allocated minus the
-weights and optimiser state), and the memory the capture reserved beyond what was reserved
-before it, with the warm-up's cached blocks released to the driver first or kept. One JSON
-line per configuration and mode.
+weights), what the warm-up left reserved, and the memory the capture reserved beyond what was
+reserved before it, with the warm-up's cached blocks released to the driver first or kept.
+One JSON line per configuration and mode.
 
-    python benchmarks/experiments/graph_pool.py --out graph_pool.jsonl [--quick]
+``--stand-in GIB``: instead, ``cadsam bench``'s ``cad`` row (what ``cadsam train`` runs by
+default) on a GPU stood in for with GIB of memory: the driver reports GIB less what this
+process has reserved, which is what ``auto`` and the capture's check read.
+
+    python benchmarks/experiments/graph_pool.py --out graph_pool.jsonl [--configs 0 1]
+    python benchmarks/experiments/graph_pool.py --out graph_pool.jsonl --stand-in 12
 """
 
 from __future__ import annotations
@@ -111,23 +116,45 @@ def measure(backbone: str, precision: str, from_cache: bool, batch: int | None, 
         bench.DEFAULT_BATCH.update(default_batch)
 
 
+# (backbone, precision) for --stand-in
+STAND_IN = [("vit_b", "bf16"), ("vit_h", "fp32"), ("sam2.1_hiera_b+", "bf16")]
+
+
+def on_a_smaller_gpu(gib: float, backbone: str, precision: str) -> dict:
+    """``cadsam bench``'s ``cad`` row where the driver reports a GPU of ``gib`` GiB."""
+    size = int(gib * 2**30)
+    real = torch.cuda.mem_get_info
+    torch.cuda.mem_get_info = lambda *device: (max(0, size - torch.cuda.memory_reserved()), size)
+    try:
+        return {"stand_in_gib": gib, **bench.measure_training(backbone, "cad", precision, steps=5)}
+    finally:
+        torch.cuda.mem_get_info = real
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--quick", action="store_true", help="the first two configurations")
+    parser.add_argument("--configs", type=int, nargs="+", help="indices into CONFIGS")
+    parser.add_argument("--releases", choices=("both", "kept"), default="both")
+    parser.add_argument("--stand-in", type=float, help="GiB of the GPU stood in for")
     args = parser.parse_args()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     context = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit}
-    for config in CONFIGS[:2] if args.quick else CONFIGS:
-        for release in (True, False):
-            row = {**measure(*config, release=release), **context}
-            with open(args.out, "a") as file:
-                file.write(json.dumps(row) + "\n")
-            print({k: v for k, v in row.items() if k != "counters"}, flush=True)
-            gc.collect()
-            torch.cuda.empty_cache()
+    if args.stand_in:
+        runs = [lambda b=b, p=p: on_a_smaller_gpu(args.stand_in, b, p) for b, p in STAND_IN]
+    else:
+        chosen = [CONFIGS[i] for i in args.configs] if args.configs else CONFIGS
+        releases = (True, False) if args.releases == "both" else (False,)
+        runs = [lambda c=c, r=r: measure(*c, release=r) for c in chosen for r in releases]
+    for run in runs:
+        row = {**run(), **context}
+        with open(args.out, "a") as file:
+            file.write(json.dumps(row) + "\n")
+        print({k: v for k, v in row.items() if k != "counters"}, flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

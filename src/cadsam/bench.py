@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -149,11 +150,14 @@ def bench_batch(
     return images, masks, embeddings
 
 
-def bench_step(model: AdaptedSam, precision: str, from_cache: bool) -> Callable[[], torch.Tensor]:
+def bench_step(
+    model: AdaptedSam, precision: str, from_cache: bool, only_if_it_fits: bool = False
+) -> functools.partial[torch.Tensor]:
     """One training step at the paper's settings (batch, 512 x 512 images, whole-image box,
     BCE + IoU, AdamW) on seeded random data (:func:`bench_batch`), on the model's device;
     with the runtime's ``cuda_graph``: three eager calls, then captured as a CUDA graph and
-    replayed (:class:`~cadsam.fast.graphs.GraphedStep`)."""
+    replayed (:class:`~cadsam.fast.graphs.GraphedStep`, the step's ``func``), eager instead
+    where ``only_if_it_fits`` and the capture would not fit, as ``cuda_graph=auto`` trains."""
     from .fast.graphs import adamw
     from .train import training_step
 
@@ -161,8 +165,8 @@ def bench_step(model: AdaptedSam, precision: str, from_cache: bool) -> Callable[
     model.train()
     optimizer = adamw(model.trainable_parameters(), lr=2e-4, weight_decay=0.01, graphed=graphed)
     images, masks, embeddings = bench_batch(model, from_cache)
-    step = training_step(model, optimizer, precision, graphed)
-    return lambda: step(images, masks, embeddings)
+    step = training_step(model, optimizer, precision, graphed, only_if_it_fits)
+    return functools.partial(step, images, masks, embeddings)
 
 
 def measure_training(
@@ -175,15 +179,15 @@ def measure_training(
     """One variant's training step on the current CUDA device: peak memory and images/s.
     ``overrides``: runtime settings that replace the variant's."""
     method, runtime, from_cache = variant_runtime(variant, backbone, overrides)
-    graphed = runtime.cuda_graph
     batch = DEFAULT_BATCH[backbone]
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     with torch.device("cuda"):
         model = build_model(method, backbone, with_encoder=not from_cache, runtime=runtime)
     weights_mib = torch.cuda.memory_allocated() / MIB
-    step = bench_step(model, precision, from_cache)
-    warmup = WARMUP + graphed  # a graphed step is captured on the call after its warm-up
+    pinned = (overrides or {}).get("cuda_graph") is True  # as cadsam train --set cuda_graph=true
+    step = bench_step(model, precision, from_cache, only_if_it_fits=not pinned)
+    warmup = WARMUP + runtime.cuda_graph  # a graphed step is captured after its warm-up
 
     times = []
     for i in range(warmup + steps):
@@ -193,6 +197,7 @@ def measure_training(
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
+    graphed = getattr(step.func, "graph", None) is not None  # captured, not declined
     counts = model.parameter_counts()
     return {
         "backbone": backbone,

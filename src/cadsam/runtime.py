@@ -13,10 +13,10 @@ Three named runtimes:
 * ``lean``: the least memory (bands and kernels for CAD's full-resolution blocks, one image per
   frozen-encoder call, SAM-Adapter's and LoRA's encoder blocks recomputed in backward);
 * ``auto`` (the commands' default): on a GPU, the fastest path that fits its free memory (the
-  frozen encoder batched and compiled, CAD's blocks kept for backward; where there is much
-  room, CAD's training step replayed as a CUDA graph, and the encoder's blocks
-  kept for SAM-Adapter's and LoRA's activations), ``lean`` where little is free; on a CPU,
-  ``plain`` with the fused attention.
+  frozen encoder batched and compiled, CAD's blocks kept for backward, CAD's training step
+  replayed as a CUDA graph where its capture fits; where there is much room, the encoder's
+  blocks kept for SAM-Adapter's and LoRA's activations), ``lean`` where little is free; on a
+  CPU, ``plain`` with the fused attention.
 
 Individual switches (``--set NAME=VALUE``, or a ``runtime:`` section of a training config) pin
 any path on top of a named runtime.
@@ -36,8 +36,9 @@ from .errors import CadsamError
 
 RUNTIMES = ("auto", "plain", "lean")
 AUTO = "auto"
-# Free GPU memory from which ``auto`` batches and compiles the frozen encoder and keeps CAD's
-# blocks for backward (ViT-H CAD at batch 2 in fp32 peaks near 5.3 GiB that way) ...
+# Free GPU memory from which ``auto`` batches and compiles the frozen encoder, keeps CAD's
+# blocks for backward and replays CAD's step as a CUDA graph where the capture fits
+# (GraphedStep checks it; ViT-H CAD at batch 2 in fp32 peaks near 5.3 GiB that way) ...
 FAST_GIB = 8
 # Training steps ``cuda_graph=auto`` replays as a CUDA graph, by method: the backbones (name
 # prefixes) on which the GPU tier checks the graphed step against the eager one, from the
@@ -46,8 +47,7 @@ FAST_GIB = 8
 # against 95, SAM 2.1 Hiera-B+'s 179 against 74 (benchmarks/BENCHMARKS.md).
 GRAPHED_STEPS = {"cad": ("vit_", "sam2.1_")}
 # ... and from which it also keeps the encoder's activations for methods that act inside it
-# (ViT-H's SAM-Adapter keeps 21 GiB in fp32 at batch 2; benchmarks/BENCHMARKS.md), and
-# replays CAD's step as a CUDA graph (GRAPHED_STEPS; its pool reserves memory of its own)
+# (ViT-H's SAM-Adapter keeps 21 GiB in fp32 at batch 2; benchmarks/BENCHMARKS.md)
 ROOMY_GIB = 48
 
 
@@ -172,10 +172,8 @@ def named_runtime(name: str, device: torch.device | str = "cpu") -> tuple[Runtim
     if free_gib >= ROOMY_GIB:
         return ROOMY, f"{where}: fast"
     if free_gib >= FAST_GIB:
-        # no graph: its private pool keeps a step's buffers apart from the allocator's cache,
-        # reserving ~3x what the step allocates (ViT-B bf16: 4,734 MiB for 1,456, on an H200)
-        fast = ROOMY.replace(checkpoint_encoder=True, cuda_graph=False)
-        return fast, f"{where}: fast, encoder blocks recomputed, steps launched eagerly"
+        fast = ROOMY.replace(checkpoint_encoder=True)
+        return fast, f"{where}: fast, encoder blocks recomputed"
     return LEAN, f"{where}: lean"
 
 

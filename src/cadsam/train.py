@@ -229,10 +229,16 @@ def forward_backward(
 
 
 def training_step(
-    net: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: str, graphed: bool = False
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    precision: str,
+    graphed: bool = False,
+    only_if_it_fits: bool = False,
+    log: Callable[[str], None] = print,
 ) -> Step:
     """One whole training step on a batch (images, masks, embeddings or None): forward, backward,
-    AdamW. ``graphed``: a :class:`GraphedStep` of it, replayed as a CUDA graph."""
+    AdamW. ``graphed``: a :class:`GraphedStep` of it, replayed as a CUDA graph (eager where
+    ``only_if_it_fits`` and the capture would not fit, which ``log`` says)."""
 
     def step(images, masks, embeddings):
         loss = forward_backward(
@@ -242,7 +248,9 @@ def training_step(
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    return GraphedStep(step) if graphed else step
+    if not graphed:
+        return step
+    return GraphedStep(step, only_if_it_fits=only_if_it_fits, log=log)
 
 
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:
@@ -396,7 +404,9 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run:
     if val_pairs:
         data = dict(mask_threshold=cfg.mask_threshold, resize_masks=cfg.resize_masks)
         val_set = SegmentationDataset(val_pairs, cfg.image_size, **data, cache=val_cache)
-    step = training_step(net, optimizer, cfg.precision, graphed=runtime.cuda_graph)
+    # cuda_graph=auto graphs the step where its capture fits; true, whatever it takes
+    fit = cfg.runtime.get("cuda_graph") is not True
+    step = training_step(net, optimizer, cfg.precision, runtime.cuda_graph, fit, log)
     run = _Run(cfg, dist, model, step, net, loader, optimizer, scheduler, val_set, base, show=show)
     if cfg.resume:
         _resume(run, state_path, runtime.cuda_graph)

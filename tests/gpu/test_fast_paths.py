@@ -546,18 +546,22 @@ def test_compiled_blocks_equal_the_plain_blocks(precision):
 STEPS = [2] * 6 + [1]  # six full batches, then a short one (eager: not the captured shape)
 
 
-def train_steps(model: AdaptedSam, precision: str, kind: str) -> dict:
+def train_steps(
+    model: AdaptedSam, precision: str, kind: str, log: Callable[[str], None] = print
+) -> dict:
     """``STEPS`` training steps under a cosine schedule, from cached embeddings where the
     model has no encoder, else through its frozen encoder. ``kind``:
     ``eager`` (multi-tensor AdamW, float learning rate), ``capturable`` (the graph's AdamW:
     fused, capturable, a tensor learning rate; launched eagerly), ``graphed`` (three eager
-    steps, then captured, then replayed; the short batch eager)."""
+    steps, then captured, then replayed; the short batch eager), ``if-it-fits`` (graphed as
+    ``cuda_graph=auto`` graphs it: eager where the capture would not fit, which ``log`` says)."""
     model.train()
     optimizer = adamw(model.trainable_parameters(), 2e-4, 0.01, graphed=kind != "eager")
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor("cosine", s, len(STEPS))
     )
-    step = training_step(model, optimizer, precision, graphed=kind == "graphed")
+    graphed, fit = kind in ("graphed", "if-it-fits"), kind == "if-it-fits"
+    step = training_step(model, optimizer, precision, graphed, only_if_it_fits=fit, log=log)
     losses, cached = [], model.sam.image_encoder is None
     for i, batch in enumerate(STEPS):
         images, masks = images_and_masks(batch, ADAPTER_SIZE, seed=40 + i)
@@ -659,6 +663,33 @@ def test_graphed_steps_follow_the_eager_steps(precision, source, backbone):
             per_tensor[worst],
             total,
         )
+
+
+def test_auto_graphs_the_step_only_where_its_capture_fits(monkeypatch):
+    """``cuda_graph=auto`` on this GPU: the capture fits, and the step is graphed. On a GPU
+    stood in for with 1 MiB free (the driver's reading; the step's pool needs more): every
+    step eager, one line saying why, and the run the capturable optimiser's eager run, no
+    step lost or repeated (bounds: test_graphed_steps_follow_the_eager_steps, from the
+    cache in fp32)."""
+    torch.manual_seed(7)
+    base = build_model("cad", "vit_b", adapter_size=ADAPTER_SIZE, with_encoder=False)
+    base.to(DEVICE)
+    initial = {k: v.clone() for k, v in base.trainable_state_dict().items()}
+    runtime = Runtime(adapter_tile_mib=0.5, triton_kernels=True, channels_last=True)
+    said: list[str] = []
+    fits = train_steps(twin(base, runtime), "fp32", "if-it-fits", said.append)
+    assert fits["graph"] is not None and said == []
+    total = torch.cuda.mem_get_info()[1]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *device: (2**20, total))
+    declined = train_steps(twin(base, runtime), "fp32", "if-it-fits", said.append)
+    assert declined["graph"] is None and len(said) == 1 and "stay eager" in said[0], said
+    monkeypatch.undo()
+    eager = train_steps(twin(base, runtime), "fp32", "capturable")
+    assert declined["lr"] == eager["lr"] == 0.0  # the cosine's end: every step taken
+    losses = declined["losses"], eager["losses"]
+    assert torch.allclose(*losses, rtol=1e-5, atol=0), losses
+    per_tensor, total_off = disagreement(declined["state"], eager["state"], initial)
+    assert max(per_tensor.values()) < 3e-2 and total_off < 1e-3, (per_tensor, total_off)
 
 
 # -- 6. bf16 autocast against fp32 and float64 --------------------------------------------------
