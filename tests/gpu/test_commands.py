@@ -58,7 +58,7 @@ def test_cache_train_eval_predict_on_cuda(tmp_path, sam_file, capsys):
                  "--out", str(cache), "--image-size", SIZE, "--device", "cuda",
                  "--num-workers", "0", "--views", "identity", "hflip"]) == 0  # fmt: skip
     common = ("--epochs", "2", "--device", "cuda", "--set", "adapter_size=128")
-    # auto graphs CAD's step with 48 GiB free (the encoder run below): this one is eager
+    # auto graphs CAD's step where its capture fits (the encoder run below): this one is eager
     cached = _train(sam_file, data, tmp_path / "cached", *common, "--cache", str(cache),
                     "--set", "cuda_graph=false")  # fmt: skip
     graphed = _train(sam_file, data, tmp_path / "graphed", *common, "--cache", str(cache),

@@ -65,7 +65,7 @@ def match_graph_mode(optimizer: torch.optim.Optimizer, graphed: bool) -> None:
 # What a capture may reserve for its private memory pool, as a multiple of what the eager step
 # allocated beyond what was allocated before it: 1.1x to 1.9x on an H200, for CAD on ViT-B,
 # ViT-H and Hiera-B+, fp32 and bf16, batch 2 to 16, from the cache and through the encoder
-# (benchmarks/experiments/graph_pool.jsonl).
+# (benchmarks/experiments/h200_graph_pool.jsonl).
 CAPTURE_POOL_FACTOR = 2.5
 
 
