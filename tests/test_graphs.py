@@ -168,3 +168,35 @@ def test_auto_captures_only_where_the_pool_fits(monkeypatch, free_mib, captured)
             graphed(torch.ones(2))
         assert calls == ["warm-up", "warm-up", "eager", "eager"] and len(said) == 1, said
         assert "up to 400 MiB and 399 MiB are free" in said[0], said
+
+
+def test_the_warm_up_calls_share_one_side_stream(monkeypatch):
+    """The allocator reuses a freed block only on the stream that freed it: a new side stream
+    per warm-up call left the step's memory reserved once per call (ViT-B bf16 on an H200:
+    4,316 MiB cached by the warm-up against 1,630 with one stream). The CUDA calls are stood
+    in for."""
+    import contextlib
+
+    from cadsam.fast.graphs import GraphedStep
+
+    made = []
+
+    class Stream:
+        def __init__(self):
+            made.append(self)
+
+        def wait_stream(self, other):
+            pass
+
+    running_on = []
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream.__new__(Stream))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 123)
+    monkeypatch.setattr(
+        torch.cuda, "stream", lambda s: running_on.append(s) or contextlib.nullcontext()
+    )
+    graphed = GraphedStep(lambda x: x.sum(), warmup=3)
+    for size in (4, 4, 4, 3):  # the warm-up, then a short batch: eager on the side stream too
+        graphed(torch.ones(size))
+    assert len(made) == 1 and running_on == made * 4
+    assert graphed.allocated_before == 123  # read once, before the first warm-up call
