@@ -54,17 +54,30 @@ LEGEND = (
     "eager step). "
     "Peak allocated memory is `torch.cuda.max_memory_allocated` over the whole "
     "run; images/s is the batch over the median step time after 3 warm-up steps. The paper's "
-    "figures are `nvidia-smi` readings on an A100, which add the CUDA context and the "
-    "allocator's cache; the authors' code was measured as peak allocated on an H100."
+    "figures are `{paper_measure}` readings on an {paper_device}, which add the CUDA context "
+    "and the allocator's cache; the authors' code was measured as peak allocated on an "
+    "{authors_device}."
 )
 
 
 def paper_figures() -> tuple[dict, dict]:
     """The paper's Tables 1-2 and the authors' code's peak memory, from cadsam.paper."""
     sys.path.insert(0, str(HERE.parent / "src"))
-    from cadsam.paper import AUTHORS_CODE_H100_MIB, MEMORY_TABLES
+    from cadsam.paper import AUTHORS_CODE_MIB, MEMORY_TABLES
 
-    return MEMORY_TABLES, AUTHORS_CODE_H100_MIB
+    return MEMORY_TABLES, AUTHORS_CODE_MIB
+
+
+def devices() -> dict[str, str]:
+    """Where the paper's and the authors' code's figures were measured (cadsam's data file)."""
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from cadsam.paper import AUTHORS_CODE_DEVICE, PAPER_DEVICE, PAPER_MEASURE
+
+    return {
+        "paper_device": PAPER_DEVICE,
+        "paper_measure": PAPER_MEASURE,
+        "authors_device": AUTHORS_CODE_DEVICE,
+    }
 
 
 def load_reports(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
@@ -137,7 +150,12 @@ def training_table(backbone: str, rows: dict, paper: tuple[dict, dict]) -> list[
     memory, authors = paper
     published = any(b == backbone for b, _ in memory)
     columns = ["method", "variant", "trainable"]
-    columns += ["paper, A100 (MiB)", "authors' code, H100 (MiB)"] if published else []
+    where = devices()
+    paper_columns = [
+        f"paper, {where['paper_device']} (MiB)",
+        f"authors' code, {where['authors_device']} (MiB)",
+    ]
+    columns += paper_columns if published else []
     columns += ["fp32: peak MiB", "bf16: peak MiB", "fp32: images/s", "bf16: images/s"]
     lines = [
         f"| {' | '.join(columns)} |",
@@ -307,7 +325,7 @@ def render(
             )
             parts.append([title, "", *table])
     if len(parts) > 1:
-        parts.append([LEGEND])
+        parts.append([LEGEND.format(**devices())])
     parts += [encoder_table(rows), cache_table(rows), failures(rows), still_to_measure(rows)]
     return "\n\n".join("\n".join(part) for part in parts if part) + "\n"
 

@@ -9,6 +9,7 @@ without one. The GPU tier (``tests/gpu``) runs on its own, on CUDA, and is skipp
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import types
@@ -21,6 +22,20 @@ import torch
 SHARED_DATA = Path(
     os.environ.get("CADSAM_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
 )
+DATA_SETS = ("isbi2012-membrane", "kvasir-seg-sample", "camvid-sample")
+# one reason for every test that reads them, so that pytest's -ra summary is one line
+NO_REAL_DATA = (
+    f"the real data sets are not in {SHARED_DATA}: set CADSAM_TEST_DATA to a folder holding "
+    f"{', '.join(f'{name}/' for name in DATA_SETS)} (the project's shared test data: small "
+    "samples of ISBI 2012, Kvasir-SEG and CamVid)"
+)
+# CI sets it: there a missing data set stops the run at once rather than skip the tests
+REQUIRE_DATA = os.environ.get("CADSAM_REQUIRE_TEST_DATA") == "1"
+TESTS = Path(__file__).resolve().parent
+
+
+def has_real_data() -> bool:
+    return all((SHARED_DATA / name).is_dir() for name in DATA_SETS)
 
 
 def gpu_tier_asked(config: pytest.Config) -> bool:
@@ -30,16 +45,14 @@ def gpu_tier_asked(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The real data must be there. Outside the GPU tier (``-m gpu``), no CUDA device is
-    visible: hidden here, before anything touches CUDA (module-scoped fixtures run before any
-    test's own), so this process and every process a test starts pick the CPU as on a machine
-    without a GPU."""
-    if not (SHARED_DATA / "isbi2012-membrane").is_dir():  # one line, not dozens of failures
-        pytest.exit(
-            f"the tests read the real data sets in {SHARED_DATA}, which is not there: "
-            "set CADSAM_TEST_DATA to the folder holding isbi2012-membrane/ and the others",
-            returncode=4,
-        )
+    """Without the real data, the tests that read it skip (see :func:`reads_real_data`), unless
+    ``CADSAM_REQUIRE_TEST_DATA=1`` (CI), which stops the run at once. Outside the GPU tier
+    (``-m gpu``), no CUDA device is visible: hidden here, before anything touches CUDA
+    (module-scoped fixtures run before any test's own), so this process and every process a
+    test starts pick the CPU as on a machine without a GPU."""
+    config.addinivalue_line("markers", "real_data: reads the real data sets in CADSAM_TEST_DATA")
+    if REQUIRE_DATA and not has_real_data():  # one line, not dozens of failures
+        pytest.exit(f"CADSAM_REQUIRE_TEST_DATA=1, but {NO_REAL_DATA}", returncode=4)
     if not gpu_tier_asked(config):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
@@ -68,6 +81,64 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "interpreted_triton" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.triton_interpreter)
+        if reads_real_data(item):
+            item.add_marker(pytest.mark.real_data)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skipped here, not by a skip mark, so that every skip has the same place and reason and
+    pytest's summary shows them as one line."""
+    if item.get_closest_marker("real_data") and not has_real_data():
+        pytest.skip(NO_REAL_DATA)
+
+
+def reads_real_data(item: pytest.Item) -> bool:
+    """Whether a test names a path into SHARED_DATA: in its code, its parameters, its fixtures'
+    code or the code of the test modules' functions they call. Found from the code, so no test
+    can forget to say so; ``@pytest.mark.real_data`` marks one this misses."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if any(_names_real_data(value) for value in params.values()):
+        return True
+    fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    functions = [getattr(item, "function", None)]
+    functions += [definitions[-1].func for definitions in fixtures.values() if definitions]
+    seen: set[types.CodeType] = set()
+    return any(_code_reads_real_data(function, seen) for function in functions if function)
+
+
+def _names_real_data(value: object) -> bool:
+    """A path (or a tuple, list or dict of paths) in SHARED_DATA."""
+    if isinstance(value, (tuple, list)):
+        return any(_names_real_data(one) for one in value)
+    if isinstance(value, dict):
+        return any(_names_real_data(one) for one in value.values())
+    return isinstance(value, (str, Path)) and Path(value).is_relative_to(SHARED_DATA)
+
+
+def _code_reads_real_data(function: object, seen: set[types.CodeType]) -> bool:
+    function = inspect.unwrap(function)
+    code = getattr(function, "__code__", None)
+    if code is None or code in seen or not Path(code.co_filename).is_relative_to(TESTS):
+        return False
+    seen.add(code)
+    scope = function.__globals__
+    for name in _names_in(code):
+        value = scope.get(name)
+        if _names_real_data(value):
+            return True
+        if inspect.isfunction(value) and _code_reads_real_data(value, seen):
+            return True
+    return False
+
+
+def _names_in(code: types.CodeType) -> set[str]:
+    """The global (and attribute) names a function's code, nested functions' included, uses."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names |= _names_in(constant)
+    return names
 
 
 def _stub_torchvision() -> None:

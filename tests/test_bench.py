@@ -20,11 +20,11 @@ from cadsam.bench import (
     run_bench,
     variant_runtime,
 )
-from cadsam.cli import main
+from cadsam.commands import main
+from cadsam.config import TrainConfig
 from cadsam.errors import CadsamError
 from cadsam.methods import build_model
 from cadsam.runtime import LEAN, Runtime
-from cadsam.train import TrainConfig
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "h100_vit_b.json"
 
@@ -49,20 +49,20 @@ def test_paper_figures_stand_beside_their_methods_only():
 
 def test_bench_set_checks_runtime_settings_before_running(capsys, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert main(["bench", "--methods", "decoder", "--set", "warp_speed=8"]) == 1
+    assert main(["bench", "--variants", "decoder", "--set", "warp_speed=8"]) == 1
     assert "unknown runtime setting warp_speed" in capsys.readouterr().err
-    assert main(["bench", "--methods", "decoder", "cad", "--set", "adapter_tile_mib=8"]) == 1
+    assert main(["bench", "--variants", "decoder", "cad", "--set", "adapter_tile_mib=8"]) == 1
     assert "which method decoder does not have" in capsys.readouterr().err
-    assert main(["bench", "--methods", "cad", "--set", "adapter_tile_mib"]) == 1
+    assert main(["bench", "--variants", "cad", "--set", "adapter_tile_mib"]) == 1
     assert "--set takes NAME=VALUE" in capsys.readouterr().err
     # a valid setting gets as far as the GPU check
-    assert main(["bench", "--methods", "cad-cache", "--set", "adapter-tile-mib=8"]) == 1
+    assert main(["bench", "--variants", "cad-cache", "--set", "adapter-tile-mib=8"]) == 1
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_bench_set_refuses_to_contradict_a_variant(capsys, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    args = ["bench", "--methods", "cad-cache", "cad-cache-eager", "--set", "cuda_graph=true"]
+    args = ["bench", "--variants", "cad-cache", "cad-cache-eager", "--set", "cuda_graph=true"]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "contradicts variant cad-cache-eager" in err and "cuda_graph=False" in err
@@ -161,7 +161,7 @@ def test_encoder_forward_gives_what_a_cache_row_holds(backbone):
 
 def test_bench_refuses_sam_adapter_on_sam2_before_measuring(capsys, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    args = ["bench", "--backbones", "vit_b", "sam2.1_hiera_l", "--methods", "cad"]
+    args = ["bench", "--backbones", "vit_b", "sam2.1_hiera_l", "--variants", "cad"]
     assert main([*args, "sam-adapter-lean"]) == 1
     err = capsys.readouterr().err.strip()
     assert "sam-adapter-lean is SAM 1 only" in err and "sam2.1_hiera_l" in err
@@ -169,7 +169,7 @@ def test_bench_refuses_sam_adapter_on_sam2_before_measuring(capsys, monkeypatch)
     with pytest.raises(CadsamError, match="sam-adapter-paper is SAM 1 only"):
         run_bench(["sam2.1_hiera_b+"], ["sam-adapter-paper"], ["fp32"], Path("unused"))
     # the same variants on SAM 1, and no --methods on SAM 2.1, get as far as the GPU check
-    assert main(["bench", "--backbones", "vit_b", "--methods", "sam-adapter-lean"]) == 1
+    assert main(["bench", "--backbones", "vit_b", "--variants", "sam-adapter-lean"]) == 1
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert main(["bench", "--backbones", "sam2.1_hiera_b+"]) == 1
     assert "needs a CUDA GPU" in capsys.readouterr().err

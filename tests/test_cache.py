@@ -12,13 +12,14 @@ from conftest import SHARED_DATA, randomize_, rel_err
 
 from cadsam import build_model, build_sam
 from cadsam.cache import build_cache, check_cache_for_training, open_cache
+from cadsam.config import TrainConfig
 from cadsam.data import Pair, SegmentationDataset, pair_folders
 from cadsam.data.io import read_image, read_mask
 from cadsam.data.transforms import apply_view, resize_pair
 from cadsam.errors import CadsamError
 from cadsam.sam.image_encoder import ImageEncoderViT
 from cadsam.sam2 import build_sam2
-from cadsam.train import TrainConfig, segmentation_loss, train
+from cadsam.training import segmentation_loss, train
 from cadsam.weights import base_checkpoint_record
 
 ISBI = SHARED_DATA / "isbi2012-membrane"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cadsam.train import TrainConfig
+from cadsam.config import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -29,7 +29,7 @@ from cadsam.figures import pyplot
 from cadsam.methods import build_model
 from cadsam.methods.lora import LoraAdapter
 from cadsam.paper import MEMORY_TABLES
-from cadsam.train import segmentation_loss
+from cadsam.training import segmentation_loss
 from cadsam.weights import load_weights
 
 
@@ -53,7 +53,7 @@ DEMO_ARGS = ["--train-images", "8", "--test-images", "4", "--image-size", "64", 
 
 def _cli_demo(out) -> str:
     """``cadsam demo`` on a small budget; its console output."""
-    from cadsam.cli import main
+    from cadsam.commands import main
 
     console = io.StringIO()
     with contextlib.redirect_stdout(console):
@@ -324,7 +324,7 @@ def test_demo_runs_on_sam2s_small_configuration(tmp_path):
     """``--backbone sam2.1_hiera_tiny_test``: random weights saved in Meta's SAM 2.1 format,
     read back as any SAM 2.1 checkpoint; SAM-Adapter, SAM 1 only, is left out with its reason,
     the other three train."""
-    from cadsam.cli import main
+    from cadsam.commands import main
     from cadsam.sam2 import Sam2
 
     out = tmp_path / "demo"

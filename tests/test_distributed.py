@@ -12,7 +12,7 @@ from cadsam import build_model, build_sam
 from cadsam.cache import build_cache, open_cache
 from cadsam.data import SegmentationDataset, pair_folders
 from cadsam.distributed import setup, teardown
-from cadsam.evaluate import evaluate
+from cadsam.evaluation import evaluate
 
 ISBI = SHARED_DATA / "isbi2012-membrane"
 CACHE_OPTIONS = dict(

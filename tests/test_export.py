@@ -16,12 +16,12 @@ from PIL import Image
 from test_train import _isbi_subset
 
 from cadsam import AdaptedSam, build_model
-from cadsam.cli import main
+from cadsam.commands import main
 from cadsam.data.io import list_images, read_image
 from cadsam.data.transforms import resize_image
 from cadsam.errors import CadsamError
 from cadsam.frequency import MatrixHighPass, high_pass
-from cadsam.predict import predict_logits
+from cadsam.prediction import predict_logits
 from cadsam.weights import base_checkpoint_record, load_weights, save_weights
 
 pytest.importorskip("onnxruntime")
@@ -178,9 +178,9 @@ def test_predict_onnx_writes_the_masks_predict_writes(cad_weights, cad_graph, tm
     grey, colour = list_images(ISBI_IMAGES)[5], list_images(KVASIR_IMAGES)[0]  # 622 x 529
     for path in (grey, colour):
         (inputs / path.name).symlink_to(path.resolve())
-    common = ["predict", "--input", str(inputs), "--probabilities"]
-    assert main([*common, "--weights", str(cad_weights), "--output", str(tmp_path / "pt")]) == 0
-    assert main([*common, "--onnx", str(cad_graph), "--output", str(tmp_path / "ox")]) == 0
+    common = ["predict", "--images", str(inputs), "--probabilities"]
+    assert main([*common, "--weights", str(cad_weights), "--out", str(tmp_path / "pt")]) == 0
+    assert main([*common, "--onnx", str(cad_graph), "--out", str(tmp_path / "ox")]) == 0
     model = _loaded(cad_weights)
     for path in list_images(inputs):
         written = [tmp_path / folder / f"{path.stem}.png" for folder in ("pt", "ox")]
@@ -285,7 +285,7 @@ def test_the_matrix_high_pass_equals_the_fft(size):
 def test_without_onnxruntime_the_error_says_what_to_install(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     image = list_images(ISBI_IMAGES)[0]
-    args = ["predict", "--onnx", "m.onnx", "--input", str(image), "--output", str(tmp_path)]
+    args = ["predict", "--onnx", "m.onnx", "--images", str(image), "--out", str(tmp_path)]
     assert main(args) == 1
     err = capsys.readouterr().err.strip()
     assert (
@@ -303,7 +303,7 @@ def test_flags_that_do_not_apply_are_refused(capsys, tmp_path):
     assert main([*zero_shot, "--out", str(tmp_path / "x.pt")]) == 1
     assert "name the file FILE.onnx" in capsys.readouterr().err
     image = str(list_images(ISBI_IMAGES)[0])
-    predict = ["predict", "--input", image, "--output", str(tmp_path)]
+    predict = ["predict", "--images", image, "--out", str(tmp_path)]
     assert main([*predict, "--onnx", "m.onnx", "--weights", "w"]) == 1
     assert "--weights does not apply" in capsys.readouterr().err
     assert main(predict) == 1

@@ -4,14 +4,15 @@ the GPU tier (``tests/gpu``) compares them there with the eager step."""
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
 from test_train import FAST, _isbi_subset
 
-from cadsam.cli import main
+from cadsam.commands import main
 from cadsam.fast.graphs import adamw, match_graph_mode
-from cadsam.train import lr_factor
+from cadsam.training import lr_factor
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
@@ -149,12 +150,12 @@ def test_auto_captures_only_where_the_pool_fits(monkeypatch, free_mib, captured)
     def empty_cache():
         readings["free"] = free_mib * mib
 
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 1160 * mib)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (readings["free"], 2**40))
     monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
     said, calls = [], []
     graphed = GraphedStep(lambda x: calls.append("eager"), 2, only_if_it_fits=True, log=said.append)
     graphed.allocated_before = 1000 * mib  # as the first warm-up call records it
+    graphed.warmup_peak = 1160 * mib  # as the warm-up calls record it
     monkeypatch.setattr(graphed, "_on_side_stream", lambda batch: calls.append("warm-up"))
     monkeypatch.setattr(graphed, "_capture", capture)
     for _ in range(2):
@@ -200,3 +201,79 @@ def test_the_warm_up_calls_share_one_side_stream(monkeypatch):
         graphed(torch.ones(size))
     assert len(made) == 1 and running_on == made * 4
     assert graphed.allocated_before == 123  # read once, before the first warm-up call
+
+
+class _Allocator:
+    """The CUDA caching allocator's counters, stood in for: bytes allocated and their peak."""
+
+    def __init__(self, allocated: int, peak: int) -> None:
+        self.allocated, self.peak = allocated, peak
+
+    def step(self, transient: int) -> None:
+        """A step that allocates ``transient`` bytes and frees them."""
+        self.peak = max(self.peak, self.allocated + transient)
+
+    def reset_peak(self) -> None:
+        self.peak = self.allocated
+
+
+@pytest.mark.parametrize(
+    ("before", "between", "captured"),
+    [
+        # a peak 4 GiB above the step's before its warm-up (a validation pass, a cache build):
+        # read at capture, 2.5 times it would not fit, though the step's own pool would
+        (5000, False, True),
+        # the counter reset between the warm-up and the capture (another part measuring its
+        # own peak): read at capture, the step would seem to grow nothing and be captured
+        (1000, True, False),
+    ],
+)
+def test_the_fit_check_measures_each_warm_up_call(monkeypatch, before, between, captured):
+    """The capture check reads the peak of the warm-up calls themselves: the counter reset
+    before each and read after it. 1000 MiB allocated, a step that peaks 160 MiB above it and
+    400 MiB free: the capture fits in the first case only if that is what it reads, and in the
+    second must be declined (399 MiB free). The CUDA calls are stood in for."""
+    import contextlib
+
+    from cadsam.fast.graphs import GraphedStep
+
+    mib = 2**20
+    allocator = _Allocator(1000 * mib, before * mib)
+    free = (400 if captured else 399) * mib
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    for name, stand_in in {
+        "Stream": lambda: stream,
+        "current_stream": lambda: stream,
+        "stream": lambda s: contextlib.nullcontext(),
+        "memory_allocated": lambda: allocator.allocated,
+        "max_memory_allocated": lambda: allocator.peak,
+        "reset_peak_memory_stats": allocator.reset_peak,
+        "mem_get_info": lambda: (free, 2**40),
+        "empty_cache": lambda: None,
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, stand_in)
+
+    class CapturedError(Exception):
+        pass
+
+    def capture(batch):
+        raise CapturedError
+
+    said = []
+    graphed = GraphedStep(
+        lambda x: allocator.step(160 * mib), 2, only_if_it_fits=True, log=said.append
+    )
+    monkeypatch.setattr(graphed, "_capture", capture)
+    for _ in range(2):
+        graphed(torch.ones(2))
+    if between:
+        allocator.reset_peak()
+    if captured:
+        with pytest.raises(CapturedError):
+            graphed(torch.ones(2))
+        assert said == []
+    else:
+        graphed(torch.ones(2))
+        assert graphed.eager and len(said) == 1
+        assert "up to 400 MiB and 399 MiB are free" in said[0], said
+    assert graphed.warmup_peak == 1160 * mib

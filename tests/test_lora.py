@@ -12,7 +12,7 @@ from conftest import randomize_, rel_err
 from test_train import FAST, _isbi_subset
 
 from cadsam import build_model
-from cadsam.cli import main
+from cadsam.commands import main
 from cadsam.errors import CadsamError
 from cadsam.runtime import LEAN
 from cadsam.sam.image_encoder import _plain_rel_pos_attention, decomposed_rel_pos
@@ -132,5 +132,5 @@ def test_lora_trains_evaluates_and_predicts(tmp_path, capsys):
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= scores["dice"] <= 1
     out = tmp_path / "predicted"
-    assert main(["predict", "--weights", str(run), "--input", data[1], "--output", str(out)]) == 0
+    assert main(["predict", "--weights", str(run), "--images", data[1], "--out", str(out)]) == 0
     assert len(list(out.glob("*.png"))) == 4

@@ -19,7 +19,7 @@ from test_tiling import run_from_input
 import cadsam
 import cadsam.fast.adapter
 from cadsam import build_model
-from cadsam.cli import main
+from cadsam.commands import main
 from cadsam.errors import CadsamError
 from cadsam.fast import FastRunner, fit
 from cadsam.fast.adapter import run_adapter

@@ -13,10 +13,10 @@ from conftest import SHARED_DATA
 from PIL import Image
 
 import cadsam
-from cadsam.cli import main
+from cadsam.commands import main
 from cadsam.distributed import pick_device
 from cadsam.errors import CadsamError
-from cadsam.evaluate import constant_prediction_warning, format_table
+from cadsam.evaluation import constant_prediction_warning, format_table
 
 KVASIR = SHARED_DATA / "kvasir-seg-sample"
 KVASIR_STEMS = sorted(p.stem for p in (KVASIR / "images").glob("*"))
@@ -66,7 +66,7 @@ def _commands(tmp_path):
             *data,
         ],
         "eval": ["eval", *weights, *data],
-        "predict": ["predict", *weights, "--input", KVASIR / "images", "--output", tmp_path],
+        "predict": ["predict", *weights, "--images", KVASIR / "images", "--out", tmp_path],
         "cache": [
             *["cache", "--backbone", "vit_tiny", "--checkpoint", tmp_path / "sam.pth"],
             *["--images", KVASIR / "images", "--out", tmp_path / "cache"],
@@ -140,16 +140,18 @@ def test_constant_prediction_warning():
     assert constant_prediction_warning(metrics(3, 0)) is None  # one image has a real mask
     assert constant_prediction_warning(metrics(0, 0, n=0)) is None
     assert constant_prediction_warning(metrics(4, 0)).startswith(
-        "warning: the model predicted foreground everywhere on every image (4 of 4): "
+        "warning: the model predicted foreground everywhere on 4 of 4 images: "
     )
-    assert "background everywhere on every image (4 of 4)" in constant_prediction_warning(
-        metrics(0, 4)
+    assert "background everywhere on 4 of 4 images" in constant_prediction_warning(metrics(0, 4))
+    assert "foreground everywhere on 1 and background everywhere on 3 of 4 images" in (
+        constant_prediction_warning(metrics(1, 3))
     )
-    assert "(1 all foreground, 3 all background)" in constant_prediction_warning(metrics(1, 3))
 
 
 def _eval_with(model, monkeypatch, capsys, *extra):
-    monkeypatch.setattr("cadsam.cli._load_eval_model", lambda *args, **kwargs: (model, 32))
+    monkeypatch.setattr(
+        "cadsam.commands.common.load_model_source", lambda *args, **kwargs: (model, 32)
+    )
     data = ["--images", KVASIR / "images", "--masks", KVASIR / "masks"]
     return _run(["eval", *data, "--device", "cpu", "--num-workers", "0", *extra], capsys)
 
@@ -163,12 +165,12 @@ def test_eval_warns_when_every_image_is_all_foreground(monkeypatch, capsys):
         {"images": 5, "predicted_all_foreground": 5, "predicted_all_background": 0}
     )
     assert warning == [f"cadsam: {expected}"]
-    assert "foreground everywhere on every image (5 of 5)" in warning[0]
+    assert "foreground everywhere on 5 of 5 images" in warning[0]
     code, out, err = _eval_with(ConstantModel(-5.0), monkeypatch, capsys, "--json")
     metrics = json.loads(out)
     assert code == 0 and metrics["predicted_all_background"] == 5
     assert 0 <= metrics["ber"] <= 100 and "ber_dataset" in metrics  # JSON keys keep their names
-    assert "background everywhere on every image (5 of 5)" in err
+    assert "background everywhere on 5 of 5 images" in err
 
 
 def _kvasir_links(folder, names):
@@ -184,7 +186,7 @@ def test_eval_mask_suffix_and_skip_bad_unpaired(tmp_path, monkeypatch, capsys):
     images = _kvasir_links(tmp_path / "images", {f"{s}.jpg": s for s in KVASIR_STEMS})
     masks = _kvasir_links(tmp_path / "masks", {f"{s}_mask.jpg": s for s in KVASIR_STEMS[:4]})
     monkeypatch.setattr(
-        "cadsam.cli._load_eval_model", lambda *args, **kwargs: (ConstantModel(0.5), 32)
+        "cadsam.commands.common.load_model_source", lambda *args, **kwargs: (ConstantModel(0.5), 32)
     )
     common = ["eval", "--images", images, "--masks", masks, "--device", "cpu"]
     common += ["--num-workers", "0", "--json", "--mask-suffix", "_mask"]
@@ -204,8 +206,8 @@ def _predict(tmp_path, monkeypatch, capsys, *extra):
     inputs = _kvasir_links(tmp_path / "in", {f"{s}.jpg": s for s in KVASIR_STEMS[:2]})
     (inputs / "0-corrupt.jpg").write_bytes(b"\xff\xd8\xff not a jpeg at all")
     (inputs / "9-empty.png").write_bytes(b"")
-    argv = ["predict", "--weights", tmp_path / "w.safetensors", "--input", inputs]
-    return _run([*argv, "--output", tmp_path / "out", "--device", "cpu", *extra], capsys)
+    argv = ["predict", "--weights", tmp_path / "w.safetensors", "--images", inputs]
+    return _run([*argv, "--out", tmp_path / "out", "--device", "cpu", *extra], capsys)
 
 
 def test_predict_reports_unreadable_inputs_and_writes_the_rest(tmp_path, monkeypatch, capsys):
@@ -216,11 +218,12 @@ def test_predict_reports_unreadable_inputs_and_writes_the_rest(tmp_path, monkeyp
     mask = np.array(Image.open(tmp_path / "out" / written[0]))
     assert mask.shape == Image.open(KVASIR / "images" / f"{KVASIR_STEMS[0]}.jpg").size[::-1]
     lines = [line for line in err.splitlines() if line.startswith("cadsam:")]  # not the bar
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert "cadsam: warning: cannot read image" in lines[0] and "0-corrupt.jpg" in lines[0]
     assert "9-empty.png" in lines[1]
-    assert lines[2].startswith("cadsam: error: 2 of 4 input(s) could not be read (first: ")
-    assert "0-corrupt.jpg" in lines[2] and "--skip-bad" in lines[2]
+    assert "foreground everywhere on 2 of 2 images" in lines[2]  # the stand-in is constant
+    assert lines[3].startswith("cadsam: error: 2 of 4 input(s) could not be read (first: ")
+    assert "0-corrupt.jpg" in lines[3] and "--skip-bad" in lines[3]
 
 
 def test_predict_skip_bad_still_reports_but_exits_0(tmp_path, monkeypatch, capsys):
@@ -256,7 +259,7 @@ def test_random_weights_on_purpose_are_said_and_recorded(tmp_path, capsys, monke
     assert "RANDOM weights" in note and "vit_b" in note
     assert "small test configuration" in base_weights_note("vit_tiny", None, False)
     seen = {}
-    monkeypatch.setattr("cadsam.train.train", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr("cadsam.training.train", lambda config: seen.setdefault("config", config))
     args = ["train", "--method", "decoder", "--backbone", "vit_b", "--random-weights"]
     assert main([*args, "--images", "i", "--masks", "m", "--out", str(tmp_path)]) == 0
     assert seen["config"].random_weights is True

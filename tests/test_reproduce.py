@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cadsam.cli import main
+from cadsam.commands import main
 from cadsam.data.synthetic import make_synthetic_set
 from cadsam.sam import build_sam
 

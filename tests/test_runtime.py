@@ -12,10 +12,11 @@ from safetensors.torch import safe_open, save_file
 from test_train import FAST, _isbi_subset
 
 from cadsam import build_model
-from cadsam.cli import main
+from cadsam.commands import main
+from cadsam.config import TrainConfig
 from cadsam.errors import CadsamError
 from cadsam.runtime import LEAN, ROOMY, Runtime, check_settings, resolve_runtime
-from cadsam.train import TrainConfig, train
+from cadsam.training import train
 from cadsam.weights import load_weights, save_weights
 
 
@@ -78,8 +79,8 @@ def test_weights_hold_no_runtime_and_load_under_another(tmp_path, interpreted_tr
         meta = json.loads(f.metadata()["cadsam"])
     assert meta["options"] == {"adapter_size": 32, "cad_layout": "official"}
     out = tmp_path / "predicted"
-    assert main(["predict", "--weights", str(tmp_path / "run"), "--input", data[1],
-                 "--output", str(out), "--device", "cpu", "--runtime", "plain"]) == 0  # fmt: skip
+    assert main(["predict", "--weights", str(tmp_path / "run"), "--images", data[1],
+                 "--out", str(out), "--device", "cpu", "--runtime", "plain"]) == 0  # fmt: skip
     assert len(list(out.glob("*.png"))) == 2
     reloaded, _ = load_weights(weights)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
@@ -134,9 +135,9 @@ def test_eval_under_any_runtime_scores_alike(tmp_path, capsys):
         "predict",
         "--weights",
         str(run),
-        "--input",
+        "--images",
         data[1],
-        "--output",
+        "--out",
         str(tmp_path / "p"),
     ]
     assert main([*predict, "--set", "checkpoint_encoder=true"]) == 1

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from conftest import _stub_torchvision, randomize_, rel_err
 from torch import nn
 
+from cadsam import build_model
 from cadsam.errors import CadsamError
 from cadsam.sam import build_sam
-from cadsam.sam.checkpoint import checkpoint_dir, file_sha256
+from cadsam.sam.checkpoint import checkpoint_dir, file_sha256, is_sam2_checkpoint
 from cadsam.sam2 import SAM2_CONFIGS, Sam2, build_sam2, parameter_counts
 from cadsam.sam2 import checkpoint as ckpt2
 from cadsam.sam2.build import is_video_only
@@ -355,6 +356,68 @@ def test_hiera_t_at_full_size_matches_meta(meta_sam2, tmp_path):
     assert rel_err(our_iou[0], torch.from_numpy(iou)) < TOLERANCE
 
 
+def test_the_single_mask_rule_is_metas_for_every_release(meta_sam2, monkeypatch):
+    """What Meta's build_sam2 (and so SAM2ImagePredictor.from_pretrained) composes for each
+    release: its post-processing overrides on top of the yaml, read before anything is built."""
+    import sam2.build_sam as meta_build
+
+    composed = []
+
+    def composed_only(cfg: Any, **_: Any) -> nn.Module:
+        composed.append(cfg)
+        return nn.Module()
+
+    monkeypatch.setattr(meta_build, "instantiate", composed_only)
+    names = [f"dynamic_multimask_{name}" for name in ("via_stability", "stability_delta")]
+    names.append("dynamic_multimask_stability_thresh")
+    for backbone in META_BACKBONES:
+        meta_build.build_sam2(f"configs/sam2.1/{backbone}.yaml", device="cpu")
+        metas = composed[-1].sam_mask_decoder_extra_args
+        ours = SAM2_CONFIGS[backbone]
+        assert [metas[n] for n in names] == [getattr(ours, n) for n in names], backbone
+        assert [metas[n] for n in names] == [True, 0.05, 0.98], backbone
+        decoder = build_sam2(backbone, with_encoder=False).sam_mask_decoder
+        assert (decoder.dynamic_multimask_via_stability, decoder.stability_delta) == (True, 0.05)
+        assert decoder.stability_thresh == 0.98
+
+
+@pytest.mark.parametrize("first_mask", ["unstable", "stable"])
+def test_zero_shot_answers_as_metas_image_predictor(meta_sam2, tmp_path, first_mask):
+    """cadsam's zero-shot model against SAM2ImagePredictor as Meta's build_sam2 builds it, on
+    the whole-image box, single mask. Randomized weights give a stable first mask (logits in
+    the thousands); the first mask token's hypernetwork scaled down by 1e-5 makes it unstable
+    (logits within a few hundredths of 0). A trained method answers with the first token."""
+    from sam2.build_sam import build_sam2 as meta_build_sam2
+
+    ref = meta_model(TINY)
+    randomize_(ref, seed=21)
+    if first_mask == "unstable":
+        with torch.no_grad():
+            for tensor in ref.sam_mask_decoder.output_hypernetworks_mlps[0].layers[-1].parameters():
+                tensor.mul_(1e-5)
+    path = tmp_path / "sam2.pt"
+    torch.save({"model": ref.state_dict()}, path)
+    config = "configs/sam2.1/sam2.1_hiera_t.yaml"
+    released = meta_build_sam2(config, path, device="cpu", hydra_overrides_extra=_tiny_overrides())
+    predictor = meta_predictor(meta_sam2, released)
+    size = SAM2_CONFIGS[TINY].image_size
+    predictor._bb_feat_sizes = [(size // s, size // s) for s in (4, 8, 16)]
+    image = random_image(size, size, seed=22)
+    predictor.set_image(image)
+    masks, _, _ = predictor.predict(
+        box=np.array([0, 0, size, size]), multimask_output=False, return_logits=True
+    )
+    expected = torch.from_numpy(masks)
+    images = torch.from_numpy(image).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        zero_shot = build_model("zero-shot", TINY, path).eval()(images)[0]
+        first_token = build_model("decoder", TINY, path).eval()(images)[0]
+    assert zero_shot.shape == expected.shape == (1, size, size)
+    assert rel_err(zero_shot, expected) < TOLERANCE
+    # where the first mask is unstable, the rule took another output; where stable, it did not
+    assert (rel_err(first_token, expected) < TOLERANCE) == (first_mask == "stable")
+
+
 # -- our model on its own ------------------------------------------------------------------
 
 
@@ -454,7 +517,7 @@ def test_sam2_file_for_a_sam1_backbone(tiny_file):
         lambda: build_sam("vit_tiny", checkpoint=tiny_file),
         r"is a SAM 2\.1 checkpoint, not SAM: use it with a sam2\.1_hiera_\* backbone",
     )
-    assert ckpt2.is_sam2_checkpoint(torch.load(tiny_file, weights_only=True))
+    assert is_sam2_checkpoint(torch.load(tiny_file, weights_only=True))
 
 
 def test_truncated_file(tiny_file):

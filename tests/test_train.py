@@ -18,9 +18,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cadsam import build_model
-from cadsam.cli import main
+from cadsam.commands import main
+from cadsam.config import TrainConfig
 from cadsam.errors import CadsamError
-from cadsam.train import TrainConfig, lr_factor, segmentation_loss, train
+from cadsam.training import lr_factor, segmentation_loss, train
 
 ISBI = SHARED_DATA / "isbi2012-membrane"
 KVASIR = SHARED_DATA / "kvasir-seg-sample"
@@ -236,9 +237,9 @@ def test_eval_and_predict_from_the_command_line(tmp_path, capsys):
                 "predict",
                 "--weights",
                 weights,
-                "--input",
+                "--images",
                 str(KVASIR / "images"),
-                "--output",
+                "--out",
                 str(out),
                 "--overlay",
                 "--probabilities",
@@ -357,9 +358,9 @@ def test_weights_rebuild_the_trained_model_exactly(tmp_path):
                 "predict",
                 "--weights",
                 "{tmp}/img/a.png",
-                "--input",
+                "--images",
                 "{tmp}/img",
-                "--output",
+                "--out",
                 "{tmp}/o",
             ],
             "is not a cadsam weights file: not a safetensors file",
@@ -415,7 +416,7 @@ def test_tensorboard_logs_what_metrics_jsonl_says(tmp_path):
 def test_predict_feeds_the_model_what_training_and_eval_feed_it():
     from cadsam.data import SegmentationDataset, pair_folders
     from cadsam.data.io import read_image
-    from cadsam.predict import predict_logits
+    from cadsam.prediction import predict_logits
 
     torch.manual_seed(0)
     model = build_model("cad", "vit_tiny", adapter_size=32).eval()
@@ -432,7 +433,7 @@ def test_predict_feeds_the_model_what_training_and_eval_feed_it():
 def _config_of(monkeypatch, tmp_path, *flags):
     """The TrainConfig that ``cadsam train`` would train, for these flags."""
     seen = {}
-    monkeypatch.setattr("cadsam.train.train", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr("cadsam.training.train", lambda config: seen.setdefault("config", config))
     args = ["train", "--method", "cad", "--backbone", "vit_tiny", "--out", str(tmp_path)]
     assert main([*args, "--images", "i", "--masks", "m", *flags]) == 0
     return seen["config"]
@@ -525,16 +526,17 @@ def test_an_old_configs_method_options_split_into_options_and_runtime(tmp_path):
 
 def test_every_training_setting_is_reached_once_and_help_stays_short():
     """A flag, or --set NAME=VALUE (the epilogue lists those): each TrainConfig key is one of
-    them, never both; and train --help shows at most 30 flags."""
+    them, never both; and train --help shows at most 31 flags."""
     import argparse
     import dataclasses
 
-    from cadsam.cli import SET_ONLY_TRAINING, add_train_arguments
+    from cadsam.commands.train import SET_ONLY_TRAINING
+    from cadsam.commands.train import add_arguments as add_train_arguments
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len({flag.dest for flag in flags}) <= 30
+    assert len({flag.dest for flag in flags}) <= 31
     by_flag = {flag.dest for flag in flags} - {"config", "runtime_name", "overrides"}
     keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"options", "runtime"}
     assert by_flag | set(SET_ONLY_TRAINING) == keys

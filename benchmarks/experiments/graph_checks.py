@@ -31,7 +31,7 @@ import torch
 
 from cadsam import build_model
 from cadsam.fast.graphs import adamw
-from cadsam.train import lr_factor, training_step
+from cadsam.training import lr_factor, training_step
 
 STEPS = [4] * 6 + [3]
 

@@ -34,7 +34,7 @@ from .backbones import BACKBONES, DEFAULT_BATCH, backbone_config
 from .errors import CadsamError
 from .figures import pyplot
 from .methods import SAM1_ONLY_WHY, AdaptedSam, build_model, check_runtime_settings, runs_on
-from .paper import AUTHORS_CODE_H100_MIB, MEMORY_TABLES
+from .paper import AUTHORS_CODE_DEVICE, AUTHORS_CODE_MIB, MEMORY_TABLES, PAPER_DEVICE
 from .precision import autocast
 from .runtime import Runtime, named_runtime, settle_cuda_graph
 
@@ -159,7 +159,7 @@ def bench_step(
     replayed (:class:`~cadsam.fast.graphs.GraphedStep`, the step's ``func``), eager instead
     where ``only_if_it_fits`` and the capture would not fit, as ``cuda_graph=auto`` trains."""
     from .fast.graphs import adamw
-    from .train import training_step
+    from .training import training_step
 
     graphed = model.runner.runtime.cuda_graph
     model.train()
@@ -425,7 +425,8 @@ def run_bench(
 def markdown_table(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
-        "| backbone | variant | precision | batch | trainable | paper (A100, MiB) | authors' code (H100, MiB) "
+        f"| backbone | variant | precision | batch | trainable | paper ({PAPER_DEVICE}, MiB) "
+        f"| authors' code ({AUTHORS_CODE_DEVICE}, MiB) "
         "| peak allocated (MiB) | peak reserved (MiB) | NVML process (MiB) | images/s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -436,7 +437,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         # The paper's figure stands beside the method's own row and its plain reference.
         beside = r["variant"] == key[1] or r["variant"].endswith("-plain")
         paper = MEMORY_TABLES[key][1] if beside and key in MEMORY_TABLES else ""
-        authors = AUTHORS_CODE_H100_MIB.get(key, "") if paper != "" else ""
+        authors = AUTHORS_CODE_MIB.get(key, "") if paper != "" else ""
         if "error" in r:
             lines.append(
                 f"| {r['backbone']} | {_label(r)} | {r['precision']} | | | {paper} | {authors} | {r['error']} | | | |"

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,10 +39,11 @@ from tqdm import tqdm
 
 from . import distributed
 from .backbones import FeatureLayout, backbone_config, feature_layout, is_sam2
+from .cores import default_workers
 from .data.io import read_image
 from .data.transforms import VIEWS, apply_view, resize_image
 from .errors import CadsamError
-from .files import write_atomic
+from .files import check_output_folder, write_atomic
 from .precision import autocast
 from .runtime import Runtime
 from .sam.sam import PIXEL_MEAN, PIXEL_STD
@@ -251,31 +253,38 @@ def build_cache(
     views: list[str] | None = None,
     image_size: int = 512,
     batch_size: int = 8,
-    precision: str = "bf16",
+    precision: str = "fp32",
     dtype: str = "float16",
     device: str | None = None,
-    compile_encoder: bool = False,
-    num_workers: int = 4,
+    runtime: Runtime | None = None,
+    num_workers: int | None = None,
     progress: bool = True,
     stop_after: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    skip_bad: bool = False,
 ) -> EmbeddingCache:
     """Compute (or finish computing) the cache in ``out``. Under torchrun the ranks share the
-    entries still to do and write disjoint rows. ``stop_after`` (batches) is for tests;
-    ``on_batch(images)`` is called as each batch is handed to the writer (for timing)."""
+    entries still to do and write disjoint rows. ``num_workers`` data-loader processes read
+    the images (default 4, at most the usable cores; none when nothing is left to do).
+    ``stop_after`` (batches) is for tests; ``on_batch(images)`` is called as each batch is
+    handed to the writer (for timing). An unreadable image is an error before anything is
+    written, or with ``skip_bad`` left out of the cache and named. ``runtime`` says how the frozen encoder runs (by
+    default the whole batch per call, with the fused attention: nothing is kept)."""
     from .methods import build_model
     from .weights import base_checkpoint_record
 
     views = check_views(views or ["identity"])
-    _check_request(images, checkpoint, dtype)
+    _check_request(images, backbone, checkpoint, dtype)
+    check_output_folder(out, "--out")
+    images = readable_images(images, skip_bad, progress)
     dist = distributed.setup(device)
     try:
         root = Path(out)
         base = base_checkpoint_record(checkpoint)
         manifest = cache_manifest(backbone, base, image_size, views, images, dtype, precision)
-        # the whole batch per encoder call, with the fused attention: nothing is kept. Built
-        # before the folder, so that a checkpoint refused for this backbone writes nothing
-        runtime = Runtime(fused_attention=True, compile_encoder=compile_encoder)
+        # built before the folder, so that a checkpoint refused for this backbone writes nothing;
+        # by default the whole batch per encoder call, with the fused attention
+        runtime = runtime or Runtime(fused_attention=True)
         model = build_model("zero-shot", backbone, checkpoint, runtime=runtime)
         model.to(dist.device).eval()
         if dist.is_main:
@@ -283,10 +292,12 @@ def build_cache(
         distributed.barrier(dist)
         cache = open_cache(root, writable=True)
         todo = [int(e) for e in np.flatnonzero(cache.done == 0) if e % dist.world_size == dist.rank]
+        if num_workers is None:
+            num_workers = default_workers(4)
         loader = DataLoader(
             _ViewImages(images, views, image_size, todo),
             batch_size=batch_size,
-            num_workers=num_workers,
+            num_workers=num_workers if todo else 0,
             pin_memory=dist.device.type == "cuda",
         )
         bar = tqdm(
@@ -314,16 +325,30 @@ def build_cache(
         distributed.teardown(dist)
 
 
-def _check_request(images: list[Path], checkpoint: str | os.PathLike | None, dtype: str) -> None:
+def _check_request(
+    images: list[Path], backbone: str, checkpoint: str | os.PathLike | None, dtype: str
+) -> None:
     if checkpoint is None:
         raise CadsamError(
-            "a cache needs --checkpoint: embeddings of randomly initialised weights could not "
-            "be reproduced or checked later"
+            "a cache needs --checkpoint (embeddings of weights drawn at random now could not be "
+            f"checked against training later): {_checkpoint_hint(backbone)}"
         )
     if dtype not in ("float16", "float32"):
         raise CadsamError("--dtype must be float16 or float32")
     if len({p.stem for p in images}) != len(images):
         raise CadsamError("two images share a file stem; a cache names images by stem")
+
+
+def _checkpoint_hint(backbone: str) -> str:
+    """Where a checkpoint for ``backbone`` comes from, said where a cache is refused without one."""
+    if backbone_config(backbone).pretrained:
+        kind = ".pt" if is_sam2(backbone) else ".pth"
+        return f"--checkpoint {backbone} (downloaded once) or the path of its {kind} file"
+    name = f"{backbone}_random.pt" if is_sam2(backbone) else f"sam_{backbone}_random.pth"
+    return (
+        f"{backbone} has no released weights; cadsam demo --backbone {backbone} --out DIR saves "
+        f"its random ones as DIR/{name}: pass --checkpoint DIR/{name}"
+    )
 
 
 def _prepare_folder(root: Path, manifest: dict[str, Any]) -> None:
@@ -451,11 +476,17 @@ def check_cache_for_training(
         "base_checkpoint": base,
         "image_size": image_size,
     }
+    made_from = cache.manifest["base_checkpoint"]
+    if base["name"] is None and made_from["name"] is not None:
+        raise CadsamError(
+            f"the cache in {cache.root} was made from checkpoint {made_from['name']} (sha256 "
+            f"{made_from['sha256'][:16]}...): pass --checkpoint {made_from['name']}"
+        )
     problems = _differences(cache.manifest, wanted, ("format", "backbone", "image_size"))
-    if cache.manifest["base_checkpoint"]["sha256"] != base["sha256"]:
+    if made_from["sha256"] != base["sha256"]:
         problems.append(
-            f"made from checkpoint {cache.manifest['base_checkpoint']['name']}, "
-            f"training uses {base['name']} (sha256 differs)"
+            f"made from checkpoint {made_from['name']}, training uses {base['name']} (sha256 "
+            f"differs): pass --checkpoint {made_from['name']}, or cache again from yours"
         )
     if problems:
         raise CadsamError(f"cache {cache.root} does not fit this run: {'; '.join(problems)}")
@@ -478,3 +509,35 @@ def check_cache_for_training(
         )
         raise CadsamError(f"cache {cache.root} holds other images: {what}")
     return [rows[p.id] for p in pairs]
+
+
+def recorded_precision(out: str | os.PathLike) -> str | None:
+    """The encoder precision an existing cache in ``out`` was made in: what finishing it must
+    use when none is asked for (caches made before fp32 was every command's default are bf16)."""
+    manifest = Path(out) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    return _read_manifest(manifest).get("encoder_precision")
+
+
+def readable_images(images: list[Path], skip_bad: bool, progress: bool) -> list[Path]:
+    """The images that can be read, checked before anything is written: an unreadable one is
+    an error naming every such file, or with ``skip_bad`` left out and named."""
+    bad = []
+    for path in tqdm(images, desc="checking images", unit="image", disable=not progress):
+        try:
+            read_image(path)
+        except CadsamError as exc:
+            bad.append((path, str(exc)))
+    if not bad:
+        return images
+    if not skip_bad:
+        listed = "; ".join(why for _, why in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+        raise CadsamError(
+            f"{len(bad)} of {len(images)} image(s) cannot be read ({listed}): replace or remove "
+            "them, or pass --skip-bad to leave them out; nothing was written"
+        )
+    for _, why in bad:
+        print(f"cadsam: skipped: {why}", file=sys.stderr)
+    skipped = {path for path, _ in bad}
+    return [path for path in images if path not in skipped]

@@ -37,10 +37,11 @@ from .backbones import (
     resolve_base_checkpoint,
 )
 from .cache import build_cache
+from .config import TrainConfig
 from .data import SegmentationDataset, pair_folders
 from .data.synthetic import make_synthetic_set
 from .errors import CadsamError
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .figures import mask_rows, pyplot, save_grid
 from .methods import CACHEABLE, METHOD_OPTIONS, SAM1_ONLY_WHY, build_model, runs_on
 from .paper import MEMORY_TABLES
@@ -49,12 +50,13 @@ from .sam.checkpoint import (
     META_CHECKPOINTS,
     checkpoint_dir,
     encoder_signature,
+    is_sam2_checkpoint,
     read_checkpoint_file,
     sam_state_dict,
 )
 from .sam2 import SAM2_CONFIGS
-from .sam2.checkpoint import is_sam2_checkpoint, sam2_state_dict, trunk_signature
-from .train import TrainConfig, segmentation_loss, train
+from .sam2.checkpoint import sam2_state_dict, trunk_signature
+from .training import segmentation_loss, train
 from .weights import load_weights
 
 METHODS = ("decoder", "cad", "sam-adapter-paper", "lora")

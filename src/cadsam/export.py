@@ -373,7 +373,7 @@ def onnx_session(path: str | os.PathLike, device: str | None = None) -> Any:
 
 
 class OnnxModel(nn.Module):
-    """An exported whole graph behind the model interface :func:`cadsam.predict.predict`
+    """An exported whole graph behind the model interface :func:`cadsam.prediction.predict`
     uses: ``forward(images)`` with N x 3 x S x S RGB 0..255 -> N x 1 x S x S logits."""
 
     def __init__(self, path: str | os.PathLike, device: str | None = None) -> None:

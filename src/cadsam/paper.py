@@ -5,9 +5,26 @@ Kim et al., "CAD: Memory Efficient Convolutional Adapter for Segment Anything" (
 
 from __future__ import annotations
 
-# Tables 1-2: (backbone, method) -> (trainable parameters as printed, GPU memory in MiB,
-# nvidia-smi on an A100; ViT-B at batch 4, ViT-H at batch 2). The SAM-Adapter counts include
-# its shared layer once per adapter (see the README).
+import json
+from importlib import resources
+from typing import Any
+
+
+def measured_figures() -> dict[str, Any]:
+    """The GPU figures shown beside cadsam's own: benchmark_figures.json, generated from
+    benchmarks/results by benchmarks/package_figures.py, so that no measurement, GPU or commit
+    is typed into the source (benchmarks/BENCHMARKS.md tells how each was measured)."""
+    return json.loads(resources.files(__package__).joinpath("benchmark_figures.json").read_text())
+
+
+_FIGURES = measured_figures()
+# The paper's device and how it read memory (nvidia-smi), for the columns that show its figures.
+PAPER_DEVICE: str = _FIGURES["paper"]["device"]
+PAPER_MEASURE: str = _FIGURES["paper"]["measure"]
+
+# Tables 1-2: (backbone, method) -> (trainable parameters as printed, GPU memory in MiB as
+# PAPER_MEASURE read it on PAPER_DEVICE; ViT-B at batch 4, ViT-H at batch 2). The SAM-Adapter
+# counts include its shared layer once per adapter (see the README).
 MEMORY_TABLES = {
     ("vit_b", "decoder"): (4_058_340, 14_113),
     ("vit_b", "sam-adapter-paper"): (4_788_740, 36_871),
@@ -17,13 +34,13 @@ MEMORY_TABLES = {
     ("vit_h", "cad"): (5_831_908, 15_457),
 }
 
-# The authors' own training step, measured on an H100 (fp32, random weights): peak MiB
-# allocated.
-AUTHORS_CODE_H100_MIB = {
-    ("vit_b", "cad"): 15_775,
-    ("vit_h", "cad"): 11_899,
-    ("vit_b", "sam-adapter-paper"): 29_591,
-    ("vit_h", "sam-adapter-paper"): 33_976,
+# The authors' own training step (fp32, random weights): (backbone, method) -> peak MiB
+# allocated, measured on AUTHORS_CODE_DEVICE.
+AUTHORS_CODE_DEVICE: str = _FIGURES["authors_code"]["device"]
+AUTHORS_CODE_MIB: dict[tuple[str, str], int] = {
+    (backbone, method): mib
+    for backbone, methods in _FIGURES["authors_code"]["peak_allocated_mib"].items()
+    for method, mib in methods.items()
 }
 
 # Tables 3-4: (backbone, dataset) -> method -> (Dice, IoU).

@@ -16,17 +16,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .config import TrainConfig
 from .data import SegmentationDataset, layout_pairs, scan_pairs
 from .distributed import Dist, pick_device
 from .errors import CadsamError
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .fast import fit
 from .figures import mask_rows, pyplot, save_grid
 from .methods import build_model
 from .paper import MEMORY_TABLES, SCORES
 from .runtime import resolve_runtime
 from .sam.checkpoint import META_CHECKPOINTS
-from .train import TrainConfig, train
+from .training import train
 from .weights import load_weights
 
 DATASETS = {"istd": "ISTD", "camo": "CAMO", "cod10k": "COD10K"}
@@ -82,8 +83,10 @@ def reproduce(
     image_size: int = 512,
     adapter_size: int | None = None,
     device: str | None = None,
-    num_workers: int = 2,
+    num_workers: int | None = None,  # None: training's default
     progress: bool = True,
+    runtime: dict[str, Any] | None = None,
+    precision: str = "fp32",
 ) -> Path:
     data_root, checkpoint_dir, out = Path(data_root), Path(checkpoint_dir), Path(out)
     datasets = datasets or list(DATASETS)
@@ -110,6 +113,8 @@ def reproduce(
         device=device,
         num_workers=num_workers,
         progress=progress,
+        runtime={"name": "auto", **(runtime or {})},
+        precision=precision,
     )
     results = []
     for dataset in datasets:
@@ -154,8 +159,10 @@ def _run_one(
     image_size: int,
     adapter_size: int,
     device: str | None,
-    num_workers: int,
+    num_workers: int | None,
     progress: bool,
+    runtime: dict[str, Any],
+    precision: str,
 ) -> dict[str, Any]:
     run.mkdir(parents=True, exist_ok=True)
     peak = None
@@ -176,6 +183,8 @@ def _run_one(
             device=device,
             num_workers=num_workers,
             progress=progress,
+            runtime=runtime,
+            precision=precision,
             resume=(run / "state.pt").exists(),
         )
         train(config)
@@ -183,11 +192,13 @@ def _run_one(
         lines = (run / "metrics.jsonl").read_text().splitlines()
         peak = max((json.loads(x).get("peak_memory_mib") or 0 for x in lines), default=0) or None
     target = pick_device(device)
-    fit(model, resolve_runtime("auto", None, target)[0])
+    settings = {k: v for k, v in runtime.items() if k not in ("name", "cuda_graph")}
+    fit(model, resolve_runtime(runtime["name"], settings, target)[0])
     metrics = evaluate(
         model.to(target),
         SegmentationDataset(test_pairs, image_size),
         batch_size=4,
+        precision=precision,
         progress=progress,
         dist=Dist(device=target),
     )

@@ -43,8 +43,8 @@ FAST_GIB = 8
 # Training steps ``cuda_graph=auto`` replays as a CUDA graph, by method: the backbones (name
 # prefixes) on which the GPU tier checks the graphed step against the eager one, from the
 # cache and through the encoder, and the graph was measured faster. Launched eagerly, a bf16
-# CAD step leaves an H200 idle half of the time or more: graphed, ViT-B's runs 178 images/s
-# against 95, SAM 2.1 Hiera-B+'s 179 against 74 (benchmarks/BENCHMARKS.md).
+# CAD step leaves a fast GPU idle half of the time or more, and graphed it runs about twice as
+# many images a second (benchmarks/BENCHMARKS.md).
 GRAPHED_STEPS = {"cad": ("vit_", "sam2.1_")}
 # ... and from which it also keeps the encoder's activations for methods that act inside it
 # (ViT-H's SAM-Adapter keeps 21 GiB in fp32 at batch 2; benchmarks/BENCHMARKS.md)
@@ -124,7 +124,7 @@ LEAN = Runtime(
     compile_decoder=AUTO,
     checkpoint_encoder=True,
     checkpoint_adapter=True,
-    adapter_tile_mib=64,  # ViT-H fp32 stays under 3,300 MiB (128: 3,320 on an H200)
+    adapter_tile_mib=64,  # ViT-H fp32 peaks lower than at 128 (benchmarks/experiments/HISTORY.md)
     compile_tiles=AUTO,
     triton_kernels=AUTO,
     compile_blocks=AUTO,

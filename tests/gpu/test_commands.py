@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train import _isbi_subset
 
-import cadsam.train
-from cadsam.cli import main
+import cadsam.training
+from cadsam.commands import main
 from cadsam.sam import build_sam
 from cadsam.sam2 import build_sam2
 
@@ -82,8 +82,8 @@ def test_cache_train_eval_predict_on_cuda(tmp_path, sam_file, capsys):
     masks = {}
     for device in ("cuda", "cpu"):
         out = tmp_path / f"predicted-{device}"
-        assert main(["predict", "--weights", str(tmp_path / "graphed"), "--input", data[1],
-                     "--output", str(out), "--device", device]) == 0  # fmt: skip
+        assert main(["predict", "--weights", str(tmp_path / "graphed"), "--images", data[1],
+                     "--out", str(out), "--device", device]) == 0  # fmt: skip
         masks[device] = [np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))]
     assert len(masks["cuda"]) == 6
     agree = np.mean([np.mean(a == b) for a, b in zip(masks["cuda"], masks["cpu"], strict=True)])
@@ -122,8 +122,8 @@ def test_sam2_cache_train_eval_predict_on_cuda(tmp_path, sam2_file, capsys):
     masks = {}
     for device in ("cuda", "cpu"):
         out = tmp_path / f"predicted-{device}"
-        assert main(["predict", "--weights", str(runs["cad"]), "--input", data[1],
-                     "--output", str(out), "--device", device]) == 0  # fmt: skip
+        assert main(["predict", "--weights", str(runs["cad"]), "--images", data[1],
+                     "--out", str(out), "--device", device]) == 0  # fmt: skip
         masks[device] = [np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))]
     assert len(masks["cuda"]) == 4
     agree = np.mean([np.mean(a == b) for a, b in zip(masks["cuda"], masks["cpu"], strict=True)])
@@ -154,17 +154,17 @@ def test_a_killed_graphed_run_resumes_to_the_uninterrupted_end(tmp_path, sam_fil
     _train(sam_file, data, tmp_path / "whole", *common)
     _train(sam_file, data, tmp_path / "again", *common)
 
-    save = cadsam.train._save_epoch
+    save = cadsam.training._save_epoch
 
     def save_then_stop(run, record):
         save(run, record)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cadsam.train, "_save_epoch", save_then_stop)
+    monkeypatch.setattr(cadsam.training, "_save_epoch", save_then_stop)
     args = ["train", "--method", "cad", "--backbone", "vit_tiny", "--checkpoint", sam_file]
     args += [*data, "--image-size", SIZE, "--batch-size", "2", "--set", "num_workers=0"]
     assert main([*args, "--no-progress", "--out", str(tmp_path / "killed"), *common]) == 130
-    monkeypatch.setattr(cadsam.train, "_save_epoch", save)
+    monkeypatch.setattr(cadsam.training, "_save_epoch", save)
     resume = ["train", "--out", str(tmp_path / "killed"), "--resume", "--no-progress"]
     assert main(resume) == 0
 

@@ -38,7 +38,11 @@ def _to_uint8(image: Image.Image) -> np.ndarray:
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Any image file -> H x W x 3 uint8 RGB (greyscale repeated, alpha dropped, EXIF applied)."""
-    image = _open(path, "image")
+    return rgb_array(_open(path, "image"))
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """A Pillow image of any mode -> H x W x 3 uint8 RGB, as :func:`read_image` reads files."""
     if image.mode in WIDE_MODES:
         grey = _to_uint8(image)
         return np.repeat(grey[..., None], 3, axis=2)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from ..cores import usable_cores
 from ..errors import CadsamError
 from .io import IMAGE_EXTENSIONS, list_images, read_image, read_mask
 
@@ -116,6 +119,28 @@ def _unpaired(
     return parts
 
 
+def _suggested_suffix(image_ids: set[str], mask_files: list[Path], paired: int) -> str | None:
+    """The --mask-suffix that pairs more masks than ``paired``, as ``_mask`` for 00.png and
+    00_mask.png: the commonest rest of a mask's stem after an image's stem, else None."""
+    found: Counter[str] = Counter()
+    for path in mask_files:
+        stem = path.stem
+        for end in range(len(stem) - 1, 0, -1):  # the longest image stem that starts it
+            if stem[:end] in image_ids:
+                found[stem[end:]] += 1
+                break
+    if not found:
+        return None
+    suffix, count = found.most_common(1)[0]
+    return suffix if count > paired else None
+
+
+def _suffix_fix(suffix: str) -> str:
+    """What to pass for masks named <image stem>SUFFIX, as the shell reads it."""
+    flag = f"--mask-suffix{'=' if suffix.startswith('-') else ' '}{shlex.quote(suffix)}"
+    return f" (the masks are named <image stem>{suffix}: pass {flag})"
+
+
 def _warn(message: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
         print(f"cadsam: warning: {message}", file=sys.stderr)
@@ -147,15 +172,19 @@ def pair_folders(
         else sorted(p.name for p in mask_files if _pair_id(p, mask_suffix) is None)
     )
     parts = _unpaired(images, masks, no_mask, no_image, unmatched, mask_suffix)
+    stems = sorted(set(by_image) & set(by_mask))
+    suffix = _suggested_suffix(set(by_image), mask_files, len(stems)) if parts else None
+    fix = _suffix_fix(suffix) if suffix is not None and suffix != mask_suffix else ""
     if parts and not skip_bad:
-        raise CadsamError("; ".join(parts) + " (--skip-bad skips unpaired files)")
+        # --skip-bad only where it would leave pairs to use
+        fix = fix or (" (--skip-bad skips unpaired files)" if stems else "")
+        raise CadsamError("; ".join(parts) + fix)
     if not by_image:
         raise CadsamError(
             f"no images found in {images} (looked for {', '.join(('png', 'jpg', 'tif', '...'))})"
         )
-    stems = sorted(set(by_image) & set(by_mask))
     if not stems:
-        raise CadsamError(f"no image in {images} has a mask in {masks}: " + "; ".join(parts))
+        raise CadsamError(f"no image in {images} has a mask in {masks}: " + "; ".join(parts) + fix)
     if parts:
         _warn("skipped unpaired files: " + "; ".join(parts))
     return [Pair(stem, by_image[stem], by_mask[stem]) for stem in stems]
@@ -206,19 +235,50 @@ def split_validation(
     ]
 
 
-def _check_pair(pair: Pair, mask_threshold: int, resize_masks: bool) -> str | None:
-    """None if the pair reads and fits, else why not."""
+UNREADABLE, MISMATCHED = "unreadable", "mismatched"
+# what a user can do about each kind of bad pair
+PAIR_FIXES = {
+    UNREADABLE: "replace or remove the file, or pass --skip-bad to leave the pair out",
+    MISMATCHED: "pass --resize-masks to resize each mask to its image, or --skip-bad to leave "
+    "the pair out",
+}
+KIND_NAMES = {UNREADABLE: "unreadable", MISMATCHED: "with a mask of another size"}
+LISTED_PROBLEMS = 20  # named one a line in the error; the rest counted
+
+
+def _check_pair(pair: Pair, mask_threshold: int, resize_masks: bool) -> tuple[str, str] | None:
+    """None if the pair reads and fits, else (its kind of problem, what is wrong)."""
     try:
         image = read_image(pair.image)
         mask = read_mask(pair.mask, mask_threshold)
     except CadsamError as exc:
-        return str(exc)
+        return UNREADABLE, str(exc)
     if image.shape[:2] != mask.shape and not resize_masks:
-        return (
+        return MISMATCHED, (
             f"image {pair.image} is {image.shape[1]}x{image.shape[0]} but mask {pair.mask} is "
-            f"{mask.shape[1]}x{mask.shape[0]} (pass --resize-masks to resize masks to their image)"
+            f"{mask.shape[1]}x{mask.shape[0]}"
         )
     return None
+
+
+def _problems_error(found: list[tuple[str, str]], total: int) -> CadsamError:
+    """Every bad pair in one error, under the fix for its kind: one line for one problem, else
+    a line that counts them and then one line each (up to LISTED_PROBLEMS)."""
+    if len(found) == 1:
+        kind, text = found[0]
+        return CadsamError(f"{text} ({PAIR_FIXES[kind]})")
+    lines = [f"{len(found)} of {total} image/mask pairs cannot be used:"]
+    room = LISTED_PROBLEMS
+    for kind, fix in PAIR_FIXES.items():
+        texts = [text for k, text in found if k == kind]
+        if not texts:
+            continue
+        lines.append(f"  {len(texts)} {KIND_NAMES[kind]} ({fix}):")
+        lines += [f"    {text}" for text in texts[:room]]
+        if len(texts) > room:
+            lines.append(f"    ... and {len(texts) - room} more")
+        room = max(0, room - len(texts))
+    return CadsamError("\n".join(lines))
 
 
 def scan_pairs(
@@ -229,8 +289,8 @@ def scan_pairs(
     progress: bool = True,
 ) -> tuple[list[Pair], list[str]]:
     """Read every pair once. Returns (good pairs, problems); without ``skip_bad`` any problem
-    is an error naming the first file(s) at fault."""
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    is an error naming every bad pair, with the fix for each kind."""
+    with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
         results = list(
             tqdm(
                 pool.map(lambda p: _check_pair(p, mask_threshold, resize_masks), pairs),
@@ -241,12 +301,8 @@ def scan_pairs(
                 leave=False,
             )
         )
-    problems = [r for r in results if r is not None]
-    if problems and not skip_bad:
-        more = (
-            f" (and {len(problems) - 1} more; --skip-bad skips them)"
-            if len(problems) > 1
-            else " (--skip-bad skips it)"
-        )
-        raise CadsamError(problems[0] + more)
+    found = [r for r in results if r is not None]
+    if found and not skip_bad:
+        raise _problems_error(found, len(pairs))
+    problems = [text for _, text in found]
     return [p for p, r in zip(pairs, results, strict=True) if r is None], problems

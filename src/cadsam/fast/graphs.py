@@ -63,9 +63,9 @@ def match_graph_mode(optimizer: torch.optim.Optimizer, graphed: bool) -> None:
 
 
 # What a capture may reserve for its private memory pool, as a multiple of what the eager step
-# allocated beyond what was allocated before it: 1.1x to 1.9x on an H200, for CAD on ViT-B,
-# ViT-H and Hiera-B+, fp32 and bf16, batch 2 to 16, from the cache and through the encoder
-# (benchmarks/experiments/h200_graph_pool.jsonl).
+# allocated beyond what was allocated before it, with room above the highest multiple measured
+# for CAD on ViT-B, ViT-H and Hiera-B+, fp32 and bf16, batch 2 to 16, from the cache and through
+# the encoder (benchmarks/BENCHMARKS.md; benchmarks/experiments/graph_pool.py).
 CAPTURE_POOL_FACTOR = 2.5
 
 
@@ -75,7 +75,8 @@ class GraphedStep:
     first call after them whose batch has the shapes of the call before (not an epoch's short
     last batch), and replayed from then on. ``only_if_it_fits``: where the capture's memory
     pool could not be had (:data:`CAPTURE_POOL_FACTOR`), every step stays eager instead, and
-    ``log`` says so."""
+    ``log`` says so; its warm-up calls reset the device's peak counter to measure themselves,
+    so ``torch.cuda.max_memory_allocated`` then counts from the last of them."""
 
     def __init__(
         self,
@@ -94,6 +95,7 @@ class GraphedStep:
         self.loss = torch.empty(())
         self.side: torch.cuda.Stream | None = None
         self.allocated_before = 0  # bytes allocated before the first warm-up call
+        self.warmup_peak = 0  # the highest allocated bytes in a warm-up call (only_if_it_fits)
 
     def __call__(self, *batch: torch.Tensor | None) -> torch.Tensor:
         if self.eager:
@@ -122,17 +124,23 @@ class GraphedStep:
         if self.side is None:
             self.side = torch.cuda.Stream()
             self.allocated_before = torch.cuda.memory_allocated()
+        if self.only_if_it_fits:  # this call's own peak: not an earlier one, nor one reset since
+            torch.cuda.reset_peak_memory_stats()
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
             loss = self.step(*batch)
         torch.cuda.current_stream().wait_stream(self.side)
+        if self.only_if_it_fits:
+            self.warmup_peak = max(self.warmup_peak, torch.cuda.max_memory_allocated())
         return loss
 
     def _capture_fits(self) -> bool:
         """Whether the capture's pool can be had from the driver's free memory, with the
-        allocator's cached blocks released to it where that is needed. The step's growth is
-        over-estimated, never under, where something before it peaked higher."""
-        growth = torch.cuda.max_memory_allocated() - self.allocated_before
+        allocator's cached blocks released to it where that is needed. The step's growth: the
+        highest peak of the warm-up calls, each read right after the call from a counter reset
+        right before it, over what was allocated before the first (as
+        :data:`CAPTURE_POOL_FACTOR` was measured)."""
+        growth = self.warmup_peak - self.allocated_before
         need = CAPTURE_POOL_FACTOR * growth
         free = torch.cuda.mem_get_info()[0]
         if free < need:

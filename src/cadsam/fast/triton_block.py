@@ -34,7 +34,7 @@ NEGATIVE_SLOPE = tl.constexpr(0.1)  # the block's LeakyReLU (a constant the kern
 PATCH = 128  # 9 taps x 8 channels = 72, padded to a power of two for the matrix product
 SOURCE_CHANNELS = 8  # [x, 1], zero-padded
 CENTER = 16  # the centre pixel's 8 channels, padded to the smallest matrix-product width
-# launch settings (timed against the alternatives on an H100: benchmarks/experiments/HISTORY.md)
+# launch settings (timed against the alternatives: benchmarks/experiments/HISTORY.md)
 CELLS_PER_TILE = 32  # pooling cells along a row per tile (fewer where the row is shorter)
 BLOCK_C = 128  # channels per program, at most
 NUM_WARPS = 4

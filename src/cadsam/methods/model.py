@@ -87,6 +87,12 @@ class AdaptedSam(nn.Module):
             # the encoder. The rest of the decoder trains.
             sam.mask_decoder.conv_s0.requires_grad_(False)
             sam.mask_decoder.conv_s1.requires_grad_(False)
+            # Meta's single-mask rule (see SAM 2.1's MaskDecoder) for zero-shot, which thus
+            # answers as Meta's image predictor does. A trained method trains the first mask
+            # token alone, so it answers with it too, in eval and predict as in training: the
+            # other tokens and the IoU head that would pick among them get no gradient.
+            if method != "zero-shot":
+                sam.mask_decoder.dynamic_multimask_via_stability = False
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -191,7 +197,8 @@ class AdaptedSam(nn.Module):
 
         Low-resolution logits are upsampled to the encoder's frame, then to ``size``, as SAM's
         postprocessing does and as the paper's numbers were computed. SAM 2.1's go straight
-        to ``size``, as its image predictor does.
+        to ``size``, as its image predictor does; zero-shot's by Meta's single-mask rule in
+        evaluation mode, a trained method's from the first mask token (see :meth:`__init__`).
         """
         if isinstance(self.sam, Sam2):
             embedding, *high_res = self.layout.unpack(image_embeddings)

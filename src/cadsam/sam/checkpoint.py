@@ -24,6 +24,7 @@ from safetensors.torch import load_file as load_safetensors
 from tqdm import tqdm
 
 from ..errors import CadsamError
+from ..files import plain_file_mode
 from . import hf
 
 META_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything"
@@ -136,6 +137,7 @@ def download_file(
     hasher = hashlib.new(algorithm)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
+    os.chmod(tmp, plain_file_mode(dest.parent))  # as any file written here, not mkstemp's 0600
     try:
         with os.fdopen(fd, "wb") as out:
             try:
@@ -205,8 +207,6 @@ def read_sam_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def sam_state_dict(state: object, path: Path) -> dict[str, torch.Tensor]:
     """What :func:`read_checkpoint_file` read from ``path``, as SAM's state_dict in Meta's keys,
     or the one-line error that says why it is not one."""
-    from ..sam2.checkpoint import is_sam2_checkpoint  # (sam2 builds on this module)
-
     if is_sam2_checkpoint(state):
         raise CadsamError(
             f"{path} is a SAM 2.1 checkpoint, not SAM: use it with a sam2.1_hiera_* backbone"
@@ -224,6 +224,16 @@ def sam_state_dict(state: object, path: Path) -> dict[str, torch.Tensor]:
             "expected Meta's keys or a Hugging Face SamModel's)"
         )
     return state
+
+
+def is_sam2_checkpoint(content: object) -> bool:
+    """Whether ``content`` (what ``torch.load`` returned) is a SAM 2 checkpoint: for SAM's
+    loader, to name the mix-up when one is given for a SAM backbone (SAM 2.1's
+    loader builds on this module, never the reverse)."""
+    state = content.get("model") if isinstance(content, dict) else None
+    return isinstance(state, dict) and any(
+        isinstance(k, str) and k.startswith("image_encoder.trunk.") for k in state
+    )
 
 
 def read_checkpoint_file(path: Path) -> object:

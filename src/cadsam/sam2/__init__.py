@@ -2,6 +2,7 @@
 high-resolution features), implemented here with Meta's state-dict names so its checkpoints
 load."""
 
+from ..sam.checkpoint import is_sam2_checkpoint
 from .build import (
     SAM2_CONFIGS,
     VIDEO_ONLY_KEYS,
@@ -11,7 +12,7 @@ from .build import (
     parameter_counts,
     sam2_config,
 )
-from .checkpoint import SAM2_CHECKPOINTS, is_sam2_checkpoint, resolve_sam2_checkpoint
+from .checkpoint import SAM2_CHECKPOINTS, resolve_sam2_checkpoint
 from .sam2 import Sam2
 
 __all__ = [

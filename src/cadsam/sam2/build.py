@@ -52,6 +52,13 @@ class Sam2Config:
     window_pos_embed_bkg_spatial_size: tuple[int, int] = (14, 14)
     image_size: int = 1024
     pretrained: bool = True  # Meta publishes weights for it
+    # Meta's single-mask rule, which its build_sam2 adds to every release's yaml (its
+    # apply_postprocessing, on by default, and so in SAM2ImagePredictor): at inference, a first
+    # mask token whose output is unstable (stability: the IoU of its logits thresholded at +delta
+    # and at -delta, below thresh) gives way to the multimask output of highest predicted IoU.
+    dynamic_multimask_via_stability: bool = True
+    dynamic_multimask_stability_delta: float = 0.05
+    dynamic_multimask_stability_thresh: float = 0.98
 
     @property
     def depth(self) -> int:
@@ -119,13 +126,12 @@ def build_sam2(
     backbone: str = "sam2.1_hiera_t",
     checkpoint: str | os.PathLike | None = None,
     with_encoder: bool = True,
-    dynamic_multimask_via_stability: bool = False,
 ) -> Sam2:
     """Build SAM 2.1's image path for ``backbone``; with ``checkpoint`` (a path or a backbone
     name), load it strictly. Without one, the weights are random (initialised as PyTorch does).
-    ``with_encoder=False`` leaves the image encoder out (for cached features).
-    ``dynamic_multimask_via_stability``: what Meta's ``build_sam2`` turns on by default (see
-    :class:`MaskDecoder`); off here, so that evaluation decodes as training does."""
+    ``with_encoder=False`` leaves the image encoder out (for cached features). The decoder
+    follows the configuration's single-mask rule, as Meta's ``build_sam2`` builds it (see
+    :class:`MaskDecoder`; the trained methods switch it off, see :class:`AdaptedSam`)."""
     config = sam2_config(backbone)
     grid = config.embedding_size
     sam2 = Sam2(
@@ -138,7 +144,9 @@ def build_sam2(
         sam_mask_decoder=MaskDecoder(
             transformer_dim=PROMPT_EMBED_DIM,
             transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, num_heads=8),
-            dynamic_multimask_via_stability=dynamic_multimask_via_stability,
+            dynamic_multimask_via_stability=config.dynamic_multimask_via_stability,
+            dynamic_multimask_stability_delta=config.dynamic_multimask_stability_delta,
+            dynamic_multimask_stability_thresh=config.dynamic_multimask_stability_thresh,
         ),
     )
     if checkpoint is not None:

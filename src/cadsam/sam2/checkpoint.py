@@ -111,15 +111,6 @@ def is_sam1_state_dict(content: object) -> bool:
     )
 
 
-def is_sam2_checkpoint(content: object) -> bool:
-    """Whether ``content`` (what ``torch.load`` returned) is a SAM 2 checkpoint: for SAM's
-    loader, to name the mix-up when one is given for a SAM backbone."""
-    state = content.get("model") if isinstance(content, dict) else None
-    return isinstance(state, dict) and any(
-        isinstance(k, str) and k.startswith("image_encoder.trunk.") for k in state
-    )
-
-
 def trunk_signature(state: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(embed dim, number of blocks) of the Hiera trunk in a SAM 2 state_dict."""
     embed_dim = state["image_encoder.trunk.patch_embed.proj.weight"].shape[0]

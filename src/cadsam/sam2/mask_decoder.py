@@ -7,8 +7,10 @@
   transformer, and an MLP (``pred_obj_score_head``) reads it: a logit that the prompted object is
   in the image. SAM 2's image predictor does not use it to change the masks.
 * The IoU head ends in a sigmoid.
-* Optionally (Meta's ``build_sam2`` turns it on), a single-mask request falls back, in
-  evaluation mode, to the best of the three multimask outputs when the single mask is unstable.
+* Meta's single-mask rule (``dynamic_multimask_via_stability``: its ``build_sam2`` turns it
+  on for every release, and so does :func:`~cadsam.sam2.build_sam2`): in evaluation mode, a
+  single-mask request gets the best of the three multimask outputs where the first mask
+  token's is unstable. In training mode, always the first mask token's, as in Meta's.
 """
 
 from __future__ import annotations
@@ -134,11 +136,10 @@ class MaskDecoder(nn.Module):
         self, masks: torch.Tensor, iou_pred: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The single-mask output where it is stable, else the multimask output of highest
-        predicted IoU: B x 1 x h x w logits and B x 1 IoU."""
-        best = iou_pred[:, 1:].argmax(dim=-1)
-        rows = torch.arange(masks.shape[0], device=masks.device)
-        best_masks = masks[:, 1:][rows, best].unsqueeze(1)
-        best_iou = iou_pred[:, 1:][rows, best].unsqueeze(1)
+        predicted IoU (the first of equals, as Meta's): B x 1 x h x w logits and B x 1 IoU."""
+        best = iou_pred[:, 1:].argmax(dim=-1, keepdim=True) + 1  # B x 1, among all tokens
+        best_iou = iou_pred.gather(1, best)
+        best_masks = masks.gather(1, best[..., None, None].expand(-1, -1, *masks.shape[-2:]))
         single_masks, single_iou = masks[:, :1], iou_pred[:, :1]
         stable = self.stability_scores(single_masks) >= self.stability_thresh  # B x 1
         return (

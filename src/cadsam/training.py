@@ -8,14 +8,13 @@ kill at any moment loses at most the epoch in progress.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import distributed
-from .backbones import DEFAULT_BATCH, base_weights_note
+from .backbones import base_weights_note
 from .cache import check_cache_for_training, open_cache
+from .config import TRAIN_WORKERS, TrainConfig, load_yaml
+from .cores import default_workers
 from .data import (
     SegmentationDataset,
     collate,
@@ -39,163 +40,18 @@ from .data import (
     split_validation,
 )
 from .errors import CadsamError
-from .evaluate import evaluate
+from .evaluation import constant_masks, constant_prediction_warning, evaluate
 from .fast.graphs import GraphedStep, Step, adamw, match_graph_mode
-from .files import write_atomic
+from .files import check_output_folder, write_atomic
 from .methods import (
-    CACHEABLE,
     AdaptedSam,
     build_model,
-    check_method_on_backbone,
-    check_runtime_settings,
-    resolve_options,
 )
-from .precision import PRECISIONS, autocast
-from .runtime import Runtime, check_settings, resolve_runtime
+from .precision import autocast
+from .runtime import resolve_runtime
 from .weights import base_checkpoint_record, save_weights
 
-SCHEDULES = ("cosine", "constant")
-# Settings that only say how to run, not what is trained: they may differ on --resume.
-RUNTIME_KEYS = ("out", "resume", "device", "num_workers", "progress", "tensorboard", "runtime")
 CPU_ADAPTER_SIZE = 128  # cad's adapter input when training on a CPU and none is given
-
-
-@dataclass
-class TrainConfig:
-    method: str
-    backbone: str
-    out: str
-    checkpoint: str | None = None
-    random_weights: bool = False  # a pretrained backbone on random weights, on purpose
-    # data: --images/--masks, or --dataset/--data-root (+ split)
-    images: str | None = None
-    masks: str | None = None
-    dataset: str | None = None
-    data_root: str | None = None
-    split: str = "train"
-    mask_suffix: str | None = None  # a mask's stem is its image's plus this
-    val_fraction: float | None = None
-    val_images: str | None = None
-    val_masks: str | None = None
-    image_size: int = 512
-    augment: bool = True
-    mask_threshold: int = 127
-    resize_masks: bool = False
-    skip_bad: bool = False
-    # optimisation (the paper's defaults)
-    epochs: int = 20
-    batch_size: int | None = None  # DEFAULT_BATCH's: 4, or 2 for vit_h and sam2.1_hiera_l
-    grad_accum: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    schedule: str = "cosine"
-    seed: int = 21
-    precision: str = "fp32"
-    # the method's model options (what is trained; saved with the weights)
-    options: dict[str, Any] = field(default_factory=dict)
-    # train from an embedding cache (cadsam cache): no image encoder in memory
-    cache: str | None = None
-    # how to run: a named runtime and settings on top ({"name": "auto", "cuda_graph": True})
-    runtime: dict[str, Any] = field(default_factory=lambda: {"name": "auto"})
-    device: str | None = None
-    num_workers: int = 2
-    resume: bool = False
-    progress: bool = True
-    tensorboard: bool = False  # also log to RUN/tensorboard (needs cadsam[tensorboard])
-
-    def __post_init__(self) -> None:
-        if self.batch_size is None:
-            self.batch_size = DEFAULT_BATCH.get(self.backbone, 4)
-        if isinstance(self.runtime, str):
-            self.runtime = {"name": self.runtime}
-        self.runtime = {"name": "auto", **(self.runtime or {})}
-        if self.schedule not in SCHEDULES:
-            raise CadsamError(f"schedule must be one of {', '.join(SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            raise CadsamError(f"--precision must be one of {', '.join(PRECISIONS)}")
-        if self.method == "zero-shot":
-            raise CadsamError("zero-shot has nothing to train: use cadsam eval --method zero-shot")
-        resolve_options(self.method, self.options)  # an option the method does not take
-        check_method_on_backbone(self.method, self.backbone)  # before the data and weights
-        name, settings = self.runtime_parts()
-        check_settings(name, settings)  # before any work
-        check_runtime_settings(self.method, settings)
-        if self.cache and self.method not in CACHEABLE:
-            raise CadsamError(
-                f"{self.method} acts inside the image encoder, so it cannot train from cached "
-                "embeddings: drop --cache"
-            )
-        for name, value in (
-            ("--epochs", self.epochs),
-            ("--batch-size", self.batch_size),
-            ("grad_accum", self.grad_accum),  # a --set setting, not a flag
-        ):
-            if value < 1:
-                raise CadsamError(f"{name} must be at least 1, got {value}")
-
-    @classmethod
-    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
-        """Defaults, then the YAML file's values, then the command line's; ``options`` and
-        ``runtime`` merge key by key."""
-        values: dict[str, Any] = {}
-        if config_file is not None:
-            values.update(_upgraded(load_yaml(config_file)))
-        for key in ("options", "runtime"):
-            if isinstance(values.get(key), str):
-                values[key] = {"name": values[key]}
-            if key in overrides:
-                overrides = {**overrides, key: {**(values.get(key) or {}), **overrides[key]}}
-        values.update(overrides)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CadsamError(f"unknown training setting(s): {', '.join(unknown)}")
-        for required in ("method", "backbone", "out"):
-            if values.get(required) is None:
-                raise CadsamError(f"--{required} is required (on the command line or in --config)")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def runtime_parts(self) -> tuple[str, dict[str, Any]]:
-        """(named runtime, settings on top)."""
-        settings = dict(self.runtime)
-        return settings.pop("name"), settings
-
-
-def _upgraded(values: dict[str, Any]) -> dict[str, Any]:
-    """A config written before model and runtime options were told apart: its method options
-    split into the two, ``cuda_graph`` into the runtime."""
-    if "method_options" not in values and "cuda_graph" not in values:
-        return values
-    values = dict(values)
-    old = dict(values.pop("method_options", None) or {})
-    if old.pop("checkpoint_blocks", False):  # its name before checkpoint_encoder
-        old["checkpoint_encoder"] = True
-    settings = {f.name for f in dataclasses.fields(Runtime)}
-    runtime = {"name": "auto", **(values.get("runtime") or {})}
-    runtime.update({k: v for k, v in old.items() if k in settings})
-    if values.pop("cuda_graph", False):
-        runtime["cuda_graph"] = True
-    # the rest are model options: one the method does not take is then an error naming it
-    options = {k: v for k, v in old.items() if k not in settings}
-    values["options"] = {**options, **(values.get("options") or {})}
-    values["runtime"] = runtime
-    return values
-
-
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise CadsamError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise CadsamError(f"cannot parse {path}: {exc}") from None
-    if not isinstance(values, dict):
-        raise CadsamError(f"{path} must hold a mapping of settings")
-    return values
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -279,10 +135,9 @@ def _pairs(cfg: TrainConfig, progress: bool):
         skip_bad=cfg.skip_bad,
         progress=progress,
     )
-    pairs, bad = scan_pairs(pairs, **scan)
-    if val:
-        val, bad_val = scan_pairs(val, **scan)
-        bad += bad_val
+    checked, bad = scan_pairs(pairs + val, **scan)  # one scan: every bad pair in one error
+    usable = set(checked)
+    pairs, val = ([p for p in group if p in usable] for group in (pairs, val))
     if not pairs:
         raise CadsamError("no usable training pairs")
     return pairs, val, bad
@@ -297,25 +152,28 @@ def _cache_links(cfg: TrainConfig, train_pairs, val_pairs, base, log):
         raise CadsamError(
             f"cache {cfg.cache} has no identity view: rebuild it with --views identity ..."
         )
-    if cfg.augment:
-        log(
-            f"note: from a cache, augmentation picks among the cached views ({', '.join(cache.views)}); "
-            "shift-scale-rotate is not available, since it changes what the encoder sees"
-        )
     train = check_cache_for_training(cache, train_pairs, cfg.backbone, base, cfg.image_size)
     val = (
         check_cache_for_training(cache, val_pairs, cfg.backbone, base, cfg.image_size)
         if val_pairs
         else []
     )
+    if cfg.augment:  # once the cache is known to fit
+        log(
+            f"note: from a cache, augmentation picks among the cached views ({', '.join(cache.views)}); "
+            "shift-scale-rotate is not available, since it changes what the encoder sees"
+        )
     return (cfg.cache, cache.views, train), (cfg.cache, cache.views, val)
 
 
-def train(cfg: TrainConfig) -> AdaptedSam:
-    """Train ``cfg.method``; the run directory gets the weights. Returns the trained model."""
+def train(cfg: TrainConfig) -> AdaptedSam | None:
+    """Train ``cfg.method``; the run directory gets the weights. Returns the trained model, or
+    None where a resumed run had already trained all its epochs."""
     dist = distributed.setup(cfg.device)
     try:
         run = _setup(cfg, dist)
+        if run is None:  # resumed, with every epoch trained already
+            return None
         for epoch in range(run.start_epoch, cfg.epochs):
             record = _train_epoch(run, epoch)
             if run.val_set is not None:
@@ -330,6 +188,9 @@ def train(cfg: TrainConfig) -> AdaptedSam:
             _save_epoch(run, record)
         if run.board is not None:
             run.board.close()
+        if dist.is_main:
+            for warning in constant_model_warnings(run.path):
+                print(f"cadsam: {warning}", file=sys.stderr)
         return run.model
     finally:
         distributed.teardown(dist)
@@ -363,8 +224,10 @@ class _Run:
             print(*args)
 
 
-def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run:
-    """Check everything, then build data, model, optimiser and schedule (resumed if asked)."""
+def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
+    """Check everything, then build data, model, optimiser and schedule (resumed if asked);
+    None where a resumed run has nothing left to train."""
+    check_output_folder(cfg.out, "--out")
     state_path = Path(cfg.out) / "state.pt"
     if state_path.exists() and not cfg.resume:
         raise CadsamError(
@@ -380,12 +243,15 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run:
     whole_steps = cfg.grad_accum == 1 and not dist.enabled
     training = (cfg.method, cfg.backbone)
     runtime, chosen = resolve_runtime(*cfg.runtime_parts(), dist.device, training, whole_steps)
-    _fit_options_to_device(cfg, dist.device, log)
+    if cfg.resume and _trained_all(cfg, dist):
+        return None
     train_pairs, val_pairs, bad = _pairs(cfg, show)
-    if bad:
-        log(f"skipped {len(bad)} unreadable or mismatched pair(s); first: {bad[0]}")
     base = base_checkpoint_record(cfg.checkpoint)
     train_cache, val_cache = _cache_links(cfg, train_pairs, val_pairs, base, log)
+    # notes about the run only once every input is checked: a wrong path is its error alone
+    _fit_options_to_device(cfg, dist.device, log)
+    if bad:
+        log(f"skipped {len(bad)} unreadable or mismatched pair(s); first: {bad[0]}")
     for line in (note, chosen):
         if line:
             log(line)
@@ -396,7 +262,7 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run:
     net = _distributed(model, dist, log)
     optimizer = adamw(model.trainable_parameters(), cfg.lr, cfg.weight_decay, runtime.cuda_graph)
     loader = _loader(cfg, dist, train_pairs, train_cache)
-    total_steps = math.ceil(len(loader) / cfg.grad_accum) * cfg.epochs
+    total_steps = _total_steps(cfg, loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.schedule, s, total_steps)
     )
@@ -419,6 +285,11 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run:
     if cfg.tensorboard and dist.is_main:
         run.board = _tensorboard(run.path)
     return run
+
+
+def _total_steps(cfg: TrainConfig, loader: DataLoader) -> int:
+    """Optimiser steps over all ``cfg.epochs``: what the learning-rate schedule spans."""
+    return math.ceil(len(loader) / cfg.grad_accum) * cfg.epochs
 
 
 def _fit_options_to_device(cfg: TrainConfig, device: torch.device, log: Callable) -> None:
@@ -464,12 +335,36 @@ def _loader(cfg: TrainConfig, dist: distributed.Dist, pairs: list, cache) -> Dat
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
-        num_workers=cfg.num_workers,
+        num_workers=default_workers(TRAIN_WORKERS) if cfg.num_workers is None else cfg.num_workers,
         collate_fn=collate,
         pin_memory=dist.device.type == "cuda",
         drop_last=False,
         persistent_workers=False,
     )
+
+
+def _trained_all(cfg: TrainConfig, dist: distributed.Dist) -> bool:
+    """On --resume: whether the run has trained all ``cfg.epochs`` already, which is said, not an
+    error (a job that resumes whatever it finds may find its run done). Fewer epochs than the
+    run's config.yaml plans are an error: the run cannot be shortened."""
+    state_path, config_path = Path(cfg.out) / "state.pt", Path(cfg.out) / "config.yaml"
+    if not (state_path.is_file() and config_path.is_file()):
+        return False  # resuming says what is missing
+    planned = load_yaml(config_path).get("epochs", cfg.epochs)
+    if cfg.epochs < planned:
+        raise CadsamError(
+            f"--epochs {cfg.epochs} is fewer than the run's {planned}: --resume continues the "
+            f"run, and trains it longer with --epochs above {planned}"
+        )
+    done = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    if done < cfg.epochs:
+        return False
+    if dist.is_main:
+        print(
+            f"nothing to do: {cfg.out} has trained all its {done} epochs "
+            f"(--resume --epochs N with N above {done} trains it longer)"
+        )
+    return True
 
 
 def _resume(run: _Run, state_path: Path, graphed: bool) -> None:
@@ -480,7 +375,51 @@ def _resume(run: _Run, state_path: Path, graphed: bool) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     run.start_epoch, run.best_dice, run.base = state["epoch"], state["best_dice"], state["base"]
-    run.log(f"resuming {run.path} after epoch {run.start_epoch}")
+    planned = load_yaml(run.path / "config.yaml").get("epochs", run.cfg.epochs)
+    factor = _follow_schedule(run)
+    if run.cfg.epochs > planned:
+        _extend(run, planned, factor)
+    else:
+        run.log(f"resuming {run.path} after epoch {run.start_epoch}")
+
+
+def _follow_schedule(run: _Run) -> float:
+    """Set the learning rate of the next step to the schedule's, over ``cfg.epochs``; returns its
+    factor. The same rate as saved unless the run is trained longer (or was, and then stopped
+    before an epoch of the longer run was saved), so a resume changes nothing otherwise."""
+    steps = run.scheduler.last_epoch  # optimiser steps taken
+    factor = lr_factor(run.cfg.schedule, steps, _total_steps(run.cfg, run.loader))
+    for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs, strict=True):
+        if isinstance(group["lr"], torch.Tensor):  # graphed: the captured step reads it
+            group["lr"].fill_(base * factor)
+        else:
+            group["lr"] = base * factor
+    return factor
+
+
+def _extend(run: _Run, planned: int, factor: float) -> None:
+    """Train a run longer than the ``planned`` epochs of its config.yaml, which then records the
+    new number. The learning-rate schedule is planned again over the new number from the same
+    start (:func:`_follow_schedule`): the next step's rate is the one a run of that many epochs
+    has at this step (for the cosine, higher than the old plan's, which ends at 0)."""
+    cfg = run.cfg
+    if run.dist.is_main:
+        saved = {**load_yaml(run.path / "config.yaml"), "epochs": cfg.epochs}
+        write_atomic(
+            run.path / "config.yaml",
+            lambda p: p.write_text(yaml.safe_dump(saved, sort_keys=False)),
+        )
+    start = run.scheduler.base_lrs[0]
+    schedule = (
+        f"the cosine from {start:.2e} to 0 is planned again over {cfg.epochs} epochs, so it "
+        f"goes on at {start * factor:.2e}, the rate at this step of a {cfg.epochs}-epoch run"
+        if cfg.schedule == "cosine"
+        else f"constant at {start:.2e}"
+    )
+    run.log(
+        f"resuming {run.path} after epoch {run.start_epoch}, trained longer: {planned} -> "
+        f"{cfg.epochs} epochs; learning rate: {schedule}"
+    )
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
@@ -596,5 +535,41 @@ def _save_state(run: _Run, record: dict[str, Any]) -> None:
 def _summary(record: dict[str, Any]) -> str:
     text = f"epoch {record['epoch']}: loss {record['loss']:.4f}, {record['images_per_second']:.1f} images/s"
     if "val" in record:
-        text += f", val dice {record['val']['dice']:.4f} iou {record['val']['iou']:.4f}"
+        val = record["val"]
+        text += f", val dice {val['dice']:.4f} iou {val['iou']:.4f}"
+        constant = constant_masks(
+            val.get("predicted_all_foreground", 0),
+            val.get("predicted_all_background", 0),
+            val.get("images", 0),
+        )
+        if constant:  # a high Dice can hide a model that learnt nothing
+            text += f" (predicts {constant})"
     return text
+
+
+UNTRAINED_ADVICE = "check the masks, and train from a pretrained --checkpoint or for longer"
+
+
+def constant_model_warnings(run: Path) -> list[str]:
+    """A warning for the weights a run leaves (best.safetensors, last.safetensors) that predicted
+    one value everywhere on every validation image at their epoch: however high their Dice,
+    they segment nothing. From metrics.jsonl, so a resumed run's earlier epochs count."""
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    records = [record for record in map(json.loads, lines) if "val" in record]
+    if not records:
+        return []
+    best = max(records, key=lambda record: record["val"]["dice"])  # the first best, as saved
+    last = records[-1]
+    names = {best["epoch"]: ["best.safetensors"]}
+    names.setdefault(last["epoch"], []).append("last.safetensors")
+    warnings = []
+    for record in [best] if best is last else [best, last]:
+        model = f"{' and '.join(names[record['epoch']])} (epoch {record['epoch']})"
+        result = "the validation scores describe"
+        warning = constant_prediction_warning(
+            record["val"], model=model, result=result, advice=UNTRAINED_ADVICE
+        )
+        if warning:
+            warnings.append(warning)
+    return warnings

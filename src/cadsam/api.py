@@ -1,0 +1,183 @@
+"""The Python face of ``cadsam``: load a trained model and predict, train, evaluate.
+
+Each function takes the settings its command takes, under the same names (a flag's name without
+``--``, with ``_`` for ``-``), so a notebook and the command line run the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.io import read_image, rgb_array
+from .errors import CadsamError
+from .methods import AdaptedSam, build_model
+
+ImageLike = str | os.PathLike | np.ndarray | Image.Image
+
+
+class Predictor:
+    """A model ready to answer images: each is resized to the training size, as ``cadsam
+    predict`` does, and its mask comes back at the image's own size."""
+
+    def __init__(
+        self,
+        model: AdaptedSam,
+        image_size: int,
+        device: torch.device,
+        precision: str = "fp32",
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.image_size = image_size
+        self.device = device
+        self.precision = precision
+
+    @property
+    def method(self) -> str:
+        return self.model.method
+
+    @property
+    def backbone(self) -> str:
+        return self.model.backbone
+
+    def predict(
+        self, images: ImageLike | Iterable[ImageLike], *, probabilities: bool = False
+    ) -> np.ndarray | list[np.ndarray]:
+        """Masks (H x W bool) or, with ``probabilities``, foreground probabilities (H x W
+        float32) at each image's own size: one array for one image, a list for several."""
+        from .prediction import predict_logits
+
+        single = _is_one_image(images)
+        outputs = []
+        for image in [images] if single else images:
+            logits = predict_logits(
+                self.model, as_rgb(image), self.image_size, self.device, self.precision
+            )
+            outputs.append(torch.sigmoid(logits).numpy() if probabilities else (logits > 0).numpy())
+        return outputs[0] if single else outputs
+
+
+def _is_one_image(images: Any) -> bool:
+    return isinstance(images, (str, os.PathLike, np.ndarray, Image.Image))
+
+
+def as_rgb(image: ImageLike) -> np.ndarray:
+    """A path, a Pillow image or an array (H x W grey, H x W x 3 RGB, H x W x 4 RGBA) ->
+    H x W x 3 uint8 RGB, read as the command line reads files."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return rgb_array(image)
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8:
+        return np.ascontiguousarray(array[..., :3])
+    if array.ndim == 2:
+        return rgb_array(Image.fromarray(array))
+    raise CadsamError(
+        f"an image array must be H x W (grey) or H x W x 3 uint8 (RGB), got shape "
+        f"{array.shape} of {array.dtype}"
+    )
+
+
+def load(
+    weights: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    runtime: str = "auto",
+    checkpoint: str | os.PathLike | None = None,
+    precision: str = "fp32",
+    settings: dict[str, Any] | None = None,
+) -> Predictor:
+    """The model ``cadsam train`` saved (a weights file, or the run folder: its best weights,
+    else its last), ready to predict. ``runtime`` and ``settings`` say how it runs (the
+    command line's ``--runtime`` and ``--set``); ``checkpoint`` where its base SAM is now."""
+    from .distributed import pick_device
+    from .weights import load_weights, read_weights_metadata
+
+    device = pick_device(str(device) if device is not None else None)
+    chosen = _runtime(runtime, settings, device, read_weights_metadata(weights)["method"])
+    model, meta = load_weights(weights, checkpoint, chosen)
+    return Predictor(model.for_inference(), meta["image_size"], device, precision)
+
+
+def zero_shot(
+    backbone: str,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    image_size: int = 512,
+    device: str | torch.device | None = None,
+    runtime: str = "auto",
+    precision: str = "fp32",
+) -> Predictor:
+    """SAM itself, prompted with the whole-image box: the start every fine-tune is measured
+    against."""
+    from .distributed import pick_device
+
+    device = pick_device(str(device) if device is not None else None)
+    chosen = _runtime(runtime, None, device, "zero-shot")
+    model = build_model("zero-shot", backbone, checkpoint, runtime=chosen)
+    return Predictor(model.for_inference(), image_size, device, precision)
+
+
+def _runtime(name: str, settings: dict[str, Any] | None, device: torch.device, method: str):
+    from .methods import check_runtime_settings
+    from .runtime import resolve_runtime
+
+    settings = dict(settings or {})
+    if settings:
+        check_runtime_settings(method, settings)
+    chosen, _ = resolve_runtime(name, settings, device)
+    return chosen
+
+
+def train(*, config: str | os.PathLike | None = None, **settings: Any) -> Path:
+    """Train as ``cadsam train`` does and return the run folder. ``settings`` are the
+    command's, by name (``method``, ``backbone``, ``out``, ``images``, ``masks``, ``epochs``,
+    ``batch_size``, ``lr``, ...), the model options (``adapter_size``, ``lora_rank``, ...) and
+    runtime settings (``runtime="lean"``, ``cuda_graph=True``, ...); ``config`` a YAML file
+    whose values they override."""
+    from .config import TrainConfig, sort_settings
+    from .training import train as run
+
+    run_config = TrainConfig.from_sources(config, sort_settings(settings))
+    run(run_config)
+    return Path(run_config.out)
+
+
+def evaluate(
+    model: Predictor | str | os.PathLike,
+    *,
+    batch_size: int = 4,
+    resolution: str = "train",
+    sod: bool = False,
+    num_workers: int = 0,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+    **data: Any,
+) -> dict[str, float]:
+    """The metrics ``cadsam eval --json`` prints, of a :class:`Predictor` or of the weights
+    ``cadsam train`` saved. ``data`` names the pairs as eval's flags do: ``images`` and
+    ``masks`` (with ``mask_suffix``, ``mask_threshold``, ``resize_masks``, ``skip_bad``), or
+    ``dataset``, ``data_root`` and ``split``."""
+    from .distributed import Dist
+    from .evaluation import EvalData, evaluate_on
+
+    predictor = model if isinstance(model, Predictor) else load(model, device=device)
+    return evaluate_on(
+        predictor.model,
+        predictor.image_size,
+        EvalData(**data),
+        resolution=resolution,
+        progress=progress,
+        dist=Dist(device=predictor.device),
+        batch_size=batch_size,
+        precision=predictor.precision,
+        sod=sod,
+        num_workers=num_workers,
+    )

@@ -1,0 +1,189 @@
+"""Evaluation: the paper's Dice/IoU and the field's metrics over a data set."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from .data import SegmentationDataset, collate, find_pairs, scan_pairs
+from .distributed import Dist, gather_objects
+from .methods import AdaptedSam
+from .metrics import SegmentationMeter
+from .precision import autocast
+
+RESOLUTIONS = ("train", "original")
+
+
+@torch.no_grad()
+def evaluate(
+    model: AdaptedSam,
+    dataset: SegmentationDataset,
+    *,
+    batch_size: int = 4,
+    dist: Dist | None = None,
+    precision: str = "fp32",
+    resolution: str = "train",
+    sod: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Metrics of ``model`` on ``dataset``. ``resolution="train"`` scores at the training size
+    against the resized ground truth (the paper's numbers); ``"original"`` upsamples the logits
+    to each ground truth's own size. Under torchrun each rank scores every world_size-th
+    image and the results are merged."""
+    dist = dist or Dist()
+    assert resolution in RESOLUTIONS, resolution
+    assert resolution == "train" or dataset.keep_original, "original resolution needs keep_original"
+    shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    meter = SegmentationMeter(sod=sod)
+    was_training = model.training
+    model.eval()
+    for batch in tqdm(
+        loader,
+        desc="evaluating",
+        unit="batch",
+        disable=not (progress and dist.is_main),
+        leave=False,
+    ):
+        images = batch["image"].to(dist.device)
+        cached = batch.get("embedding")
+        embeddings = None if cached is None else cached.to(dist.device)
+        with autocast(dist.device, precision):
+            logits = model(images, embeddings).float()
+        if resolution == "train":
+            meter.update(logits, batch["mask"])
+            continue
+        for one, gt in zip(logits, batch["original_mask"], strict=True):
+            full = F.interpolate(one[None], gt.shape, mode="bilinear", align_corners=False)
+            meter.update(full, gt[None, None])
+    model.train(was_training)
+    merged = SegmentationMeter(sod=sod)
+    for state in gather_objects(meter.state(), dist):
+        merged.merge(state)
+    return merged.compute()
+
+
+@dataclass
+class EvalData:
+    """Where ``eval`` reads its pairs and how: the data flags of ``cadsam eval``, by name."""
+
+    images: str | os.PathLike | None = None
+    masks: str | os.PathLike | None = None
+    dataset: str | None = None
+    data_root: str | os.PathLike | None = None
+    split: str = "test"
+    mask_threshold: int = 127
+    mask_suffix: str | None = None
+    resize_masks: bool = False
+    skip_bad: bool = False
+
+
+def evaluate_on(
+    model: AdaptedSam,
+    size: int,
+    data: EvalData,
+    *,
+    resolution: str = "train",
+    progress: bool = True,
+    dist: Dist | None = None,
+    **scoring: Any,
+) -> dict[str, float]:
+    """:func:`evaluate` on the pairs ``data`` names, read and checked up front; ``scoring``
+    are :func:`evaluate`'s own keywords (batch size, precision, workers, SOD metrics)."""
+    dist = dist or Dist()
+    pairs = find_pairs(
+        data.images,
+        data.masks,
+        data.dataset,
+        data.data_root,
+        data.split,
+        skip_bad=data.skip_bad,
+        mask_suffix=data.mask_suffix,
+    )
+    pairs, bad = scan_pairs(
+        pairs,
+        data.mask_threshold,
+        data.resize_masks,
+        data.skip_bad,
+        progress=dist.is_main and progress,
+    )
+    dataset = SegmentationDataset(
+        pairs,
+        size,
+        mask_threshold=data.mask_threshold,
+        resize_masks=data.resize_masks,
+        keep_original=resolution == "original",
+    )
+    metrics = evaluate(
+        model.to(dist.device),
+        dataset,
+        dist=dist,
+        resolution=resolution,
+        progress=progress,
+        **scoring,
+    )
+    if bad:
+        metrics["skipped"] = len(bad)
+    return metrics
+
+
+# Units shown beside a metric's name in the table; the JSON keys are the bare names.
+UNITS = {"ber": "%", "ber_dataset": "%"}
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """One ``name  value`` line per metric; BER's name carries its unit: ``ber (%)``."""
+    names = {k: f"{k} ({UNITS[k]})" if k in UNITS else k for k in metrics}
+    width = max(len(name) for name in names.values())
+    lines = []
+    for key, value in metrics.items():
+        shown = f"{value:d}" if isinstance(value, int) else f"{value:.4f}"
+        lines.append(f"{names[key]:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def constant_masks(all_foreground: int, all_background: int, images: int) -> str | None:
+    """In words, how many masks were one value everywhere ("foreground everywhere on 20 of 20
+    images"), the sign of an untrained or broken model; None where none was. The wording of
+    train's validation line and of the warnings of eval, train and predict."""
+    of = f"of {images} image{'' if images == 1 else 's'}"
+    if all_foreground and all_background:
+        return (
+            f"foreground everywhere on {all_foreground} and background everywhere on "
+            f"{all_background} {of}"
+        )
+    if all_foreground or all_background:
+        value = "foreground" if all_foreground else "background"
+        return f"{value} everywhere on {all_foreground or all_background} {of}"
+    return None
+
+
+CHECK_WEIGHTS = "check that the weights are trained ones for this kind of data"
+
+
+def constant_prediction_warning(
+    metrics: dict[str, float],
+    *,
+    model: str = "the model",
+    result: str = "the scores describe",
+    advice: str = CHECK_WEIGHTS,
+) -> str | None:
+    """A warning line when ``model``'s mask was one value everywhere on every image, else None.
+    ``metrics`` holds the image count and how many were all foreground, all background (as
+    :func:`evaluate` gives them; ``predict`` counts its masks so)."""
+    n = metrics.get("images", 0)
+    fg = metrics.get("predicted_all_foreground", 0)
+    bg = metrics.get("predicted_all_background", 0)
+    if not n or fg + bg < n:
+        return None
+    return (
+        f"warning: {model} predicted {constant_masks(fg, bg, n)}: {result} no segmentation; "
+        f"{advice}"
+    )

@@ -1,0 +1,173 @@
+"""Prediction: a trained model's masks for new images, written at each image's own size."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from .data.io import IMAGE_EXTENSIONS, list_images, read_image
+from .data.transforms import resize_image
+from .errors import CadsamError
+from .evaluation import constant_prediction_warning
+from .files import check_output_folder
+from .methods import AdaptedSam
+from .precision import autocast
+
+OVERLAY_COLOUR = np.array([255, 0, 0], dtype=np.float32)
+
+
+def input_files(source: str | os.PathLike) -> list[Path]:
+    source = Path(source)
+    if source.is_file():
+        if source.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise CadsamError(f"not an image file: {source}")
+        return [source]
+    if not source.exists():
+        raise CadsamError(f"input not found: {source}")
+    files = list_images(source)
+    if not files:
+        raise CadsamError(f"no images found in {source}")
+    return files
+
+
+@dataclass(frozen=True)
+class MaskTargets:
+    """Where predict writes each input's mask: ``<stem>.png`` in a folder, or the one file
+    named (``--output mask.png`` with one input). Its _prob and _overlay siblings lie beside."""
+
+    folder: Path
+    masks: dict[Path, Path]  # input -> its mask file
+
+    @staticmethod
+    def sibling(mask: Path, kind: str) -> Path:
+        return mask.with_name(f"{mask.stem}_{kind}{mask.suffix}")
+
+
+def mask_targets(
+    output: str | os.PathLike, inputs: list[Path], flag: str = "--output"
+) -> MaskTargets:
+    """Check where the masks go before any work: an image file name takes one input's mask;
+    anything else is a folder (made when the first mask is written), never a file."""
+    output = Path(output)
+    if output.suffix.lower() in IMAGE_EXTENSIONS and not output.is_dir():
+        if len(inputs) != 1:
+            raise CadsamError(
+                f"{flag} {output} names one mask file, but there are {len(inputs)} input images: "
+                f"name a folder for their masks"
+            )
+        check_output_folder(output.parent, flag)
+        targets = MaskTargets(output.parent, {inputs[0]: output})
+    else:
+        check_output_folder(output, flag)
+        targets = MaskTargets(output, {path: output / f"{path.stem}.png" for path in inputs})
+    written = list(targets.masks.values())
+    clash = [path for path, count in Counter(written).items() if count > 1]
+    if clash:
+        raise CadsamError(
+            f"two inputs share the file stem {clash[0].stem}: both masks would be {clash[0]}"
+        )
+    sources = {path.resolve() for path in inputs}
+    for mask in written:
+        for path in (mask, targets.sibling(mask, "prob"), targets.sibling(mask, "overlay")):
+            if path.resolve() in sources:
+                raise CadsamError(f"{flag} {output} would overwrite the input {path}")
+    return targets
+
+
+@torch.no_grad()
+def predict_logits(
+    model: AdaptedSam, image: np.ndarray, size: int, device: torch.device, precision: str = "fp32"
+) -> torch.Tensor:
+    """H x W x 3 uint8 -> H x W logits: resized to ``size`` for the model exactly as the
+    training and evaluation data are, then the logits back to the image's size."""
+    resized = torch.from_numpy(resize_image(image, size)).permute(2, 0, 1)[None].float().to(device)
+    with autocast(device, precision):
+        logits = model(resized).float()
+    return F.interpolate(logits, image.shape[:2], mode="bilinear", align_corners=False)[0, 0].cpu()
+
+
+def predict(
+    model: AdaptedSam,
+    inputs: list[Path],
+    output: str | os.PathLike | MaskTargets,
+    size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    probabilities: bool = False,
+    overlay: bool = False,
+    progress: bool = True,
+    *,
+    skip_bad: bool = False,
+) -> list[Path]:
+    """Write ``<stem>.png`` (0/255 mask) per input into the folder ``output`` (or the one
+    file it names: :func:`mask_targets`), plus ``<stem>_prob.png`` (8-bit probability) and
+    ``<stem>_overlay.png`` (mask blended over the image) beside it if asked.
+
+    An input that cannot be read is reported on stderr (one line each) and the others are
+    still written; afterwards that is an error naming how many failed and the first, unless
+    ``skip_bad``. Returns the masks written."""
+    targets = output if isinstance(output, MaskTargets) else mask_targets(output, inputs)
+    targets.folder.mkdir(parents=True, exist_ok=True)
+    model.to(device).eval()
+    written, failed = [], []
+    constant = {"predicted_all_foreground": 0, "predicted_all_background": 0}
+    for path in tqdm(inputs, desc="predicting", unit="image", disable=not progress):
+        try:
+            image = read_image(path)
+        except CadsamError as exc:
+            tqdm.write(f"cadsam: warning: {exc} (no mask written)", file=sys.stderr)
+            failed.append(str(exc))
+            continue
+        target, mask = _write_outputs(
+            model, image, targets.masks[path], size, device, precision, probabilities, overlay
+        )
+        written.append(target)
+        constant["predicted_all_foreground"] += bool(mask.all())
+        constant["predicted_all_background"] += not mask.any()
+    # as eval says it: masks all one value are no segmentation, whatever wrote them
+    warning = constant_prediction_warning(
+        {"images": len(written), **constant}, result="the masks show"
+    )
+    if warning:
+        tqdm.write(f"cadsam: {warning}", file=sys.stderr)
+    if failed and not skip_bad:
+        raise CadsamError(
+            f"{len(failed)} of {len(inputs)} input(s) could not be read (first: {failed[0]}); "
+            f"the other {len(written)} mask(s) are in {targets.folder} (--skip-bad: exit 0 anyway)"
+        )
+    return written
+
+
+def _write_outputs(
+    model: AdaptedSam,
+    image: np.ndarray,
+    target: Path,
+    size: int,
+    device: torch.device,
+    precision: str,
+    probabilities: bool,
+    overlay: bool,
+) -> tuple[Path, np.ndarray]:
+    """Write one input's outputs; returns the mask's file and the mask."""
+    logits = predict_logits(model, image, size, device, precision)
+    mask = (logits > 0).numpy()
+    Image.fromarray((mask * 255).astype(np.uint8)).save(target)
+    if probabilities:
+        prob = torch.sigmoid(logits).numpy()
+        Image.fromarray(np.rint(prob * 255).astype(np.uint8)).save(
+            MaskTargets.sibling(target, "prob")
+        )
+    if overlay:
+        blend = image.astype(np.float32)
+        blend[mask] = 0.5 * blend[mask] + 0.5 * OVERLAY_COLOUR
+        Image.fromarray(blend.astype(np.uint8)).save(MaskTargets.sibling(target, "overlay"))
+    return target, mask
