@@ -70,7 +70,7 @@ def paper_figures() -> tuple[dict, dict]:
 
 def devices() -> dict[str, str]:
     """Where the paper's and the authors' code's figures were measured (cadsam's data file)."""
-    sys.path.insert(0, str(HERE.parent / "src"))
+    paper_figures()  # puts src/ on the path
     from cadsam.paper import AUTHORS_CODE_DEVICE, PAPER_DEVICE, PAPER_MEASURE
 
     return {

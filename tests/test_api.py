@@ -57,6 +57,7 @@ def test_train_takes_the_commands_settings_by_their_names(trained):
     assert config["options"] == {"adapter_size": 32}  # a model option, sorted by its name
     assert config["runtime"]["name"] == "plain"  # the runtime, by the flag's name
     assert (config["epochs"], config["batch_size"], config["image_size"]) == (1, 2, 64)
+    assert config["written_by"]["cadsam"] == cadsam.__version__  # what wrote it, on record
 
 
 def test_load_predicts_the_masks_cadsam_predict_writes(trained, tmp_path, capsys):

@@ -183,3 +183,34 @@ def test_the_python_api_is_at_the_top_of_the_package():
 def test_the_readme_is_read_in_five_minutes():
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= 250, len(lines)
+
+
+def test_provenance_is_the_packages_own_checkout_never_the_folder_around_it(tmp_path):
+    import subprocess
+
+    from cadsam.provenance import provenance, source_commit
+
+    def git(*args: str, cwd: Path) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=cwd,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+
+    around = tmp_path / "users-project"  # a user's repository, cadsam copied inside it
+    installed = around / "vendor" / "cadsam-src"
+    installed.mkdir(parents=True)
+    (installed / "file.txt").write_text("x")
+    git("init", "-q", cwd=around)
+    git("add", ".", cwd=around)
+    git("commit", "-qm", "user's", cwd=around)
+    assert source_commit(installed) is None
+    git("init", "-q", cwd=installed)
+    git("add", ".", cwd=installed)
+    git("commit", "-qm", "own", cwd=installed)
+    assert source_commit(installed) == git("rev-parse", "HEAD", cwd=installed)
+    (installed / "file.txt").write_text("changed")
+    assert source_commit(installed).endswith("+changes")
+    assert provenance()["cadsam"] == cadsam.__version__

@@ -5,12 +5,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from cadsam.cores import usable_cores
 from cadsam.data.synthetic import make_synthetic_set
 from cadsam.demo import (
     GPU_BENCH,
@@ -19,8 +24,12 @@ from cadsam.demo import (
     PAPER_SCALE,
     _comparisons,
     _memory_at_paper_scale,
+    _mib,
     _missing_text,
+    _noise_text,
+    _times_text,
     kept_for_backward,
+    mean_interval,
     run_demo,
     tradeoff_figure,
 )
@@ -85,8 +94,15 @@ def test_demo_trains_and_scores_all_four_methods(demo):
     assert "lora" in METHODS and "sam-adapter-paper" in METHODS
     assert list(results["methods"]) == list(METHODS)  # SAM-Adapter and LoRA are trained too
     assert results["cache_seconds"] > 0
+    # one run, the machine's load and cores as it started, threads within the cores
+    (run,) = results["runs"]
+    assert run["cores"] == usable_cores() and 1 <= run["threads"] <= run["cores"]
+    assert results["cache_run"] == 0
     for method, r in results["methods"].items():
         assert 0 <= r["dice"] <= 1 and 0 <= r["iou"] <= r["dice"] and 0 <= r["mae"] <= 1
+        # each held-out image's Dice, whose mean is the table's
+        assert r["run"] == 0 and len(r["dice_per_image"]) == 4
+        assert r["dice"] == pytest.approx(np.mean(r["dice_per_image"]), abs=1e-6)
         lines = (out / "runs" / method / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 1
         assert r["train_seconds"] == pytest.approx(json.loads(lines[0])["seconds"], abs=0.06)
@@ -118,7 +134,13 @@ def test_demo_console_ends_with_the_table_and_the_report(demo):
 def test_demo_rerun_keeps_its_results(demo):
     out, first, second, saved, epochs = demo
     assert (out / "results.json").read_bytes() == saved["results.json"]
-    assert (out / "report.md").read_bytes() == saved["report.md"]
+    # the same report, but for whose times they are: an earlier run's now, not this one's
+    before, after = saved["report.md"].decode(), (out / "report.md").read_text()
+    times = [line for line in before.splitlines() if line.startswith("Times measured: ")]
+    assert len(times) == 1 and "`lora` by this run (started " in times[0]
+    assert after == before.replace(
+        " by this run (started ", " by an earlier run of the demo (started "
+    )
     for method in METHODS:  # nothing trained again
         assert (out / "runs" / method / "metrics.jsonl").read_text() == epochs[method]
     assert "training" not in second
@@ -143,9 +165,11 @@ def test_demo_report_sets_the_run_beside_the_paper_scale(demo):
     }
     assert counted["lora"] > counted["cad"]
     assert kept["lora"] == round(counted["lora"], 1) and kept["cad"] == round(counted["cad"], 1)
-    # The GPU column is one H200 call; the paper has no LoRA: "-", not 0.
-    gpu = {"decoder": "1,093", "cad": "1,603", "sam-adapter-paper": "9,796", "lora": "10,249"}
-    assert ("vit_b", "lora") not in MEMORY_TABLES and set(GPU_BENCH["mib"]) == set(METHODS)
+    # The GPU column is one device's run (benchmark_figures.json); the paper has no LoRA: "-".
+    bench = GPU_BENCH["peak_allocated_mib"]
+    gpu = {m: f"{math.floor(bench[m] + 0.5):,}" for m in METHODS}
+    assert _mib(9_820.5) == "9,821"  # halves round up, as BENCHMARKS.md prints them
+    assert ("vit_b", "lora") not in MEMORY_TABLES and all(bench[m] is not None for m in METHODS)
     at_scale = text[text.index("## Memory at the paper's scale") :]
     for method, s in scale.items():
         paper = MEMORY_TABLES[("vit_b", method)][1] if method != "lora" else None
@@ -153,7 +177,10 @@ def test_demo_report_sets_the_run_beside_the_paper_scale(demo):
             f"| {method} | {s['trainable']:,} | {round(s['kept_mib']):,} "
             f"| {gpu[method]} | {'-' if paper is None else f'{paper:,}'} |"
         ) in at_scale
-    assert "2026-12-01" in text and "8c39fe9" in text and "benchmarks/BENCHMARKS.md" in text
+    for key in ("device", "date", "commit", "source"):  # where the GPU figures come from
+        assert GPU_BENCH[key] in text
+    assert "benchmarks/BENCHMARKS.md" in text
+    assert f"(`lora-lean`): {_mib(bench['lora-lean'])} MiB; CAD from cached" in text
     assert "H100" not in text  # one device in the GPU column, named once
     assert "the paper has no LoRA" in text and "did not measure" not in text
     lora_vs_cad = f"{kept['lora'] / kept['cad']:.1f}x more kept for backward"
@@ -221,6 +248,130 @@ def test_demo_figures_are_labelled(demo):
     assert examples.shape[1] == 64 * columns and 8 < header < 40
     for c in range(columns):  # text in every column's label
         assert (examples[:header, 64 * c : 64 * (c + 1)] < 128).any()
+
+
+# Held-out Dice of four images per method: two close means, one spread out, one image alone.
+FEW_SCORES = {
+    "decoder": [0.60, 0.70, 0.65, 0.62],
+    "cad": [0.66, 0.64, 0.70, 0.61],
+    "sam-adapter-paper": [0.9, 0.2, 0.5, 0.7],
+    "lora": [0.63],
+}
+
+
+def _few_image_results() -> dict:
+    methods = {m: {"dice": float(np.mean(s)), "dice_per_image": s} for m, s in FEW_SCORES.items()}
+    return {"settings": {"backbone": "vit_tiny", "n_test": 4}, "methods": methods}
+
+
+def test_mean_interval_is_the_bootstrap_interval_of_the_mean():
+    assert mean_interval([]) is None and mean_interval([0.5]) is None  # no spread to tell
+    assert mean_interval([0.7] * 5) == pytest.approx((0.7, 0.7))
+    scores = list(np.random.default_rng(1).uniform(0.4, 0.9, 16))
+    low, high = mean_interval(scores)
+    assert low < np.mean(scores) < high
+    assert mean_interval(scores) == (low, high)  # seeded: a rerun writes the same report
+    normal = 2 * 1.96 * np.std(scores, ddof=1) / math.sqrt(16)
+    assert high - low == pytest.approx(normal, rel=0.2)
+    few = mean_interval(scores[:4])
+    assert few[1] - few[0] > high - low  # fewer images, a noisier mean
+
+
+def test_the_tradeoff_plot_spans_dice_0_to_1_with_each_means_interval():
+    """No zoomed axis to magnify differences between a few images' means; error bars show
+    how far another draw of images could move each mean."""
+    results = _few_image_results()
+    scale = {
+        m: {"kept_mib": 1024.0 * (i + 1), "gpu_bench_mib": 1.0, "paper_mib": 2}
+        for i, m in enumerate(METHODS)
+    }
+    fig = tradeoff_figure(results, scale)
+    left = fig.axes[0]
+    assert left.get_ylim() == (0.0, 1.0)
+    bars = {}
+    for container in left.containers:  # an ErrorbarContainer: (line, caps, (vertical bars,))
+        ((x, low), (_, high)) = container.lines[2][0].get_segments()[0]
+        bars[round(x)] = pytest.approx((low, high))
+    # one bar per method with two images or more, spanning its mean's interval
+    assert bars == {i + 1: mean_interval(FEW_SCORES[m]) for i, m in enumerate(METHODS[:3])}
+    assert "95% interval" in left.get_ylabel()
+    pyplot().close(fig)
+
+
+def test_the_report_says_how_noisy_a_mean_over_few_images_is():
+    text = "\n".join(_noise_text(_few_image_results()))
+    assert text.startswith("How noisy a mean over 4 held-out images is: each method's mean Dice")
+    for method in ("decoder", "cad", "sam-adapter-paper"):
+        low, high = mean_interval(FEW_SCORES[method])
+        assert f"`{method}` {np.mean(FEW_SCORES[method]):.3f} ({low:.3f} to {high:.3f})" in text
+    widest = max(np.subtract(*mean_interval(s)[::-1]) for s in list(FEW_SCORES.values())[:3])
+    assert f"up to {widest:.3f} wide: a difference between methods inside them is noise" in text
+    assert "`lora`" not in text  # one image: no interval to give
+    assert _noise_text({"methods": {"cad": {"dice": 0.5}}}) == []  # an older demo's record
+
+
+def test_the_report_says_which_run_measured_each_time_and_how_busy_it_was():
+    """A rerun keeps earlier times: the report says so, and when the machine was busy."""
+    results = {
+        "cache_seconds": 3.0,
+        "cache_run": 0,
+        "runs": [
+            {"started": "2026-12-07 10:00", "load": 1.6, "cores": 2, "threads": 2},
+            {"started": "2026-12-07 11:00", "load": 0.1, "cores": 2, "threads": 2},
+        ],
+        "methods": {"decoder": {"run": 0}, "cad": {"run": 1}, "lora": {}},
+    }
+    assert _times_text(results) == (
+        "Times measured: the cache's build and `decoder` by an earlier run of the demo (started "
+        "2026-12-07 10:00, load average 1.60 on 2 cores: busy, so longer than on an idle "
+        "machine); `cad` by this run (started 2026-12-07 11:00, load average 0.10 on 2 cores); "
+        "`lora` by an earlier run of the demo, its load not recorded."
+    )
+
+
+def test_threads_and_workers_never_exceed_the_usable_cores(monkeypatch):
+    """Issue 33's trap 13: threads beyond the cores wait for each other on a shared machine."""
+    import cadsam.cores as cores
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for count in (1, 2, 3, 16):
+        monkeypatch.setattr(cores, "usable_cores", lambda count=count: count)
+        assert cores.cpu_threads() == count
+        for workers in range(count):
+            for processes in (1, 2, 4):
+                threads = cores.cpu_threads(workers, processes)
+                assert threads >= 1
+                assert processes * (threads + workers) <= count or threads == 1
+    monkeypatch.setattr(cores, "usable_cores", lambda: 16)
+    assert cores.cpu_threads(workers=2) == 14
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: four processes on this machine
+    assert cores.cpu_threads(workers=1) == 3
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(cores, "usable_cores", lambda: 2)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        torch.set_num_threads(2)
+        assert cores.share_cores(workers=1) == 1 == torch.get_num_threads()
+        assert cores.share_cores(workers=0) == 1  # never raised: fewer set by the caller stay
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        assert cores.share_cores(workers=1) == 2  # the user's own setting wins
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cadsam_makes_openmp_wait_without_spinning_before_torch_loads():
+    """OpenMP reads OMP_WAIT_POLICY once, as PyTorch loads it: cadsam sets it (unless the user
+    did) in the first module it imports, before anything imports torch."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import os, cadsam; print(os.environ['OMP_WAIT_POLICY'])"
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code], env=env, capture_output=True, text=True
+    )
+    assert done.stdout.strip() == "PASSIVE", done.stderr[-2000:]
+    finished = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()]
+    assert finished.index("cadsam.cores") < finished.index("torch")
 
 
 def test_demo_refuses_a_folder_with_other_settings(demo):

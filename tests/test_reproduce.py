@@ -62,6 +62,21 @@ def test_reproduce_writes_every_table_and_figure(istd_like, capsys):
         )
         assert f"{r['dice']:.4f}" in table
     assert "| cad | 5,831,908 |" in table and "Table 3" in table
+    # each trained method against zero-shot's test Dice: in the report, and warned where not better
+    start = results[0]["dice"]
+    worse = [r for r in results[1:] if r["dice"] < start + 1e-4]
+    lines = [
+        f"istd vit_tiny {r['method']}: test Dice {r['dice']:.4f}, not better than zero-shot "
+        f"SAM's {start:.4f}"
+        for r in worse
+    ]
+    assert [x for x in said.err.splitlines() if "zero-shot" in x] == [
+        f"cadsam: warning: {line}" for line in lines
+    ]
+    if worse:
+        assert "\n".join(f"- {line}" for line in lines) in table
+    else:
+        assert "Every trained run scores a higher test Dice than zero-shot SAM" in table
     assert Image.open(out / "fig6_vit_tiny.png").size[0] > 0
     grid = Image.open(out / "fig8_examples.png")
     width, height = grid.size
@@ -102,3 +117,23 @@ def test_an_adapter_size_without_cad_is_an_error(istd_like, capsys):
         capsys.readouterr().err
     )
     assert not (istd_like / "out").exists()
+
+
+def test_the_summary_names_each_trained_run_not_better_than_zero_shot():
+    from cadsam.reproduce import not_better_than_zero_shot
+
+    def result(dataset, backbone, method, dice):
+        return {"dataset": dataset, "backbone": backbone, "method": method, "dice": dice}
+
+    results = [
+        result("istd", "vit_b", "zero-shot", 0.6),
+        result("istd", "vit_b", "decoder", 0.7),
+        result("istd", "vit_b", "cad", 0.6),  # equal: not better
+        result("camo", "vit_b", "zero-shot", 0.4),
+        result("camo", "vit_b", "lora", 0.3),
+        result("istd", "vit_h", "cad", 0.1),  # no zero-shot on vit_h: nothing to compare
+    ]
+    assert not_better_than_zero_shot(results) == [
+        "istd vit_b cad: test Dice 0.6000, not better than zero-shot SAM's 0.6000",
+        "camo vit_b lora: test Dice 0.3000, not better than zero-shot SAM's 0.4000",
+    ]

@@ -407,10 +407,14 @@ def test_tensorboard_logs_what_metrics_jsonl_says(tmp_path):
     assert main([*args, *FAST, *data, "--out", str(tmp_path / "run")]) == 0
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    baseline, *lines = [
+        json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(events.Scalars("train/loss")) == 2 * 1  # 4 training pairs, batch 4: a step an epoch
     dice = [e.value for e in events.Scalars("val/dice")]
     assert dice == pytest.approx([x["val"]["dice"] for x in lines])
+    zero_shot = [(e.step, e.value) for e in events.Scalars("zero_shot/dice")]
+    assert zero_shot == [(0, pytest.approx(baseline["val_dice"]))]
 
 
 def test_predict_feeds_the_model_what_training_and_eval_feed_it():

@@ -36,6 +36,7 @@ from .figures import pyplot
 from .methods import SAM1_ONLY_WHY, AdaptedSam, build_model, check_runtime_settings, runs_on
 from .paper import AUTHORS_CODE_DEVICE, AUTHORS_CODE_MIB, MEMORY_TABLES, PAPER_DEVICE
 from .precision import autocast
+from .provenance import provenance
 from .runtime import Runtime, named_runtime, settle_cuda_graph
 
 # variant -> (method, runtime, its settings, trains from cached embeddings). A variant is named
@@ -272,7 +273,7 @@ def environment() -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "triton": _version("triton"),  # the first adapter block's kernels
-        "commit": git_commit(),
+        **provenance(),  # cadsam's version and its source's commit
         "command": " ".join(["cadsam", *sys.argv[1:]]) if sys.argv else "",
         "weights": "random (memory and speed do not depend on their values)",
     }
@@ -287,25 +288,6 @@ def environment() -> dict[str, Any]:
         except Exception:
             info["driver"] = None
     return info
-
-
-def git_commit() -> str | None:
-    """The checkout's commit (with "+changes" if its tracked files differ), if in one."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-        )
-    except OSError:
-        return None
-    if commit.returncode != 0:
-        return None
-    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _version(package: str) -> str | None:

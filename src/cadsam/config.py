@@ -5,7 +5,11 @@ run's own ``config.yaml``. Every setting has one name in all of them."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,10 +81,12 @@ class TrainConfig:
     tensorboard: bool = False  # also log to RUN/tensorboard (needs cadsam[tensorboard])
 
     def __post_init__(self) -> None:
-        if self.batch_size is None:
-            self.batch_size = DEFAULT_BATCH.get(self.backbone, 4)
         if isinstance(self.runtime, str):
             self.runtime = {"name": self.runtime}
+        for name, hint in _setting_types().items():
+            setattr(self, name, typed_value(name, getattr(self, name), hint))
+        if self.batch_size is None:
+            self.batch_size = DEFAULT_BATCH.get(self.backbone, 4)
         self.runtime = {"name": "auto", **(self.runtime or {})}
         if self.schedule not in SCHEDULES:
             raise CadsamError(f"schedule must be one of {', '.join(SCHEDULES)}")
@@ -119,6 +125,7 @@ class TrainConfig:
             if key in overrides:
                 overrides = {**overrides, key: {**(values.get(key) or {}), **overrides[key]}}
         values.update(overrides)
+        values.pop("written_by", None)  # what wrote a run's config.yaml: a record, not a setting
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -135,6 +142,73 @@ class TrainConfig:
         """(named runtime, settings on top)."""
         settings = dict(self.runtime)
         return settings.pop("name"), settings
+
+
+@functools.cache
+def _setting_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def typed_value(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the type ``hint`` says the setting ``name`` holds, or one line refusing
+    it: a YAML file reads ``2e-4`` as text and a quoted ``"4"`` too, and a value of the wrong
+    type half-accepted fails later, after the run's folder is written (or never)."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):  # X | None
+        if value is None:
+            return None
+        hint = next(kind for kind in typing.get_args(hint) if kind is not type(None))
+    kind = typing.get_origin(hint) or hint
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in BOOLEAN_WORDS:
+            return BOOLEAN_WORDS[value.strip().lower()]
+        raise CadsamError(f"{name} must be true or false, not {_shown(value)}")
+    if kind is int or kind is float:
+        return _number(name, value, whole=kind is int)
+    if kind is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise CadsamError(f"{name} must be text, not {_shown(value)}")
+        return str(value)
+    if kind is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise CadsamError(f"{name} must be a mapping of NAME: VALUE, not {_shown(value)}")
+    return value
+
+
+def _number(name: str, value: Any, whole: bool) -> int | float:
+    """A number given as a number or as text; a whole one where ``whole`` (2.0 is 2)."""
+    what = "a whole number" if whole else "a number"
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip()
+        try:  # digits as an int: a large seed stays exact
+            number = int(text) if text.lstrip("+-").isdigit() else float(text)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number):
+        raise CadsamError(f"{name} must be {what}, not {_shown(value)}")
+    if not whole:
+        return float(number)
+    if number != int(number):
+        raise CadsamError(f"{name} must be {what}, not {_shown(value)}")
+    return int(number)
+
+
+def _shown(value: Any) -> str:
+    """A value as a user wrote it: true, 'high', 1.5, nothing."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
 
 
 def upgraded(values: dict[str, Any]) -> dict[str, Any]:
@@ -203,6 +277,12 @@ def sort_settings(flat: dict[str, Any], said_as: str = "") -> dict[str, Any]:
     return sorted_
 
 
+def _typed(name: str, value: Any) -> Any:
+    """A setting as TrainConfig holds it (``"1e-2"`` is 0.01), to compare; as given if not."""
+    hint = _setting_types().get(name)
+    return value if hint is None or value is None else typed_value(name, value, hint)
+
+
 def resumed_settings(out: str | None, given: dict[str, Any]) -> dict[str, Any]:
     """On --resume the run's own config.yaml decides; settings that contradict it are errors,
     except how to run and the epochs (more epochs train the run longer)."""
@@ -216,7 +296,7 @@ def resumed_settings(out: str | None, given: dict[str, Any]) -> dict[str, Any]:
     for key, value in given.items():
         if key == "options":
             value = {**saved.get("options", {}), **value}
-        if key not in RESUME_KEYS and saved.get(key) != value:
+        if key not in RESUME_KEYS and _typed(key, saved.get(key)) != _typed(key, value):
             raise CadsamError(
                 f"--{key.replace('_', '-')} {value} differs from the run's {saved.get(key)}"
             )

@@ -40,10 +40,12 @@ def cpu_threads(workers: int = 0, processes: int | None = None) -> int:
 
 
 def share_cores(workers: int = 0) -> int:
-    """Set PyTorch's intra-op threads to :func:`cpu_threads` (``workers`` data-loader processes
-    beside them) and return the count; OMP_NUM_THREADS, where the user set it, wins."""
+    """Lower PyTorch's intra-op threads to :func:`cpu_threads` (``workers`` data-loader
+    processes beside them) where they are more, and return the count. Never raises them: fewer
+    set by the caller (``torch.set_num_threads``, a test runner sharing the cores among its
+    processes) stay, and OMP_NUM_THREADS, where the user set it, wins."""
     import torch
 
     if not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(cpu_threads(workers))
+        torch.set_num_threads(min(torch.get_num_threads(), cpu_threads(workers)))
     return torch.get_num_threads()

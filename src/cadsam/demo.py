@@ -21,10 +21,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -38,13 +40,15 @@ from .backbones import (
 )
 from .cache import build_cache
 from .config import TrainConfig
+from .cores import share_cores, usable_cores
 from .data import SegmentationDataset, pair_folders
 from .data.synthetic import make_synthetic_set
 from .errors import CadsamError
 from .evaluation import evaluate
 from .figures import mask_rows, pyplot, save_grid
+from .lock import holds_out_lock
 from .methods import CACHEABLE, METHOD_OPTIONS, SAM1_ONLY_WHY, build_model, runs_on
-from .paper import MEMORY_TABLES
+from .paper import MEMORY_TABLES, PAPER_DEVICE, PAPER_MEASURE, measured_figures
 from .sam import SAM_CONFIGS
 from .sam.checkpoint import (
     META_CHECKPOINTS,
@@ -63,19 +67,17 @@ METHODS = ("decoder", "cad", "sam-adapter-paper", "lora")
 BATCH = 4
 # The paper's setting for its memory tables (ViT-B: batch 4; 1024-pixel encoder input).
 PAPER_SCALE = {"backbone": "vit_b", "image_size": 512, "adapter_size": 512}
-# Peak allocated MiB while training, ViT-B, batch 4, fp32, cadsam's default `auto` runtime:
-# one `cadsam bench` call of the canonical run on an NVIDIA H200, 2026-12-01, commit 8c39fe9
-# (benchmarks/results/2026-12-01_H200_8c39fe9/vit_b-fp32-auto/bench.json): the four methods
-# side by side, from one commit on one device.
-GPU_BENCH: dict[str, Any] = {
-    "date": "2026-12-01",
-    "device": "NVIDIA H200",
-    "commit": "8c39fe9",
-    "source": "benchmarks/results/2026-12-01_H200_8c39fe9",
-    "mib": {"decoder": 1_092.8, "cad": 1_603.4, "sam-adapter-paper": 9_796.1, "lora": 10_248.7},
-    "notes": "LoRA with its encoder blocks recomputed in backward (`lora-lean`): 2,270 MiB; "
-    "CAD from cached embeddings (`cad-cache`): 1,295 MiB, 938 under `lean`",
-}
+# Peak allocated MiB while training, ViT-B, batch 4, fp32, by variant (no suffix: cadsam's
+# default `auto` runtime), from the canonical GPU run of one commit on one device, with its
+# device, date, commit and folder: benchmark_figures.json, generated from benchmarks/results
+# by benchmarks/package_figures.py (benchmarks/BENCHMARKS.md tells how they were measured).
+GPU_BENCH: dict[str, Any] = measured_figures()["gpu_bench"]
+# 95% intervals of each method's mean held-out Dice, from this many bootstrap resamples of its
+# images (seeded: a rerun writes the same report).
+RESAMPLES = 10_000
+# The load average per core from which a run's machine counts as busy: its times are then
+# longer than on an idle machine, and the report says so.
+BUSY_LOAD = 0.5
 LABELS = {"decoder": "decoder", "cad": "CAD", "sam-adapter-paper": "SAM-Adapter", "lora": "LoRA"}
 # The paper-scale memory by source: (key in each method's row, how a sentence names it, how
 # the figure labels it).
@@ -86,7 +88,7 @@ SOURCES = (
         "at peak on the GPU",
         f"peak, cadsam bench\n({GPU_BENCH['device']}, {GPU_BENCH['date']})",
     ),
-    ("paper_mib", "in the paper", "the paper\n(A100, nvidia-smi)"),
+    ("paper_mib", "in the paper", f"the paper\n({PAPER_DEVICE}, {PAPER_MEASURE})"),
 )
 # Names in sentences; decoder-only is "decoder" in the figure's legend.
 NAMES = {**LABELS, "decoder": "decoder-only"}
@@ -218,6 +220,7 @@ def kept_for_backward(
     return sum(n for _, n in kept.values()) / 2**20, trainable
 
 
+@holds_out_lock("cadsam demo")
 def run_demo(
     out: str | Path = "cadsam-demo",
     checkpoint: str | None = None,
@@ -271,11 +274,12 @@ def run_demo(
 
 
 def _load_results(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """What an earlier run in ``out`` finished, with its settings; a new record if none."""
+    """What an earlier run in ``out`` finished, with its settings; a new record if none. Either
+    way this run is added to its runs, with how busy the machine was as it started."""
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else None
     if not isinstance(results, dict) or "settings" not in results:  # none, or an older demo's
-        return {"settings": settings, "cache_seconds": None, "methods": {}}
+        return {"settings": settings, "cache_seconds": None, "methods": {}, "runs": [_start_run()]}
     old = results.get("settings", {})
     changed = [f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v]
     if changed:
@@ -283,7 +287,21 @@ def _load_results(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
             f"{out} holds a demo run with other settings ({', '.join(changed)}): "
             "choose another --out, or delete that folder"
         )
+    results.setdefault("runs", []).append(_start_run())  # none in an older demo's record
     return results
+
+
+def _start_run() -> dict[str, Any]:
+    """Size this process's threads to the usable cores (:func:`share_cores`) and record the
+    run's start: when, the load average then (None where the system has none), the cores and
+    the threads, on which the times it measures depend."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "started": time.strftime("%Y-%m-%d %H:%M"),
+        "load": None if load is None else round(load, 2),
+        "cores": usable_cores(),
+        "threads": share_cores(),  # the demo loads its data in this process: no workers
+    }
 
 
 def _save_results(out: Path, results: dict[str, Any]) -> None:
@@ -313,8 +331,9 @@ def _cache(out: Path, data: Path, checkpoint: str, results: dict[str, Any], say)
         num_workers=0,
         progress=False,
     )
-    if seconds is None:  # a rerun keeps the time of the build itself
+    if seconds is None:  # a rerun keeps the time of the build itself, and says which run's
         results["cache_seconds"] = round(time.perf_counter() - started, 1)
+        results["cache_run"] = len(results["runs"]) - 1
         _save_results(out, results)
 
 
@@ -358,18 +377,45 @@ def _train_method(
     model, _ = load_weights(run / "last.safetensors")  # with its encoder, as a user gets it
     model.eval()
     if method not in results["methods"]:
-        metrics = evaluate(model, test_set, batch_size=BATCH, progress=False)
         kept, _ = kept_for_backward(method, s["backbone"], s["size"], options)
         results["methods"][method] = {
             "trainable": model.parameter_counts()["trainable"],
             "train_seconds": _epoch_seconds(run),
-            **{k: metrics[k] for k in SCORES},
+            "run": len(results["runs"]) - 1,  # the run that finished its training
             "kept_mib": round(kept, 1),
         }
-        _save_results(out, results)
     row = results["methods"][method]
+    if "dice_per_image" not in row:  # new, or scored by a demo that kept no per-image Dice
+        row.update(_held_out_scores(model, test_set))
+        _save_results(out, results)
     say(f"{method}: trained in {row['train_seconds']:.1f} s, Dice {row['dice']:.4f} ({run})")
     return model
+
+
+def _held_out_scores(model: torch.nn.Module, test_set: SegmentationDataset) -> dict[str, Any]:
+    """Dice, IoU and MAE, each a mean over the held-out images, and each image's Dice, from
+    which the report tells how noisy the mean is."""
+    per_image: dict[str, list[float]] = {}
+    metrics = evaluate(model, test_set, batch_size=BATCH, progress=False, scores=per_image)
+    return {
+        **{k: metrics[k] for k in SCORES},
+        "dice_per_image": [round(d, 6) for d in per_image["dice"]],
+    }
+
+
+def mean_interval(
+    values: list[float], level: float = 0.95, resamples: int = RESAMPLES
+) -> tuple[float, float] | None:
+    """The ``level`` bootstrap percentile interval of the mean of ``values``: the images
+    resampled with replacement, seeded so that a rerun writes the same report. None for fewer
+    than two values, whose spread says nothing."""
+    if len(values) < 2:
+        return None
+    data = np.asarray(values, dtype=float)
+    draws = np.random.default_rng(0).integers(0, len(data), (resamples, len(data)))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(data[draws].mean(axis=1), [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def _epochs(n: int) -> str:
@@ -396,7 +442,7 @@ def _memory_at_paper_scale() -> dict[str, dict[str, Any]]:
             "trainable": trainable,
             "kept_mib": round(kept, 1),
             # None where a source has no figure for the method: shown as "-", never as 0.
-            "gpu_bench_mib": GPU_BENCH["mib"].get(method),
+            "gpu_bench_mib": GPU_BENCH["peak_allocated_mib"].get(method),
             "paper_mib": _paper_mib(method),
         }
     return scale
@@ -438,7 +484,7 @@ def _scale_table(scale: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
         "| method | trainable (ViT-B) | kept for backward, counted here (MiB) "
         f"| peak on a GPU, `cadsam bench` ({GPU_BENCH['device']}, {GPU_BENCH['date']}) (MiB) "
-        "| the paper (A100, nvidia-smi) (MiB) |",
+        f"| the paper ({PAPER_DEVICE}, {PAPER_MEASURE}) (MiB) |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for method, s in scale.items():
@@ -479,6 +525,9 @@ def _write_report(out: Path, results, scale, models, test_pairs) -> Path:
         "",
         *_main_table(results, scale),
         "",
+        _times_text(results),
+        "",
+        *_noise_text(results),
         *_not_trained_text(results),
         *_memory_text(s, scale),
         "",
@@ -516,6 +565,55 @@ def _not_trained_text(results: dict[str, Any]) -> list[str]:
     return [*lines, ""] if lines else []
 
 
+def _times_text(results: dict[str, Any]) -> str:
+    """Which run of the demo measured each time, and how busy the machine was as it started:
+    a rerun keeps earlier times, and a busy machine's are longer than an idle one's."""
+    runs = results.get("runs", [])
+    measured: dict[int | None, list[str]] = {}
+    if results["cache_seconds"] is not None:
+        measured.setdefault(results.get("cache_run"), []).append("the cache's build")
+    for method, row in results["methods"].items():
+        measured.setdefault(row.get("run"), []).append(f"`{method}`")
+    parts = []
+    for index, what in measured.items():
+        if index is None or not 0 <= index < len(runs):  # recorded by an older demo
+            parts.append(f"{_and(what)} by an earlier run of the demo, its load not recorded")
+            continue
+        run = runs[index]
+        which = "this run" if index == len(runs) - 1 else "an earlier run of the demo"
+        load = "no load average" if run["load"] is None else f"load average {run['load']:.2f}"
+        text = f"{_and(what)} by {which} (started {run['started']}, {load} on {run['cores']} cores"
+        busy = run["load"] is not None and run["load"] >= BUSY_LOAD * run["cores"]
+        parts.append(f"{text}: busy, so longer than on an idle machine)" if busy else f"{text})")
+    return f"Times measured: {'; '.join(parts)}." if parts else ""
+
+
+def _noise_text(results: dict[str, Any]) -> list[str]:
+    """How noisy a mean Dice over the held-out images is: each method's 95% interval, and what
+    a difference inside it means."""
+    intervals = {
+        method: (row["dice"], interval, len(row["dice_per_image"]))
+        for method, row in results["methods"].items()
+        if (interval := mean_interval(row.get("dice_per_image") or [])) is not None
+    }
+    if not intervals:
+        return []
+    n = max(count for _, _, count in intervals.values())
+    listed = "; ".join(
+        f"`{method}` {dice:.3f} ({low:.3f} to {high:.3f})"
+        for method, (dice, (low, high), _) in intervals.items()
+    )
+    widest = max(high - low for _, (low, high), _ in intervals.values())
+    return [
+        f"How noisy a mean over {n} held-out images is: each method's mean Dice with a 95% "
+        f"bootstrap interval of that mean (its images resampled {RESAMPLES:,} times): {listed}. "
+        f"The intervals are up to {widest:.3f} wide: a difference between methods inside them is "
+        f"noise, which another draw of {n} images could reverse. The trade-off plot draws them "
+        "as error bars, on a Dice axis from 0 to 1.",
+        "",
+    ]
+
+
 def _memory_text(s: dict[str, Any], scale: dict[str, dict[str, Any]]) -> list[str]:
     """What the memory figures are, and what they say, every comparison from the figures."""
     lines = [
@@ -536,11 +634,12 @@ def _memory_text(s: dict[str, Any], scale: dict[str, dict[str, Any]]) -> list[st
         f"while training, in one call of the project's own GPU benchmark ({GPU_BENCH['device']}, "
         f"fp32, cadsam's default `auto` runtime, {GPU_BENCH['date']}, commit "
         f"{GPU_BENCH['commit']}; {GPU_BENCH['source']}, benchmarks/BENCHMARKS.md), and the "
-        f"paper's memory table for ViT-B (nvidia-smi on an A100). {_missing_text(scale)}",
+        f"paper's memory table for ViT-B ({PAPER_MEASURE}, {PAPER_DEVICE}). "
+        f"{_missing_text(scale)}",
         "",
         *_scale_table(scale),
         "",
-        f"From the same GPU benchmark: {GPU_BENCH['notes']}. {_comparisons(scale)}",
+        f"{_gpu_notes()}{_comparisons(scale)}",
     ]
     if not backbone_config(s["backbone"]).pretrained:  # random weights: no release to load
         lines[1:1] = [
@@ -556,6 +655,25 @@ def _memory_text(s: dict[str, Any], scale: dict[str, dict[str, Any]]) -> list[st
 def _and(words: list[str]) -> str:
     """ "a", "a and b", "a, b and c": lists that read as a sentence."""
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _gpu_notes() -> str:
+    """The GPU run's other rows that the memory table leaves out: LoRA recomputing its encoder
+    blocks, CAD from the cache; "" where that run has none of them."""
+    mib = GPU_BENCH["peak_allocated_mib"]
+    notes = []
+    if mib.get("lora-lean") is not None:
+        notes.append(
+            "LoRA with its encoder blocks recomputed in backward (`lora-lean`): "
+            f"{_mib(mib['lora-lean'])} MiB"
+        )
+    if mib.get("cad-cache") is not None:
+        lean = mib.get("cad-cache-lean")
+        notes.append(
+            f"CAD from cached embeddings (`cad-cache`): {_mib(mib['cad-cache'])} MiB"
+            + ("" if lean is None else f", {_mib(lean)} under `lean`")
+        )
+    return f"From the same GPU benchmark: {'; '.join(notes)}. " if notes else ""
 
 
 def _missing_text(scale: dict[str, dict[str, Any]]) -> str:
@@ -637,10 +755,17 @@ def tradeoff_figure(results: dict[str, Any], scale: dict[str, dict[str, Any]]) -
         x, y = scale[method]["kept_mib"] / 1024, r["dice"]
         left.scatter(x, y, s=70, color=colors[method])
         left.annotate(LABELS[method], (x, y), textcoords="offset points", xytext=(6, 5))
+        interval = mean_interval(r.get("dice_per_image") or [])
+        if interval is not None:  # the mean's 95% interval: what another draw of images moves
+            below, above = max(0.0, y - interval[0]), max(0.0, interval[1] - y)
+            left.errorbar(x, y, yerr=[[below], [above]], color=colors[method], capsize=4)
     left.set_xlabel("kept for backward at ViT-B, batch 4, fp32, plain path (GiB)")
-    left.set_ylabel(f"Dice, held out (this demo, {results['settings']['backbone']})")
+    left.set_ylabel(
+        f"Dice, held out (this demo, {results['settings']['backbone']}),\n"
+        f"mean over {results['settings']['n_test']} images, 95% interval"
+    )
     left.set_xlim(0, max(s["kept_mib"] for s in scale.values()) / 1024 * 1.3)
-    left.margins(y=0.2)
+    left.set_ylim(0, 1)  # the whole scale: a zoomed axis would magnify the noise of few images
     left.set_title("Accuracy here, memory at the paper's scale", fontsize=10)
     _memory_bars(right, scale, colors)
     fig.tight_layout()

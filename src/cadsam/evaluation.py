@@ -32,11 +32,14 @@ def evaluate(
     sod: bool = False,
     num_workers: int = 0,
     progress: bool = True,
+    scores: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``dataset``. ``resolution="train"`` scores at the training size
     against the resized ground truth (the paper's numbers); ``"original"`` upsamples the logits
     to each ground truth's own size. Under torchrun each rank scores every world_size-th
-    image and the results are merged."""
+    image and the results are merged. ``scores``, where given, receives each image's scores by
+    metric (the terms of the means; in the data set's order on one process), from which a
+    caller can tell how noisy a mean is."""
     dist = dist or Dist()
     assert resolution in RESOLUTIONS, resolution
     assert resolution == "train" or dataset.keep_original, "original resolution needs keep_original"
@@ -67,6 +70,8 @@ def evaluate(
     merged = SegmentationMeter(sod=sod)
     for state in gather_objects(meter.state(), dist):
         merged.merge(state)
+    if scores is not None:
+        scores.update(merged.per_image)
     return merged.compute()
 
 

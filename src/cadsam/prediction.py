@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from .data.io import IMAGE_EXTENSIONS, list_images, read_image
 from .data.transforms import resize_image
 from .errors import CadsamError
 from .evaluation import constant_prediction_warning
-from .files import check_output_folder
+from .files import check_output_folder, write_atomic
 from .methods import AdaptedSam
 from .precision import autocast
 
@@ -53,10 +52,15 @@ class MaskTargets:
 
 
 def mask_targets(
-    output: str | os.PathLike, inputs: list[Path], flag: str = "--output"
+    output: str | os.PathLike,
+    inputs: list[Path],
+    flag: str = "--output",
+    siblings: tuple[str, ...] = (),
 ) -> MaskTargets:
     """Check where the masks go before any work: an image file name takes one input's mask;
-    anything else is a folder (made when the first mask is written), never a file."""
+    anything else is a folder (made when the first mask is written), never a file. Two
+    inputs whose masks (or the ``siblings`` asked for: ``prob``, ``overlay``) would be one
+    file are an error before anything is written: one would overwrite the other."""
     output = Path(output)
     if output.suffix.lower() in IMAGE_EXTENSIONS and not output.is_dir():
         if len(inputs) != 1:
@@ -70,17 +74,27 @@ def mask_targets(
         check_output_folder(output, flag)
         targets = MaskTargets(output, {path: output / f"{path.stem}.png" for path in inputs})
     written = list(targets.masks.values())
-    clash = [path for path, count in Counter(written).items() if count > 1]
-    if clash:
-        raise CadsamError(
-            f"two inputs share the file stem {clash[0].stem}: both masks would be {clash[0]}"
-        )
+    _check_clashes(targets, siblings, flag)
     sources = {path.resolve() for path in inputs}
     for mask in written:
         for path in (mask, targets.sibling(mask, "prob"), targets.sibling(mask, "overlay")):
             if path.resolve() in sources:
                 raise CadsamError(f"{flag} {output} would overwrite the input {path}")
     return targets
+
+
+def _check_clashes(targets: MaskTargets, siblings: tuple[str, ...], flag: str) -> None:
+    """Refuse two inputs that would write one file (``x.png`` and ``x.jpg`` both give
+    ``x.png``; ``x.png``'s ``x_prob.png`` is also ``x_prob.jpg``'s mask)."""
+    writers: dict[Path, Path] = {}
+    for source, mask in targets.masks.items():
+        for path in (mask, *(targets.sibling(mask, kind) for kind in siblings)):
+            other = writers.setdefault(path, source)
+            if other != source:
+                raise CadsamError(
+                    f"the inputs {other} and {source} would both be written as {path}: rename "
+                    f"one, or predict them into different {flag} folders; nothing was written"
+                )
 
 
 @torch.no_grad()
@@ -115,7 +129,10 @@ def predict(
     An input that cannot be read is reported on stderr (one line each) and the others are
     still written; afterwards that is an error naming how many failed and the first, unless
     ``skip_bad``. Returns the masks written."""
-    targets = output if isinstance(output, MaskTargets) else mask_targets(output, inputs)
+    kinds = tuple(k for k, asked in (("prob", probabilities), ("overlay", overlay)) if asked)
+    targets = (
+        output if isinstance(output, MaskTargets) else mask_targets(output, inputs, siblings=kinds)
+    )
     targets.folder.mkdir(parents=True, exist_ok=True)
     model.to(device).eval()
     written, failed = [], []
@@ -160,14 +177,19 @@ def _write_outputs(
     """Write one input's outputs; returns the mask's file and the mask."""
     logits = predict_logits(model, image, size, device, precision)
     mask = (logits > 0).numpy()
-    Image.fromarray((mask * 255).astype(np.uint8)).save(target)
+    save_image((mask * 255).astype(np.uint8), target)
     if probabilities:
         prob = torch.sigmoid(logits).numpy()
-        Image.fromarray(np.rint(prob * 255).astype(np.uint8)).save(
-            MaskTargets.sibling(target, "prob")
-        )
+        save_image(np.rint(prob * 255).astype(np.uint8), MaskTargets.sibling(target, "prob"))
     if overlay:
         blend = image.astype(np.float32)
         blend[mask] = 0.5 * blend[mask] + 0.5 * OVERLAY_COLOUR
-        Image.fromarray(blend.astype(np.uint8)).save(MaskTargets.sibling(target, "overlay"))
+        save_image(blend.astype(np.uint8), MaskTargets.sibling(target, "overlay"))
     return target, mask
+
+
+def save_image(array: np.ndarray, path: Path) -> None:
+    """Write an image file whole or not at all: an interrupt mid-write leaves no truncated
+    file under the name of a finished one. The format is the name's (png, jpg, tif ...)."""
+    image_format = Image.registered_extensions()[path.suffix.lower()]
+    write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format=image_format))

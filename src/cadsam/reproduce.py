@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,12 @@ from .errors import CadsamError
 from .evaluation import evaluate
 from .fast import fit
 from .figures import mask_rows, pyplot, save_grid
+from .lock import holds_out_lock
 from .methods import build_model
 from .paper import MEMORY_TABLES, SCORES
 from .runtime import resolve_runtime
 from .sam.checkpoint import META_CHECKPOINTS
-from .training import train
+from .training import MIN_GAIN, train
 from .weights import load_weights
 
 DATASETS = {"istd": "ISTD", "camo": "CAMO", "cod10k": "COD10K"}
@@ -72,6 +74,7 @@ def check_inputs(
         raise CadsamError("cannot start: " + "; ".join(problems))
 
 
+@holds_out_lock("cadsam reproduce")
 def reproduce(
     data_root: str | Path,
     checkpoint_dir: str | Path,
@@ -143,7 +146,10 @@ def reproduce(
                 result_path.write_text(json.dumps(result, indent=1))
                 results.append(result)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    return write_report(out, results, data_root)
+    report = write_report(out, results, data_root)
+    for shortfall in not_better_than_zero_shot(results):
+        print(f"cadsam: warning: {shortfall}", file=sys.stderr)
+    return report
 
 
 def _run_one(
@@ -224,6 +230,7 @@ def write_report(out: Path, results: list[dict[str, Any]], data_root: Path) -> P
         lines += _memory_table(number, backbone, results)
     for number, backbone in enumerate(backbones, start=3):
         lines += _score_table(number, backbone, results)
+    lines += _zero_shot_section(results)
     figures = _plot_tradeoffs(out, results, backbones)
     _example_grid(out / "fig8_examples.png", results, data_root)
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in figures]
@@ -231,6 +238,38 @@ def write_report(out: Path, results: list[dict[str, Any]], data_root: Path) -> P
     report = out / "tables.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def not_better_than_zero_shot(results: list[dict[str, Any]]) -> list[str]:
+    """A line for each trained run whose test Dice is not above zero-shot SAM's on the same
+    data set and backbone (by training's ``MIN_GAIN``): it ended no better than its start."""
+    zero_shot = {
+        (r["dataset"], r["backbone"]): r["dice"] for r in results if r["method"] == "zero-shot"
+    }
+    lines = []
+    for r in results:
+        start = zero_shot.get((r["dataset"], r["backbone"]))
+        if r["method"] == "zero-shot" or start is None or r["dice"] >= start + MIN_GAIN:
+            continue
+        lines.append(
+            f"{r['dataset']} {r['backbone']} {r['method']}: test Dice {r['dice']:.4f}, not "
+            f"better than zero-shot SAM's {start:.4f}"
+        )
+    return lines
+
+
+def _zero_shot_section(results: list[dict[str, Any]]) -> list[str]:
+    """The report's word on which trained runs beat zero-shot SAM, where it was run."""
+    compared = {(r["dataset"], r["backbone"]) for r in results if r["method"] == "zero-shot"}
+    trained = [r for r in results if r["method"] != "zero-shot"]
+    if not any((r["dataset"], r["backbone"]) in compared for r in trained):
+        return []
+    shortfalls = not_better_than_zero_shot(results)
+    if not shortfalls:
+        better = "Every trained run scores a higher test Dice than zero-shot SAM on its data set"
+        return [f"{better} and backbone.", ""]
+    heading = "Not better than zero-shot SAM (test Dice, same data set and backbone):"
+    return [heading, "", *(f"- {line}" for line in shortfalls), ""]
 
 
 def _write_csv(path: Path, results: list[dict[str, Any]]) -> None:

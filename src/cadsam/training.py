@@ -8,13 +8,14 @@ kill at any moment loses at most the epoch in progress.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from . import distributed
 from .backbones import base_weights_note
 from .cache import check_cache_for_training, open_cache
 from .config import TRAIN_WORKERS, TrainConfig, load_yaml
-from .cores import default_workers
+from .cores import default_workers, share_cores
 from .data import (
     SegmentationDataset,
     collate,
@@ -42,14 +43,16 @@ from .data import (
 from .errors import CadsamError
 from .evaluation import constant_masks, constant_prediction_warning, evaluate
 from .fast.graphs import GraphedStep, Step, adamw, match_graph_mode
-from .files import check_output_folder, write_atomic
+from .files import check_output_folder, read_run_state, write_atomic
+from .lock import holds_out_lock
 from .methods import (
     AdaptedSam,
     build_model,
 )
 from .precision import autocast
+from .provenance import provenance
 from .runtime import resolve_runtime
-from .weights import base_checkpoint_record, save_weights
+from .weights import base_checkpoint_record, checked_tensors, save_weights
 
 CPU_ADAPTER_SIZE = 128  # cad's adapter input when training on a CPU and none is given
 
@@ -163,17 +166,27 @@ def _cache_links(cfg: TrainConfig, train_pairs, val_pairs, base, log):
             f"note: from a cache, augmentation picks among the cached views ({', '.join(cache.views)}); "
             "shift-scale-rotate is not available, since it changes what the encoder sees"
         )
+    if cache.digests is None:
+        log(
+            f"note: cache {cfg.cache} was made before caches recorded digests, so its embeddings "
+            f"are not checked: cadsam cache --verify --out {cfg.cache} records them"
+        )
     return (cfg.cache, cache.views, train), (cfg.cache, cache.views, val)
 
 
+@holds_out_lock("cadsam train", "cfg.out")
 def train(cfg: TrainConfig) -> AdaptedSam | None:
     """Train ``cfg.method``; the run directory gets the weights. Returns the trained model, or
     None where a resumed run had already trained all its epochs."""
     dist = distributed.setup(cfg.device)
+    threads = torch.get_num_threads()
     try:
         run = _setup(cfg, dist)
         if run is None:  # resumed, with every epoch trained already
             return None
+        share_cores(run.loader.num_workers)  # threads and workers within the cores
+        if run.val_set is not None and not cfg.resume:  # a resumed run has its baseline
+            _score_zero_shot(run)
         for epoch in range(run.start_epoch, cfg.epochs):
             record = _train_epoch(run, epoch)
             if run.val_set is not None:
@@ -191,8 +204,12 @@ def train(cfg: TrainConfig) -> AdaptedSam | None:
         if dist.is_main:
             for warning in constant_model_warnings(run.path):
                 print(f"cadsam: {warning}", file=sys.stderr)
+            not_better = zero_shot_warning(run.path)
+            if not_better:
+                print(f"cadsam: {not_better}", file=sys.stderr)
         return run.model
     finally:
+        torch.set_num_threads(threads)
         distributed.teardown(dist)
 
 
@@ -214,6 +231,7 @@ class _Run:
     best_dice: float = -1.0
     board: Any = None
     show: bool = True
+    records: list[dict[str, Any]] = field(default_factory=list)  # the epochs' metrics lines
 
     @property
     def path(self) -> Path:
@@ -243,6 +261,8 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
     whole_steps = cfg.grad_accum == 1 and not dist.enabled
     training = (cfg.method, cfg.backbone)
     runtime, chosen = resolve_runtime(*cfg.runtime_parts(), dist.device, training, whole_steps)
+    if cfg.resume:
+        _check_resumed_files(Path(cfg.out))  # before anything says it resumes
     if cfg.resume and _trained_all(cfg, dist):
         return None
     train_pairs, val_pairs, bad = _pairs(cfg, show)
@@ -278,9 +298,10 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
         _resume(run, state_path, runtime.cuda_graph)
     elif dist.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
+        written = {**cfg.to_dict(), "written_by": provenance()}
         write_atomic(
             run.path / "config.yaml",
-            lambda p: p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)),
+            lambda p: p.write_text(yaml.safe_dump(written, sort_keys=False)),
         )
     if cfg.tensorboard and dist.is_main:
         run.board = _tensorboard(run.path)
@@ -356,7 +377,7 @@ def _trained_all(cfg: TrainConfig, dist: distributed.Dist) -> bool:
             f"--epochs {cfg.epochs} is fewer than the run's {planned}: --resume continues the "
             f"run, and trains it longer with --epochs above {planned}"
         )
-    done = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    done = read_run_state(state_path, mmap=True)["epoch"]
     if done < cfg.epochs:
         return False
     if dist.is_main:
@@ -368,7 +389,9 @@ def _trained_all(cfg: TrainConfig, dist: distributed.Dist) -> bool:
 
 
 def _resume(run: _Run, state_path: Path, graphed: bool) -> None:
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = checked_state(state_path)
+    if run.dist.is_main:
+        run.records = _rebuild_metrics(run.path, state)
     run.model.load_trainable_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     match_graph_mode(run.optimizer, graphed)
@@ -429,6 +452,9 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     loader.dataset.set_epoch(epoch)
     run.model.train()
     started, loss_sum, seen = time.perf_counter(), torch.zeros((), device=dist.device), 0
+    # a non-finite loss stops the run: on a CPU seen at its batch (reading it costs nothing),
+    # elsewhere at the epoch's end from each batch's loss kept on the device (no wait per step)
+    each_step, losses, batches = _loss_read_each_step(dist), [], []
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not run.show)
     shown_at = 0.0
     for i, batch in enumerate(bar):
@@ -453,6 +479,10 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
             if run.board is not None:
                 run.board.add_scalar("train/loss", loss.item(), run.scheduler.last_epoch)
                 run.board.add_scalar("train/lr", _lr(run.scheduler), run.scheduler.last_epoch)
+        batches.append((batch["id"], batch["index"]))
+        if each_step and not math.isfinite(loss.item()):
+            raise _stopped(run, epoch, i, batches, loss.item())
+        losses.append(loss)
         loss_sum += loss * len(images)  # stays on the device: no sync per step
         seen += len(images)
         # .item() waits for the GPU: only when someone is watching, and once a second, so
@@ -464,6 +494,9 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     if dist.enabled:
         torch_dist.all_reduce(totals)
     seconds = time.perf_counter() - started
+    if not math.isfinite(totals[0].item()):  # a batch here, or on another process
+        bad = torch.nonzero(~torch.isfinite(torch.stack(losses))).flatten().tolist()
+        raise _stopped(run, epoch, bad[0] if bad else None, batches, totals[0].item())
     record: dict[str, Any] = {
         "epoch": epoch + 1,
         "loss": (totals[0] / totals[1]).item(),
@@ -518,6 +551,9 @@ def _tensorboard(run: Path):
 
 
 def _save_state(run: _Run, record: dict[str, Any]) -> None:
+    """state.pt, with every epoch's metrics line (so that a resume rebuilds metrics.jsonl
+    whatever a kill between the two left) and a digest of itself, then the metrics line."""
+    run.records.append(record)
     state = {
         "epoch": record["epoch"],
         "best_dice": run.best_dice,
@@ -526,10 +562,140 @@ def _save_state(run: _Run, record: dict[str, Any]) -> None:
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
+        "metrics": run.records,
     }
+    state[STATE_DIGEST] = state_digest(state)
     write_atomic(run.path / "state.pt", lambda p: torch.save(state, p))
     with open(run.path / "metrics.jsonl", "a") as f:  # a line per finished epoch
-        f.write(json.dumps(record) + "\n")
+        f.write(metrics_line(record))
+
+
+def _loss_read_each_step(dist: distributed.Dist) -> bool:
+    """Whether each batch's loss is read as it comes: on a CPU in one process, where that costs
+    nothing; on a GPU it would wait for the device every step (and a process stopping alone
+    would leave the others waiting), so there it is read at the epoch's end."""
+    return dist.device.type == "cpu" and not dist.enabled
+
+
+STATE_DIGEST = "sha256"  # state.pt's key for the digest of the rest of it
+
+
+def state_digest(state: Any) -> str:
+    """The sha256 of a training state, walked: keys, values, and each tensor's dtype, shape and
+    bytes (not its device). Of the objects, not of torch.save's bytes, so that it holds
+    whatever version of torch reads the file back."""
+    digest = hashlib.sha256()
+    _feed_digest(digest, state)
+    return digest.hexdigest()
+
+
+def _feed_digest(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}".encode())
+        for key, item in value.items():
+            _feed_digest(digest, key)
+            _feed_digest(digest, item)
+    elif isinstance(value, list | tuple):
+        digest.update(f"L{len(value)}".encode())
+        for item in value:
+            _feed_digest(digest, item)
+    else:
+        digest.update(f"V{type(value).__name__}:{value!r}".encode())
+
+
+def checked_state(path: Path) -> dict[str, Any]:
+    """A run's state.pt, refused in one line where it no longer matches the digest it was
+    written with (a state.pt from before digests loads unchecked)."""
+    state = read_run_state(path)
+    recorded = state.pop(STATE_DIGEST, None) if isinstance(state, dict) else None
+    if not isinstance(state, dict) or (recorded is not None and state_digest(state) != recorded):
+        raise CadsamError(
+            f"{path} is damaged: it no longer matches the digest it was written with, so the "
+            "run cannot be resumed from it; train it again into another --out"
+        )
+    return state
+
+
+def _check_resumed_files(run: Path) -> None:
+    """What --resume goes on from, read back against its digests: state.pt and the weights so
+    far, last.safetensors (which the next epoch writes again)."""
+    state = checked_state(run / "state.pt")
+    last = run / "last.safetensors"
+    if last.exists():
+        fix = (
+            "delete it and --resume again (state.pt is intact, and the next epoch writes it "
+            f"again; this run has trained {state['epoch']} epoch(s): a run that has trained all "
+            "it plans needs --epochs above that)"
+        )
+        checked_tensors(last, fix)
+
+
+def _rebuild_metrics(run: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """metrics.jsonl as state.pt has it, rewritten on resume: a line per epoch done, whatever a
+    kill between the two left (a line missing, one too many, one cut short); lines before the
+    first epoch (the zero-shot baseline) kept. A state.pt from before it kept the lines keeps
+    the file's. Returns the epochs' records."""
+    path, done = run / "metrics.jsonl", state["epoch"]
+    lines, found = [], []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # cut short by a kill
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if not (isinstance(epoch, int) and epoch >= 1):
+            lines.append(line + "\n")
+        elif epoch <= done:
+            found.append(record)
+    records = state.get("metrics", found)
+    text = "".join(lines) + "".join(metrics_line(record) for record in records)
+    if not path.is_file() or path.read_text() != text:
+        write_atomic(path, lambda p: p.write_text(text))
+    return list(records)
+
+
+def metrics_line(record: dict[str, Any]) -> str:
+    """One metrics.jsonl line, valid JSON: a value that is not finite is written as null."""
+    return json.dumps(_finite(record), allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _stopped(
+    run: _Run, epoch: int, batch: int | None, batches: list[tuple], value: float
+) -> CadsamError:
+    """The one line that ends a run whose loss is not finite: where, on which images (and
+    cache rows), and which weights are left; nothing of this epoch is saved."""
+    where = "on another process"
+    if batch is not None:
+        ids, indices = batches[batch]
+        where = f"at batch {batch + 1} of epoch {epoch + 1}, images {', '.join(map(str, ids))}"
+        cache = run.loader.dataset.cache
+        if cache is not None:
+            rows = ", ".join(str(cache[2][index]) for index in indices.tolist())
+            where += f" (cache {cache[0]} rows {rows})"
+    kept = (
+        f"{run.path / 'last.safetensors'} keeps the weights of epoch {epoch}"
+        if epoch
+        else "no weights were written"
+    )
+    check = f"cadsam cache --verify --out {run.cfg.cache}" if run.cfg.cache else "their files"
+    return CadsamError(
+        f"training stopped: the loss is {value} {where}; {kept}: check those images and masks "
+        f"({check}), or lower --lr"
+    )
 
 
 def _summary(record: dict[str, Any]) -> str:
@@ -573,3 +739,97 @@ def constant_model_warnings(run: Path) -> list[str]:
         if warning:
             warnings.append(warning)
     return warnings
+
+
+# -- the zero-shot baseline ----------------------------------------------------------------
+
+ZERO_SHOT_KEY = "zero_shot"  # marks metrics.jsonl's first line: zero-shot SAM, before training
+MIN_GAIN = 1e-4  # the last digit of the Dice shown: a smaller gain is no gain
+
+
+class _OnFrozenEncoder(torch.nn.Module):
+    """``model`` (built without an encoder) fed the frozen encoder's embeddings of
+    ``encoder_of`` where none are given: zero-shot SAM with no second image encoder."""
+
+    def __init__(self, model: AdaptedSam, encoder_of: AdaptedSam) -> None:
+        super().__init__()
+        self.model = model
+        self.__dict__["encoder_of"] = encoder_of  # not a submodule: the run owns it
+
+    def forward(self, images: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        if embeddings is None:
+            embeddings = self.__dict__["encoder_of"].frozen_embeddings(images)
+        return self.model(images, embeddings)
+
+
+def _zero_shot_model(run: _Run) -> _OnFrozenEncoder:
+    """Zero-shot SAM as the run starts from: a model of method zero-shot (SAM 2.1's single-mask
+    rule included) holding the training model's SAM weights before any step (random ones
+    too), fed by the training model's frozen encoder or by the cache, whose embeddings are
+    that encoder's own."""
+    with torch.random.fork_rng(devices=[]):  # the run's random numbers stay as they were
+        zero_shot = build_model("zero-shot", run.cfg.backbone, None, with_encoder=False)
+    loaded = zero_shot.sam.load_state_dict(run.model.sam.state_dict(), strict=False)
+    assert not loaded.missing_keys, loaded.missing_keys
+    return _OnFrozenEncoder(zero_shot.to(run.dist.device), run.model)
+
+
+def _score_zero_shot(run: _Run) -> None:
+    """Zero-shot SAM's validation Dice and IoU before the first epoch, with the run's prompt,
+    size, pairs and metrics: what the fine-tune must beat. Into metrics.jsonl's first line,
+    the log and TensorBoard. Every process scores its share, as at each epoch."""
+    was_training = run.model.training
+    run.model.eval()  # the frozen encoder runs as in evaluation (nothing compiled for training)
+    try:
+        metrics = evaluate(
+            _zero_shot_model(run),
+            run.val_set,
+            batch_size=run.cfg.batch_size,
+            dist=run.dist,
+            precision=run.cfg.precision,
+            progress=run.show,
+        )
+    finally:
+        run.model.train(was_training)
+    if run.dist.device.type == "cuda":
+        torch.cuda.empty_cache()  # the training step's memory checks see what training has
+    record = {
+        "epoch": 0,
+        ZERO_SHOT_KEY: True,
+        "val_dice": metrics["dice"],
+        "val_iou": metrics["iou"],
+    }
+    if run.dist.is_main:
+        line = json.dumps(record) + "\n"
+        write_atomic(run.path / "metrics.jsonl", lambda p: p.write_text(line))
+        run.log(
+            f"zero-shot SAM before training: val dice {record['val_dice']:.4f} "
+            f"iou {record['val_iou']:.4f} (the score to beat)"
+        )
+    if run.board is not None:
+        run.board.add_scalar("zero_shot/dice", record["val_dice"], 0)
+        run.board.add_scalar("zero_shot/iou", record["val_iou"], 0)
+
+
+def zero_shot_warning(run: Path) -> str | None:
+    """A warning where the run's best validation Dice is not above zero-shot SAM's (by
+    :data:`MIN_GAIN`): the fine-tune ends no better than the model it started from. From
+    metrics.jsonl, so a resumed run compares with the baseline of its start; None where there
+    is no baseline (no validation, or a run from before it was recorded)."""
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    baseline = next((r for r in records if r.get(ZERO_SHOT_KEY)), None)
+    epochs = [r for r in records if "val" in r]
+    if baseline is None or not epochs:
+        return None
+    best = max(epochs, key=lambda record: record["val"]["dice"])  # the first best, as saved
+    dice, zero_shot = best["val"]["dice"], baseline["val_dice"]
+    if dice >= zero_shot + MIN_GAIN:
+        return None
+    return (
+        f"warning: the best epoch ({best['epoch']}, best.safetensors) has validation Dice "
+        f"{dice:.4f}, not better than zero-shot SAM's {zero_shot:.4f} before training: the "
+        "fine-tune did not improve on the model it started from; try another --lr, more "
+        "epochs or more data, or use zero-shot (cadsam eval --method zero-shot)"
+    )

@@ -1,7 +1,9 @@
 """The weights file ``train`` writes: trainable tensors + what is needed to rebuild the model.
 
 One ``.safetensors`` file. Its metadata (``"cadsam"``, JSON) records the method, backbone,
-options, training image size and the base SAM checkpoint (as given, and its sha256). Loading
+options, training image size, the base SAM checkpoint (as given, and its sha256) and the sha256
+of the file's tensors (``tensors_sha256``, checked on load: changed bytes are refused, not run;
+files written before it load unchecked). Loading
 rebuilds the model on that checkpoint, found again by name or path and verified by sha256.
 A model trained on randomly initialised SAM (``vit_tiny``, or no checkpoint) carries the
 whole SAM in the file instead, since no checkpoint could restore it.
@@ -9,12 +11,14 @@ whole SAM in the file instead, since no checkpoint could restore it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
@@ -26,6 +30,7 @@ from .runtime import Runtime
 from .sam.checkpoint import file_sha256
 
 FORMAT = 1
+REPLACE = "use an intact copy, or train it again"  # what to do with a damaged weights file
 
 
 def base_checkpoint_record(checkpoint: str | os.PathLike | None) -> dict[str, Any]:
@@ -55,9 +60,41 @@ def save_weights(
         "includes_base": includes_base,
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta["tensors_sha256"] = tensors_digest(tensors)
     write_atomic(
         path, lambda tmp: save_file(tensors, str(tmp), metadata={"cadsam": json.dumps(meta)})
     )
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """The sha256 of tensors by name, dtype, shape and bytes, in name order: what a weights file
+    records of itself when written, so that bytes changed since are seen on load."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def checked_tensors(path: str | os.PathLike, fix: str = REPLACE) -> dict[str, torch.Tensor]:
+    """A weights file's tensors, refused in one line (ending in ``fix``) where they are cut
+    short or no longer match the digest the file recorded when written."""
+    path = weights_file(path)
+    meta = read_weights_metadata(path, fix)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CadsamError(f"{path} is truncated or damaged ({exc}): {fix}") from None
+    recorded = meta.get("tensors_sha256")
+    if recorded is not None:
+        found = tensors_digest(tensors)
+        if found != recorded:
+            raise CadsamError(
+                f"{path} is damaged: its tensors (sha256 {found[:12]}...) no longer match the "
+                f"digest recorded when it was written ({recorded[:12]}...): {fix}"
+            )
+    return tensors
 
 
 def weights_file(path: str | os.PathLike) -> Path:
@@ -73,16 +110,31 @@ def weights_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
+def read_weights_metadata(path: str | os.PathLike, fix: str = REPLACE) -> dict[str, Any]:
     path = weights_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = (f.metadata() or {}).get("cadsam")
-    except (SafetensorError, OSError):
+    except (SafetensorError, OSError) as exc:
+        if _looks_like_safetensors(path):
+            raise CadsamError(f"{path} is truncated or damaged ({exc}): {fix}") from None
         raise CadsamError(f"{path} is not a cadsam weights file: {_what_it_is(path)}") from None
     if meta is None:
         raise CadsamError(f"{path} is not a cadsam weights file (no cadsam metadata)")
-    return json.loads(meta)
+    try:
+        return json.loads(meta)
+    except json.JSONDecodeError as exc:
+        raise CadsamError(f"{path} is damaged (its cadsam metadata: {exc}): {fix}") from None
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """Whether a file begins as safetensors files do: a header length, then its JSON."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(9)
+    except OSError:
+        return False
+    return len(start) == 9 and start[8:] == b"{" and int.from_bytes(start[:8], "little") < 2**32
 
 
 def _what_it_is(path: Path) -> str:
@@ -115,10 +167,10 @@ def load_weights(
     checkpoint is found (its sha256 must still match the recorded one)."""
     path = weights_file(path)
     meta = read_weights_metadata(path)
+    tensors = checked_tensors(path)  # before the model is built: a damaged file costs nothing
     base = None if meta["includes_base"] else _verified_base(path, meta, checkpoint)
     options = model_options(meta, path)
     model = build_model(meta["method"], meta["backbone"], base, runtime=runtime, **options)
-    tensors = load_file(str(path))
     if meta["includes_base"]:  # sam.* holds all of SAM, the trained decoder included
         model.sam.load_state_dict(
             {k.removeprefix("sam."): v for k, v in tensors.items() if k.startswith("sam.")}

@@ -39,9 +39,6 @@ DEVICE_MEM_GET_INFO = torch.cuda.mem_get_info  # the whole card's (see memory_sh
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (the tests in tests/gpu)")
-    config.addinivalue_line(
-        "markers", "gpu_memory(gib): the GPU memory the test needs in one process, in GiB"
-    )
     if gpu_tier_asked(config):
         try:  # a mistyped cap stops the tier at once, in one line
             parse_cap(os.environ.get(CAP_VARIABLE))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -152,7 +154,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CadsamError as exc:
         print(f"cadsam: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        said = system_error_line(exc)
+        if said is None:
+            raise
+        print(f"cadsam: error: {said}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("cadsam: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+# what the operating system refuses for a reason a user can fix: (verb, the fix)
+SYSTEM_ERRORS = {
+    errno.ENOSPC: ("write", "free some space there, or write elsewhere"),
+    errno.EDQUOT: ("write", "free some of your quota, or write elsewhere"),
+    errno.EFBIG: ("write", "write elsewhere"),
+    errno.EROFS: ("write", "write elsewhere"),
+    errno.EACCES: ("use", "check the permissions of it and its folder, or write elsewhere"),
+    errno.EPERM: ("use", "check the permissions of it and its folder, or write elsewhere"),
+    errno.ENOTDIR: ("use", "a part of that path is a file, not a folder"),
+    errno.EISDIR: ("use", "that is a folder: name a file"),
+}
+
+
+def system_error_line(exc: Exception) -> str | None:
+    """One line for an operating-system error a user can fix (a full disk, permissions, a path
+    under a file), said by whatever raised it: None for any other exception."""
+    if not isinstance(exc, OSError):
+        if "No space left on device" not in str(exc):  # safetensors' SafetensorError
+            return None
+        exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if exc.errno not in SYSTEM_ERRORS:
+        return None
+    verb, fix = SYSTEM_ERRORS[exc.errno]
+    where = f" {exc.filename}" if exc.filename is not None else ""
+    return f"cannot {verb}{where}: {exc.strerror or os.strerror(exc.errno)}; {fix}"

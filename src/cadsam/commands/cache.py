@@ -17,7 +17,7 @@ CACHE_IMAGE_SIZE = 512
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..data.transforms import VIEWS
 
-    flags.add(parser, "--backbone", required=True)
+    flags.add(parser, "--backbone")
     flags.add(parser, "--checkpoint")
     flags.add(parser, "--out", metavar="CACHE")
     flags.data_flags(parser, masks=False)
@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=["float16", "float32"], default="float16", help="stored precision"
     )
     flags.running_flags(parser)
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every done embedding in --out back against its digest and report damaged "
+        "ones (building again computes them again); builds nothing",
+    )
     flags.renamed(parser, "--compile", "--set compile_encoder=true", "compile", switch_value=True)
     parser.epilog = (
         "Interrupted? Run the same command again: it continues where it stopped. Train from it "
@@ -47,6 +53,13 @@ def run(args: argparse.Namespace) -> None:
 
     if args.out is None:
         raise CadsamError("--out is required: the cache folder")
+    if args.verify:
+        from ..cache import verify_cache
+
+        print(f"cache: {verify_cache(args.out)}")
+        return
+    if args.backbone is None:
+        raise CadsamError("--backbone is required to build a cache (--verify checks one without)")
     images = _images(args)
     if getattr(args, "compile", False):
         args.overrides = [*(args.overrides or []), "compile_encoder=true"]

@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> None:
         if value is None:
             raise CadsamError(f"{flag} is required")
     inputs = input_files(args.images)
-    targets = mask_targets(args.out, inputs, "--out")  # checked before the model loads
+    asked = (("prob", args.probabilities), ("overlay", args.overlay))
+    siblings = tuple(kind for kind, given in asked if given)
+    targets = mask_targets(args.out, inputs, "--out", siblings)  # before the model loads
     if args.onnx:
         device = torch.device("cpu")
         model, size = _onnx_model(args)

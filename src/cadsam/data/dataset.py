@@ -14,7 +14,8 @@ from .transforms import apply_view, augment_pair, resize_mask, resize_pair
 
 
 class SegmentationDataset(Dataset):
-    """Items: ``image`` (3 x S x S uint8), ``mask`` (1 x S x S float 0/1), ``index``; with
+    """Items: ``image`` (3 x S x S uint8), ``mask`` (1 x S x S float 0/1), ``index``, ``id`` (the
+    pair's, to name it where training stops on it); with
     ``keep_original`` also ``original_mask`` (H x W bool, the ground truth as read).
 
     Augmentation randomness comes from (seed, epoch, index) alone, so it is the same whatever
@@ -73,6 +74,7 @@ class SegmentationDataset(Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)).float()[None],
             "index": index,
+            "id": pair.id,
         }
         if self.keep_original:
             item["original_mask"] = torch.from_numpy(original)
@@ -101,6 +103,7 @@ def collate(items: list[dict]) -> dict:
         "image": torch.stack([it["image"] for it in items]),
         "mask": torch.stack([it["mask"] for it in items]),
         "index": torch.tensor([it["index"] for it in items]),
+        "id": [it["id"] for it in items],
     }
     if "original_mask" in items[0]:
         batch["original_mask"] = [it["original_mask"] for it in items]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 import shlex
-import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +18,17 @@ from tqdm import tqdm
 
 from ..cores import usable_cores
 from ..errors import CadsamError
-from .io import IMAGE_EXTENSIONS, list_images, read_image, read_mask
+from .io import (
+    GREY_SHARE,
+    IMAGE_EXTENSIONS,
+    TRANSPOSING,
+    TURNED,
+    list_images,
+    orientation,
+    read_image,
+    read_mask_and_grey_share,
+    warn,
+)
 
 
 @dataclass(frozen=True)
@@ -142,8 +151,7 @@ def _suffix_fix(suffix: str) -> str:
 
 
 def _warn(message: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
-        print(f"cadsam: warning: {message}", file=sys.stderr)
+    warn(message)  # once under torchrun
 
 
 def pair_folders(
@@ -235,14 +243,21 @@ def split_validation(
     ]
 
 
-UNREADABLE, MISMATCHED = "unreadable", "mismatched"
+UNREADABLE, MISMATCHED, TURNED_APART = "unreadable", "mismatched", "turned apart"
+GREY = "grey"  # a mask not drawn in black and white: said, not refused
 # what a user can do about each kind of bad pair
 PAIR_FIXES = {
     UNREADABLE: "replace or remove the file, or pass --skip-bad to leave the pair out",
     MISMATCHED: "pass --resize-masks to resize each mask to its image, or --skip-bad to leave "
     "the pair out",
+    TURNED_APART: "save the image with its turn applied (and no EXIF orientation), or give the "
+    "mask the image's EXIF orientation; or pass --skip-bad to leave the pair out",
 }
-KIND_NAMES = {UNREADABLE: "unreadable", MISMATCHED: "with a mask of another size"}
+KIND_NAMES = {
+    UNREADABLE: "unreadable",
+    MISMATCHED: "with a mask of another size",
+    TURNED_APART: "whose image and mask EXIF turns differently",
+}
 LISTED_PROBLEMS = 20  # named one a line in the error; the rest counted
 
 
@@ -250,15 +265,43 @@ def _check_pair(pair: Pair, mask_threshold: int, resize_masks: bool) -> tuple[st
     """None if the pair reads and fits, else (its kind of problem, what is wrong)."""
     try:
         image = read_image(pair.image)
-        mask = read_mask(pair.mask, mask_threshold)
+        mask, grey_share = read_mask_and_grey_share(pair.mask, mask_threshold)
     except CadsamError as exc:
         return UNREADABLE, str(exc)
+    turned = _turned_apart(pair, image.shape[:2], mask.shape)
+    if turned is not None:
+        return TURNED_APART, turned
     if image.shape[:2] != mask.shape and not resize_masks:
         return MISMATCHED, (
             f"image {pair.image} is {image.shape[1]}x{image.shape[0]} but mask {pair.mask} is "
             f"{mask.shape[1]}x{mask.shape[0]}"
         )
+    if grey_share > GREY_SHARE:
+        return GREY, f"{pair.mask} ({grey_share:.0%} grey)"
     return None
+
+
+def _turned_apart(
+    pair: Pair, image_shape: tuple[int, ...], mask_shape: tuple[int, ...]
+) -> str | None:
+    """What is wrong where the image's EXIF orientation and the mask's differ, so that the two
+    are turned apart as read, unless their sizes show the mask was drawn on the image as
+    shown (a turn by 90 degrees of a non-square image); else None."""
+    turns = orientation(pair.image), orientation(pair.mask)
+    if turns[0] == turns[1]:
+        return None
+    square = image_shape[0] == image_shape[1]
+    one_transposes = (turns[0] in TRANSPOSING) != (turns[1] in TRANSPOSING)
+    if image_shape == mask_shape and one_transposes and not square:
+        return None
+    return (
+        f"image {pair.image} is {_shown_turned(turns[0])} but its mask {pair.mask} is "
+        f"{_shown_turned(turns[1])}: which way the mask fits the image cannot be told"
+    )
+
+
+def _shown_turned(turn: int) -> str:
+    return f"shown {TURNED[turn]} (EXIF orientation {turn})" if turn in TURNED else "as stored"
 
 
 def _problems_error(found: list[tuple[str, str]], total: int) -> CadsamError:
@@ -301,8 +344,16 @@ def scan_pairs(
                 leave=False,
             )
         )
-    found = [r for r in results if r is not None]
+    grey = [r[1] for r in results if r is not None and r[0] == GREY]
+    found = [r for r in results if r is not None and r[0] != GREY]
     if found and not skip_bad:
         raise _problems_error(found, len(pairs))
+    if grey:
+        _warn(
+            f"{len(grey)} mask(s) are not black and white (over {GREY_SHARE:.0%} of their pixels "
+            f"grey, as noise or a photo is), yet read as foreground above {mask_threshold}: "
+            f"{_listing(grey)}"
+        )
     problems = [text for _, text in found]
-    return [p for p, r in zip(pairs, results, strict=True) if r is None], problems
+    kept = [p for p, r in zip(pairs, results, strict=True) if r is None or r[0] == GREY]
+    return kept, problems
