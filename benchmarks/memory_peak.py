@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from cadsam.bench import warmed_step
+from cadsam.commands.bench import warmed_step
 from cadsam.runtime import parse_setting
 
 MIB = 2**20

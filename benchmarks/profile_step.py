@@ -13,7 +13,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cadsam.bench import warmed_step
+from cadsam.commands.bench import warmed_step
 from cadsam.runtime import parse_setting
 
 

@@ -168,7 +168,9 @@ SAVE_CHECKPOINT = (
     "    state = build_base(sys.argv[1]).state_dict()\n"
     "torch.save({'model': state} if is_sam2(sys.argv[1]) else state, sys.argv[2])\n"
 )
-ENVIRONMENT = "import json; from cadsam.bench import environment; print(json.dumps(environment()))"
+ENVIRONMENT = (
+    "import json; from cadsam.commands.bench import environment; print(json.dumps(environment()))"
+)
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,9 @@ LEGEND = (
 
 
 def paper_figures() -> tuple[dict, dict]:
-    """The paper's Tables 1-2 and the authors' code's peak memory, from cadsam.paper."""
+    """The paper's Tables 1-2 and the authors' code's peak memory, from cadsam.commands.paper."""
     sys.path.insert(0, str(HERE.parent / "src"))
-    from cadsam.paper import AUTHORS_CODE_MIB, MEMORY_TABLES
+    from cadsam.commands.paper import AUTHORS_CODE_MIB, MEMORY_TABLES
 
     return MEMORY_TABLES, AUTHORS_CODE_MIB
 
@@ -71,7 +71,7 @@ def paper_figures() -> tuple[dict, dict]:
 def devices() -> dict[str, str]:
     """Where the paper's and the authors' code's figures were measured (cadsam's data file)."""
     paper_figures()  # puts src/ on the path
-    from cadsam.paper import AUTHORS_CODE_DEVICE, PAPER_DEVICE, PAPER_MEASURE
+    from cadsam.commands.paper import AUTHORS_CODE_DEVICE, PAPER_DEVICE, PAPER_MEASURE
 
     return {
         "paper_device": PAPER_DEVICE,

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cadsam.backbones import BACKBONES, DEFAULT_BATCH, feature_layout
-from cadsam.bench import (
+from cadsam.commands import main
+from cadsam.commands.bench import (
     IMAGE_SIZE,
     VARIANTS,
     bench_batch,
@@ -20,7 +21,6 @@ from cadsam.bench import (
     run_bench,
     variant_runtime,
 )
-from cadsam.commands import main
 from cadsam.config import TrainConfig
 from cadsam.errors import CadsamError
 from cadsam.methods import build_model
@@ -81,7 +81,7 @@ def test_overridden_options_appear_in_the_report():
 def test_every_variant_is_a_valid_method_and_runtime():
     """Each variant's method exists and its runtime settings are valid, on any device; the
     cached and eager ones are what their names say (on a CPU no step is graphed)."""
-    from cadsam.bench import VARIANTS, variant_runtime
+    from cadsam.commands.bench import VARIANTS, variant_runtime
     from cadsam.methods import resolve_options
 
     for variant in VARIANTS:
@@ -107,7 +107,7 @@ def test_every_backbone_has_a_batch_and_bench_feeds_what_train_feeds():
 
 def _small_step(monkeypatch, backbone: str) -> None:
     """Bench's data at 64 pixels, batch 2: the same code, a few seconds on a CPU."""
-    monkeypatch.setattr("cadsam.bench.IMAGE_SIZE", 64)
+    monkeypatch.setattr("cadsam.commands.bench.IMAGE_SIZE", 64)
     monkeypatch.setitem(DEFAULT_BATCH, backbone, 2)
 
 

@@ -15,9 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cadsam.cores import usable_cores
-from cadsam.data.synthetic import make_synthetic_set
-from cadsam.demo import (
+from cadsam.commands.demo import (
     GPU_BENCH,
     LABELS,
     METHODS,
@@ -33,11 +31,13 @@ from cadsam.demo import (
     run_demo,
     tradeoff_figure,
 )
+from cadsam.commands.figures import pyplot
+from cadsam.commands.paper import MEMORY_TABLES
+from cadsam.cores import usable_cores
+from cadsam.data.synthetic import make_synthetic_set
 from cadsam.errors import CadsamError
-from cadsam.figures import pyplot
 from cadsam.methods import build_model
 from cadsam.methods.lora import LoraAdapter
-from cadsam.paper import MEMORY_TABLES
 from cadsam.training import segmentation_loss
 from cadsam.weights import load_weights
 
@@ -412,7 +412,7 @@ def test_kept_for_backward_on_meta_matches_a_real_step():
 def test_demo_picks_the_given_then_a_cached_then_a_random_sam(tmp_path, monkeypatch):
     import torch
 
-    from cadsam.demo import pick_backbone
+    from cadsam.commands.demo import pick_backbone
     from cadsam.sam import build_sam
 
     monkeypatch.setenv("CADSAM_HOME", str(tmp_path / "home"))
@@ -439,7 +439,7 @@ def test_demo_takes_a_checkpoint_by_name_as_train_does(tmp_path, monkeypatch):
     and ``cache`` do, rather than looking for a file of that name."""
     import torch
 
-    from cadsam.demo import pick_backbone
+    from cadsam.commands.demo import pick_backbone
     from cadsam.sam2 import build_sam2
 
     monkeypatch.setenv("CADSAM_HOME", str(tmp_path / "home"))
@@ -453,7 +453,7 @@ def test_demo_refuses_a_checkpoint_of_no_known_backbone(tmp_path):
     import pytest
     import torch
 
-    from cadsam.demo import pick_backbone
+    from cadsam.commands.demo import pick_backbone
     from cadsam.errors import CadsamError
     from cadsam.sam.image_encoder import ImageEncoderViT
     from cadsam.sam.prompt_encoder import PromptEncoder
@@ -508,7 +508,7 @@ SAM2_TEST = "sam2.1_hiera_tiny_test"
 def test_the_backbone_is_told_from_one_read_of_the_checkpoint(tmp_path, monkeypatch):
     """SAM 2.1's file or SAM's, each read once to pick the backbone; a file that is neither
     gets SAM's one-line error."""
-    import cadsam.demo as demo
+    import cadsam.commands.demo as demo
     from cadsam.sam import build_sam
     from cadsam.sam2 import build_sam2
 

@@ -119,7 +119,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_touches_nothing(
 
 
 def test_the_demo_is_refused_a_folder_in_use(tmp_path):
-    from cadsam.demo import run_demo
+    from cadsam.commands.demo import run_demo
 
     holder = _hold(tmp_path / "demo")
     try:

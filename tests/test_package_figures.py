@@ -9,8 +9,8 @@ import re
 import sys
 from pathlib import Path
 
-from cadsam.bench import markdown_table
-from cadsam.paper import AUTHORS_CODE_MIB, PAPER_DEVICE
+from cadsam.commands.bench import markdown_table
+from cadsam.commands.paper import AUTHORS_CODE_MIB, PAPER_DEVICE
 from cadsam.sam.checkpoint import META_CHECKPOINTS
 
 ROOT = Path(__file__).resolve().parents[1]

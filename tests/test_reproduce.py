@@ -120,7 +120,7 @@ def test_an_adapter_size_without_cad_is_an_error(istd_like, capsys):
 
 
 def test_the_summary_names_each_trained_run_not_better_than_zero_shot():
-    from cadsam.reproduce import not_better_than_zero_shot
+    from cadsam.commands.reproduce import not_better_than_zero_shot
 
     def result(dataset, backbone, method, dice):
         return {"dataset": dataset, "backbone": backbone, "method": method, "dice": dice}

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from cadsam import bench
+from cadsam.commands import bench
 from cadsam.methods import build_model
 
 MIB = 2**20

@@ -14,7 +14,7 @@ def measured_figures() -> dict[str, Any]:
     """The GPU figures shown beside cadsam's own: benchmark_figures.json, generated from
     benchmarks/results by benchmarks/package_figures.py, so that no measurement, GPU or commit
     is typed into the source (benchmarks/BENCHMARKS.md tells how each was measured)."""
-    return json.loads(resources.files(__package__).joinpath("benchmark_figures.json").read_text())
+    return json.loads(resources.files("cadsam").joinpath("benchmark_figures.json").read_text())
 
 
 _FIGURES = measured_figures()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .data import Pair, SegmentationDataset
+from ..data import Pair, SegmentationDataset
 
 
 def pyplot() -> ModuleType | None:
