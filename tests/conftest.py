@@ -183,6 +183,18 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> None:
                 tensor.copy_(noise * (0.5 if tensor.ndim == 1 else tensor.shape[-1] ** -0.5))
 
 
+@pytest.fixture(scope="module")
+def sam_file(tmp_path_factory):
+    """A tiny SAM (vit_tiny) on random weights, saved as Meta's checkpoints are."""
+    from cadsam.sam import build_sam
+
+    path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
+    sam = build_sam("vit_tiny")
+    randomize_(sam, seed=31)
+    torch.save(sam.state_dict(), path)
+    return path
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest absolute difference relative to the largest reference magnitude."""
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()

@@ -26,15 +26,6 @@ ISBI = SHARED_DATA / "isbi2012-membrane"
 SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def sam_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
-    sam = build_sam("vit_tiny")
-    randomize_(sam, seed=31)
-    torch.save(sam.state_dict(), path)
-    return path
-
-
 @pytest.fixture()
 def data(tmp_path):
     for kind in ("images", "masks"):

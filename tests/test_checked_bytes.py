@@ -14,10 +14,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, randomize_
+from conftest import SHARED_DATA
 from safetensors.torch import load_file, save_file
 
-from cadsam import build_sam
 from cadsam.cache import build_cache, open_cache
 from cadsam.commands import main
 from cadsam.training import metrics_line
@@ -25,15 +24,6 @@ from cadsam.training import metrics_line
 ISBI = SHARED_DATA / "isbi2012-membrane"
 FAST = ["--backbone", "vit_tiny", "--image-size", "64", "--num-workers", "0", "--no-progress"]
 CAD = ["--method", "cad", "--set", "adapter_size=32", "--batch-size", "2"]
-
-
-@pytest.fixture(scope="module")
-def sam_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
-    sam = build_sam("vit_tiny")
-    randomize_(sam, seed=31)
-    torch.save(sam.state_dict(), path)
-    return path
 
 
 @pytest.fixture()

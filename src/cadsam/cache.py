@@ -496,8 +496,8 @@ class _EntryWriter:
 
 
 def entry_digests(embeddings: np.ndarray) -> np.ndarray:
-    """The CRC-32 of each entry's bytes (each row of ``embeddings``): some 0.8 ms per 2 MiB
-    entry on one core, against the encoder's far longer work for it."""
+    """The CRC-32 of each entry's bytes (each row of ``embeddings``): the fastest of the digests
+    tried, and small beside the encoder's work for an entry (benchmarks/BENCHMARKS.md)."""
     return np.array([zlib.crc32(np.ascontiguousarray(row)) for row in embeddings], np.uint32)
 
 

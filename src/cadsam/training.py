@@ -800,7 +800,7 @@ def _score_zero_shot(run: _Run) -> None:
         "val_iou": metrics["iou"],
     }
     if run.dist.is_main:
-        line = json.dumps(record) + "\n"
+        line = metrics_line(record)
         write_atomic(run.path / "metrics.jsonl", lambda p: p.write_text(line))
         run.log(
             f"zero-shot SAM before training: val dice {record['val_dice']:.4f} "
