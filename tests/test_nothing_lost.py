@@ -507,3 +507,26 @@ def test_a_mask_of_noise_is_noted_in_one_line_and_a_lossy_one_is_not(tmp_path, c
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("cadsam: warning: 1 mask(s) are not black and white")
     assert str(noise) in err[0] and "00.jpg" not in err[0]
+
+
+def test_cache_with_an_unreadable_image_stops_before_writing_or_skips_it_by_name(
+    tmp_path, sam_file, capsys
+):
+    """Item 6: one unreadable image is one line before anything is written (so the command,
+    run again once it is fixed or removed, finishes); with --skip-bad it is named and left out."""
+    data = _tiny_pairs(tmp_path / "data", 3)
+    broken = tmp_path / "data" / "images" / "01.png"
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated
+    cache = ["cache", "--backbone", "vit_tiny", "--checkpoint", sam_file, "--image-size", "64"]
+    argv = [*cache, "--images", data[1], "--out", tmp_path / "cache", "--no-progress"]
+    code, _, err = _cadsam(argv, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "1 of 3 image(s) cannot be read" in err and "01.png" in err and "--skip-bad" in err
+    assert not (tmp_path / "cache").exists()
+    code, out, err = _cadsam([*argv, "--skip-bad"], capsys)
+    assert code == 0, err
+    assert "skipped: cannot read image" in err and "01.png" in err
+    assert "(2 embeddings, complete: True)" in out
+    broken.unlink()  # the file removed: the same command, run again, finds its cache complete
+    code, out, _ = _cadsam(argv, capsys)
+    assert code == 0 and "(2 embeddings, complete: True)" in out
