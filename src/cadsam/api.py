@@ -142,12 +142,12 @@ def train(*, config: str | os.PathLike | None = None, **settings: Any) -> Path:
     ``batch_size``, ``lr``, ...), the model options (``adapter_size``, ``lora_rank``, ...) and
     runtime settings (``runtime="lean"``, ``cuda_graph=True``, ...); ``config`` a YAML file
     whose values they override."""
-    from .config import TrainConfig, sort_settings
+    from .config import run_config, sort_settings
     from .training import train as run
 
-    run_config = TrainConfig.from_sources(config, sort_settings(settings))
-    run(run_config)
-    return Path(run_config.out)
+    resolved = run_config(config, sort_settings(settings))  # resume=True: the run's own config
+    run(resolved)
+    return Path(resolved.out)
 
 
 def evaluate(
