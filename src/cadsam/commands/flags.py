@@ -94,7 +94,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--num-workers": dict(
         type=int,
         metavar="N",
-        help="data-loader processes (default: 2, never more than the usable cores)",
+        help="data-loader processes (default: 2, cache 4; never more than the usable cores)",
     ),
     "--batch-size": dict(
         type=int,
