@@ -18,6 +18,7 @@ from PIL import Image
 from .data.io import read_image, rgb_array
 from .errors import CadsamError
 from .methods import AdaptedSam, build_model
+from .runtime import Runtime
 
 ImageLike = str | os.PathLike | np.ndarray | Image.Image
 
@@ -101,7 +102,7 @@ def load(
     from .weights import load_weights, read_weights_metadata
 
     device = pick_device(str(device) if device is not None else None)
-    chosen = _runtime(runtime, settings, device, read_weights_metadata(weights)["method"])
+    chosen, _ = runtime_for(runtime, settings, device, read_weights_metadata(weights)["method"])
     model, meta = load_weights(weights, checkpoint, chosen)
     return Predictor(model.for_inference(), meta["image_size"], device, precision)
 
@@ -120,20 +121,24 @@ def zero_shot(
     from .distributed import pick_device
 
     device = pick_device(str(device) if device is not None else None)
-    chosen = _runtime(runtime, None, device, "zero-shot")
+    chosen, _ = runtime_for(runtime, None, device, "zero-shot")
     model = build_model("zero-shot", backbone, checkpoint, runtime=chosen)
     return Predictor(model.for_inference(), image_size, device, precision)
 
 
-def _runtime(name: str, settings: dict[str, Any] | None, device: torch.device, method: str):
+def runtime_for(
+    name: str, settings: dict[str, Any] | None, device: torch.device, method: str | None
+) -> tuple[Runtime, str]:
+    """The runtime called ``name`` with ``settings`` on top, checked for ``device`` and for
+    ``method`` (a switch for a part the method lacks is an error), and the line saying what
+    was chosen. ``method`` None: not known yet, and only the settings themselves are checked."""
     from .methods import check_runtime_settings
     from .runtime import resolve_runtime
 
     settings = dict(settings or {})
-    if settings:
+    if settings and method:
         check_runtime_settings(method, settings)
-    chosen, _ = resolve_runtime(name, settings, device)
-    return chosen
+    return resolve_runtime(name, settings, device)
 
 
 def train(*, config: str | os.PathLike | None = None, **settings: Any) -> Path:

@@ -79,7 +79,7 @@ def variant_runs_on(variant: str, backbone: str) -> bool:
 
 
 def default_variants(backbone: str) -> list[str]:
-    """What ``cadsam bench`` measures on ``backbone`` when no --methods are given."""
+    """What ``cadsam bench`` measures on ``backbone`` when no --variants are given."""
     return [v for v in [*VARIANTS, "encoder-forward"] if variant_runs_on(v, backbone)]
 
 
@@ -335,7 +335,7 @@ def check_request(
             if not variant_runs_on(variant, backbone):
                 raise CadsamError(
                     f"bench variant {variant} is SAM 1 only ({SAM1_ONLY_WHY}): leave it out of "
-                    f"--methods for {backbone}"
+                    f"--variants for {backbone}"
                 )
     Runtime().replace(**overrides)  # a bad name or value is an error before any run
     measured = variants if variants is not None else [*VARIANTS]
@@ -347,7 +347,7 @@ def check_request(
                 if name in settings and settings[name] != value:
                     raise CadsamError(
                         f"--set {name}={value} contradicts variant {variant}, which is "
-                        f"defined by {name}={settings[name]}: leave it out of --methods"
+                        f"defined by {name}={settings[name]}: leave it out of --variants"
                     )
 
 
@@ -539,7 +539,7 @@ def under_runtime(variants: list[str] | None, runtime: str) -> list[str] | None:
     chosen = []
     for variant in variants:
         named = variant.endswith(("-lean", "-plain")) or variant == "encoder-forward"
-        renamed = variant if named else variant.removesuffix("-eager") + RUNTIME_SUFFIXES[runtime]
+        renamed = variant if named else variant + RUNTIME_SUFFIXES[runtime]
         if renamed not in VARIANTS and not named:
             raise CadsamError(f"--variants {variant} has no --runtime {runtime} form")
         chosen.append(renamed)

@@ -8,9 +8,10 @@ import sys
 
 import torch
 
+from ..api import runtime_for
 from ..errors import CadsamError
-from ..methods import AdaptedSam, build_model, check_runtime_settings
-from ..runtime import Runtime, parse_setting, resolve_runtime
+from ..methods import AdaptedSam, build_model
+from ..runtime import Runtime, parse_setting
 from . import flags
 
 
@@ -28,10 +29,8 @@ def runtime_from_flags(
     """The runtime ``--runtime`` and ``--set`` ask for, checked for ``device`` and for the
     method that runs (by default the one --weights or --method names); said on stderr."""
     given = settings(args)
-    method = method or (method_of(args) if given else None)
-    if given and method:  # no method: the missing --weights is said next
-        check_runtime_settings(method, given)
-    runtime, chosen = resolve_runtime(args.runtime_name or "auto", given, device)
+    method = method or (method_of(args) if given else None)  # none: --weights is said next
+    runtime, chosen = runtime_for(args.runtime_name or "auto", given, device, method)
     if say:
         print(chosen, file=sys.stderr)
     return runtime
