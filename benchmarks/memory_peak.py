@@ -16,7 +16,7 @@ import sys
 import torch
 
 from cadsam.commands.bench import warmed_step
-from cadsam.runtime import parse_setting
+from cadsam.fast.runtime import parse_setting
 
 MIB = 2**20
 

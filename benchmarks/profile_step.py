@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cadsam.commands.bench import warmed_step
-from cadsam.runtime import parse_setting
+from cadsam.fast.runtime import parse_setting
 
 
 def main(variant: str, precision: str = "fp32", *settings: str) -> None:

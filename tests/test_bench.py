@@ -23,8 +23,8 @@ from cadsam.commands.bench import (
 )
 from cadsam.config import TrainConfig
 from cadsam.errors import CadsamError
+from cadsam.fast.runtime import LEAN, Runtime
 from cadsam.methods import build_model
-from cadsam.runtime import LEAN, Runtime
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "h100_vit_b.json"
 

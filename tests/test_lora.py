@@ -14,7 +14,7 @@ from test_train import FAST, _isbi_subset
 from cadsam import build_model
 from cadsam.commands import main
 from cadsam.errors import CadsamError
-from cadsam.runtime import LEAN
+from cadsam.fast.runtime import LEAN
 from cadsam.sam.image_encoder import _plain_rel_pos_attention, decomposed_rel_pos
 
 

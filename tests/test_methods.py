@@ -21,12 +21,12 @@ import cadsam.fast.adapter
 from cadsam import build_model
 from cadsam.commands import main
 from cadsam.errors import CadsamError
-from cadsam.fast import FastRunner, fit
 from cadsam.fast.adapter import run_adapter
+from cadsam.fast.runner import FastRunner, fit
+from cadsam.fast.runtime import LEAN, ROOMY, Runtime, resolve_runtime
 from cadsam.frequency import high_pass
 from cadsam.methods.cad import ConvAdapter
 from cadsam.methods.model import PlainRunner
-from cadsam.runtime import LEAN, ROOMY, Runtime, resolve_runtime
 
 # (method, backbone, options) -> trainable parameters: the issue's and the notes' figures.
 TRAINABLE = [

@@ -15,7 +15,7 @@ from cadsam import build_model
 from cadsam.commands import main
 from cadsam.config import TrainConfig
 from cadsam.errors import CadsamError
-from cadsam.runtime import LEAN, ROOMY, Runtime, check_settings, resolve_runtime
+from cadsam.fast.runtime import LEAN, ROOMY, Runtime, check_settings, resolve_runtime
 from cadsam.training import train
 from cadsam.weights import load_weights, save_weights
 
@@ -174,7 +174,7 @@ def test_training_on_a_cpu_picks_a_cpu_sized_adapter_and_says_so(tmp_path, capsy
 )
 def test_auto_fits_the_gpus_free_memory(monkeypatch, free_gib, expected, said):
     """The GPU is stood in for: auto reads its free memory and name, nothing else."""
-    from cadsam.runtime import named_runtime
+    from cadsam.fast.runtime import named_runtime
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gib * 2**30, 2**40))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Stand-in GPU")

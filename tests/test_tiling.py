@@ -10,9 +10,9 @@ from conftest import rel_err
 
 from cadsam import build_model
 from cadsam.fast.adapter import _band_rows, run_adapter
+from cadsam.fast.runtime import Runtime
 from cadsam.fast.tiling import _Bands, band_rows, pool2x2, pool_cells, tiled_residual_block
 from cadsam.methods.cad import ConvAdapter, ResidualDilatedBlock
-from cadsam.runtime import Runtime
 
 CHANNELS = 8
 

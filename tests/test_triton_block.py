@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from conftest import rel_err
 from test_tiling import _block_pair, assert_trained_alike
 
-import cadsam.runtime
+import cadsam.fast.runtime
 from cadsam import build_model
 from cadsam.errors import CadsamError
-from cadsam.fast import FastRunner
+from cadsam.fast.runner import FastRunner
+from cadsam.fast.runtime import Runtime, resolve_runtime
 from cadsam.fast.tiling import tiled_residual_block
-from cadsam.runtime import Runtime, resolve_runtime
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_forced_kernels_without_a_gpu_or_the_interpreter_are_a_user_error(monkey
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(CadsamError, match="triton_kernels=true needs a CUDA device"):
         resolve_runtime(name, {"triton_kernels": True}, "cpu")
-    monkeypatch.setattr(cadsam.runtime, "triton_available", lambda: False)
+    monkeypatch.setattr(cadsam.fast.runtime, "triton_available", lambda: False)
     with pytest.raises(CadsamError, match="triton_kernels=true needs Triton: pip install"):
         resolve_runtime(name, {"triton_kernels": True}, "cpu")
     # 'auto' needs neither: on a CPU it leaves the first block to the bands

@@ -1,6 +1,6 @@
 """Equality checks of the fast paths on a CUDA GPU (the CPU suite checks them on CPU).
 
-Ran on the API before cadsam.runtime (runtime options as build_model keywords): kept
+Ran on the API before cadsam.fast.runtime (runtime options as build_model keywords): kept
 for reference until tests/gpu/ covers these checks.
 
 Run: python benchmarks/experiments/gpu_checks.py  (prints one JSON object; exits 1 if a check fails)

@@ -1,6 +1,6 @@
 """The CUDA-graph training step against the eager one, on a CUDA GPU.
 
-Ran on the API before cadsam.runtime (runtime options as build_model keywords): kept
+Ran on the API before cadsam.fast.runtime (runtime options as build_model keywords): kept
 for reference until tests/gpu/ covers these checks.
 
 Three runs of the same seven steps (six batches of 4, then a short one of 3, with a cosine

@@ -10,8 +10,8 @@ from . import cores  # noqa: F401
 from .api import Predictor, evaluate, load, train, zero_shot
 from .backbones import BACKBONES
 from .errors import CadsamError
+from .fast.runtime import Runtime
 from .methods import METHODS, AdaptedSam, build_model
-from .runtime import Runtime
 from .sam import build_sam
 
 __version__ = "0.1.0"

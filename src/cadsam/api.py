@@ -17,8 +17,8 @@ from PIL import Image
 
 from .data.io import read_image, rgb_array
 from .errors import CadsamError
+from .fast.runtime import Runtime
 from .methods import AdaptedSam, build_model
-from .runtime import Runtime
 
 ImageLike = str | os.PathLike | np.ndarray | Image.Image
 
@@ -132,8 +132,8 @@ def runtime_for(
     """The runtime called ``name`` with ``settings`` on top, checked for ``device`` and for
     ``method`` (a switch for a part the method lacks is an error), and the line saying what
     was chosen. ``method`` None: not known yet, and only the settings themselves are checked."""
+    from .fast.runtime import resolve_runtime
     from .methods import check_runtime_settings
-    from .runtime import resolve_runtime
 
     settings = dict(settings or {})
     if settings and method:

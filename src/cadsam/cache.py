@@ -49,10 +49,10 @@ from .cores import default_workers, usable_cores
 from .data.io import read_image
 from .data.transforms import VIEWS, apply_view, resize_image
 from .errors import CadsamError
+from .fast.runtime import Runtime
 from .files import check_output_folder, write_atomic
 from .lock import holds_out_lock
 from .precision import autocast
-from .runtime import Runtime
 from .sam.sam import PIXEL_MEAN, PIXEL_STD
 from .sam2.sam2 import PIXEL_MEAN as SAM2_PIXEL_MEAN
 from .sam2.sam2 import PIXEL_STD as SAM2_PIXEL_STD

@@ -18,6 +18,7 @@ import yaml
 
 from .backbones import DEFAULT_BATCH
 from .errors import CadsamError
+from .fast.runtime import Runtime, check_settings
 from .files import check_output_folder
 from .methods import (
     CACHEABLE,
@@ -27,7 +28,6 @@ from .methods import (
     resolve_options,
 )
 from .precision import PRECISIONS
-from .runtime import Runtime, check_settings
 
 SCHEDULES = ("cosine", "constant")
 # Settings that only say how to run, not what is trained: they may differ on --resume.

@@ -43,6 +43,7 @@ from .data import (
 from .errors import CadsamError
 from .evaluation import constant_masks, constant_prediction_warning, evaluate
 from .fast.graphs import GraphedStep, Step, adamw, match_graph_mode
+from .fast.runtime import resolve_runtime
 from .files import check_output_folder, read_run_state, write_atomic
 from .lock import holds_out_lock
 from .methods import (
@@ -51,7 +52,6 @@ from .methods import (
 )
 from .precision import autocast
 from .provenance import provenance
-from .runtime import resolve_runtime
 from .weights import base_checkpoint_record, checked_tensors, save_weights
 
 CPU_ADAPTER_SIZE = 128  # cad's adapter input when training on a CPU and none is given

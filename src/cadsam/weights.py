@@ -24,9 +24,9 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .backbones import is_release_name, resolve_base_checkpoint
 from .errors import CadsamError
+from .fast.runtime import Runtime
 from .files import write_atomic
 from .methods import METHOD_OPTIONS, AdaptedSam, build_model
-from .runtime import Runtime
 from .sam.checkpoint import file_sha256
 
 FORMAT = 1

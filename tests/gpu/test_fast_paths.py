@@ -33,16 +33,16 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import cadsam.fast
 import cadsam.fast.adapter as fast_adapter
+import cadsam.fast.runner
 from cadsam import build_model
-from cadsam.fast import fit
 from cadsam.fast.graphs import adamw
+from cadsam.fast.runner import fit
+from cadsam.fast.runtime import Runtime
 from cadsam.fast.tiling import tiled_residual_block
 from cadsam.methods.cad import ResidualDilatedBlock
 from cadsam.methods.lora import encoder_blocks
 from cadsam.methods.model import AdaptedSam, PlainRunner
-from cadsam.runtime import Runtime
 from cadsam.training import forward_backward, lr_factor, segmentation_loss, training_step
 
 DEVICE = "cuda"
@@ -837,7 +837,7 @@ def test_recomputed_encoder_blocks_equal_kept_blocks(monkeypatch, precision, bac
         recomputations.append(args[0])
         return checkpoint(*args, **kwargs)
 
-    monkeypatch.setattr(cadsam.fast, "checkpoint", counted)
+    monkeypatch.setattr(cadsam.fast.runner, "checkpoint", counted)
     # one image: in float64, the plain attention keeps GiBs per global block for backward
     images, masks = images_and_masks(1, 256, seed=14)
     found = {}

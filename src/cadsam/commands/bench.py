@@ -32,10 +32,10 @@ import torch
 
 from ..backbones import DEFAULT_BATCH, backbone_config
 from ..errors import CadsamError
+from ..fast.runtime import Runtime, named_runtime, settle_cuda_graph
 from ..methods import SAM1_ONLY_WHY, AdaptedSam, build_model, check_runtime_settings, runs_on
 from ..precision import autocast
 from ..provenance import provenance
-from ..runtime import Runtime, named_runtime, settle_cuda_graph
 from . import common, flags
 from .figures import pyplot
 from .paper import AUTHORS_CODE_DEVICE, AUTHORS_CODE_MIB, MEMORY_TABLES, PAPER_DEVICE

@@ -10,8 +10,8 @@ import torch
 
 from ..api import runtime_for
 from ..errors import CadsamError
+from ..fast.runtime import Runtime, parse_setting
 from ..methods import AdaptedSam, build_model
-from ..runtime import Runtime, parse_setting
 from . import flags
 
 

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..backbones import BACKBONES
+from ..fast.runtime import RUNTIMES
 from ..methods import METHODS
 from ..precision import PRECISIONS
-from ..runtime import RUNTIMES
 
 _BACKBONES = ", ".join(BACKBONES)
 _METHODS = ", ".join(METHODS)

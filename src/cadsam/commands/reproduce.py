@@ -23,10 +23,10 @@ from ..data import SegmentationDataset, layout_pairs, scan_pairs
 from ..distributed import Dist, pick_device
 from ..errors import CadsamError
 from ..evaluation import evaluate
-from ..fast import fit
+from ..fast.runner import fit
+from ..fast.runtime import resolve_runtime
 from ..lock import holds_out_lock
 from ..methods import build_model
-from ..runtime import resolve_runtime
 from ..sam.checkpoint import META_CHECKPOINTS
 from ..training import MIN_GAIN, train
 from ..weights import load_weights

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SCHEDULES, TRAIN_WORKERS, TrainConfig, run_config, sort_settings
+from ..fast.runtime import Runtime
 from ..methods import METHOD_OPTIONS, METHODS
-from ..runtime import Runtime
 from . import common, flags
 
 HELP = "Train a method on a data set; writes weights, config and metrics into --out."

@@ -27,8 +27,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..methods.cad import NEGATIVE_SLOPE, ConvAdapter, ResidualDilatedBlock
-from ..runtime import Runtime, check_device, triton_available
 from .compiler import compile_as_eager
+from .runtime import Runtime, check_device, triton_available
 from .tiling import activation_dtype, band_rows, pool_cells, tiled_residual_block
 
 

@@ -8,14 +8,14 @@ from typing import Any
 
 from ..backbones import backbone_config, build_base, is_sam2
 from ..errors import CadsamError
-from ..runtime import Runtime
+from ..fast.runtime import Runtime
 from .cad import CAD_LAYOUTS, ConvAdapter
 from .lora import LoraAdapter
 from .model import AdaptedSam
 from .sam_adapter import OfficialSamAdapter, PaperSamAdapter
 
 # Each method and its model options (what is trained: saved with the weights), with their
-# defaults. How a model runs is not among them: that is a :class:`~cadsam.runtime.Runtime`.
+# defaults. How a model runs is not among them: that is a :class:`~cadsam.fast.runtime.Runtime`.
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "zero-shot": {},
     "decoder": {},
@@ -119,7 +119,7 @@ def build_model(
     For ``cad``, ``model.adapter`` is the adapter alone: RGB in 0..255 at ``adapter_size``
     in, the tanh map (before the 0.1 scale) out. ``with_encoder=False`` builds no image
     encoder at all: the model then needs the embeddings passed in (from a cache). The model
-    runs on the plain path unless a ``runtime`` is given (:func:`cadsam.fast.fit`).
+    runs on the plain path unless a ``runtime`` is given (:func:`cadsam.fast.runner.fit`).
     """
     options = resolve_options(method, options)
     config = backbone_config(backbone)
@@ -143,7 +143,7 @@ def build_model(
     else:
         model = AdaptedSam(**common)
     if runtime is not None:
-        from ..fast import fit  # how it runs: the one place that knows the fast paths
+        from ..fast.runner import fit  # how it runs: the one place that knows the fast paths
 
         fit(model, runtime)
     return model

@@ -11,7 +11,7 @@ The methods differ only in how the image embedding is made, and that lives in
 
 Everything after the embedding (whole-image box prompt, mask decoder, upsampling) is shared.
 How each stage runs (chunked, compiled, recomputed, in bands) is the model's ``runner``'s
-business: :class:`PlainRunner` here, the reference; :func:`cadsam.fast.fit` swaps in another.
+business: :class:`PlainRunner` here, the reference; :func:`cadsam.fast.runner.fit` swaps in another.
 
 What the decoder reads is one tensor per batch, laid out as the backbone says
 (:class:`~cadsam.backbones.FeatureLayout`): for SAM the image embedding, B x 256 x E x E; for
@@ -30,7 +30,7 @@ from torch import nn
 
 from ..backbones import feature_layout
 from ..errors import CadsamError
-from ..runtime import Runtime
+from ..fast.runtime import Runtime
 from ..sam import Sam
 from ..sam2 import Sam2
 from .cad import ConvAdapter

@@ -4,7 +4,7 @@ A :class:`Runtime` holds every switch that changes only speed and memory: the at
 formulation, encoder chunking, compilation, CAD's bands and Triton kernels, activation
 checkpointing, the CUDA-graph step. None of them changes a result beyond floating-point
 tolerance, and none is ever saved with weights: a model trained under one runtime loads and
-runs under any other. :func:`cadsam.fast.fit` applies one to a model.
+runs under any other. :func:`cadsam.fast.runner.fit` applies one to a model.
 
 Three named runtimes:
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .errors import CadsamError
+from ..errors import CadsamError
 
 RUNTIMES = ("auto", "plain", "lean")
 AUTO = "auto"
