@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .data.io import read_image, rgb_array
+from .data.labels import ClassTable
 from .errors import CadsamError
 from .fast.runtime import Runtime
 from .methods import AdaptedSam, build_model
@@ -47,11 +48,18 @@ class Predictor:
     def backbone(self) -> str:
         return self.model.backbone
 
+    @property
+    def classes(self) -> ClassTable | None:
+        """The classes predicted, in index order (None: one class, binary masks)."""
+        return self.model.classes
+
     def predict(
         self, images: ImageLike | Iterable[ImageLike], *, probabilities: bool = False
     ) -> np.ndarray | list[np.ndarray]:
         """Masks (H x W bool) or, with ``probabilities``, foreground probabilities (H x W
-        float32) at each image's own size: one array for one image, a list for several."""
+        float32) at each image's own size: one array for one image, a list for several. With
+        several classes (:attr:`classes`): label maps of class indices (H x W int64), or the
+        classes' probabilities (K x H x W float32)."""
         from .prediction import predict_logits
 
         single = _is_one_image(images)
@@ -60,7 +68,11 @@ class Predictor:
             logits = predict_logits(
                 self.model, as_rgb(image), self.image_size, self.device, self.precision
             )
-            outputs.append(torch.sigmoid(logits).numpy() if probabilities else (logits > 0).numpy())
+            if self.classes is not None:
+                outputs.append(torch.softmax(logits, 0) if probabilities else logits.argmax(0))
+            else:
+                outputs.append(torch.sigmoid(logits) if probabilities else logits > 0)
+        outputs = [output.numpy() for output in outputs]
         return outputs[0] if single else outputs
 
 

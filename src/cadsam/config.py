@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .backbones import DEFAULT_BATCH
+from .data.labels import ClassTable, class_table
 from .errors import CadsamError
 from .fast.runtime import Runtime, check_settings
 from .files import check_output_folder
@@ -57,6 +58,9 @@ class TrainConfig:
     image_size: int = 512
     augment: bool = True
     mask_threshold: int = 127
+    # several classes: their number, or a class file (YAML/JSON) naming them; None: binary
+    classes: str | None = None
+    ignore_index: int | None = None  # the label maps' value for "no class" (the file's, or 255)
     resize_masks: bool = False
     skip_bad: bool = False
     # optimisation (the paper's defaults)
@@ -94,6 +98,9 @@ class TrainConfig:
             raise CadsamError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.method == "zero-shot":
             raise CadsamError("zero-shot has nothing to train: use cadsam eval --method zero-shot")
+        if self.ignore_index is not None and self.classes is None:
+            raise CadsamError("--ignore-index is for label maps: give --classes too")
+        self.class_table()  # a class file that does not read, before any work
         resolve_options(self.method, self.options)  # an option the method does not take
         check_method_on_backbone(self.method, self.backbone)  # before the data and weights
         name, settings = self.runtime_parts()
@@ -137,6 +144,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def class_table(self) -> ClassTable | None:
+        """The classes the model predicts (None: the binary task)."""
+        return class_table(self.classes, self.ignore_index)
 
     def runtime_parts(self) -> tuple[str, dict[str, Any]]:
         """(named runtime, settings on top)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +14,9 @@ from tqdm import tqdm
 
 from .data import SegmentationDataset, collate, find_pairs, scan_pairs
 from .distributed import Dist, gather_objects
+from .errors import CadsamError
 from .methods import AdaptedSam
-from .metrics import SegmentationMeter
+from .metrics import ClassMeter, SegmentationMeter, format_class_table
 from .precision import autocast
 
 RESOLUTIONS = ("train", "original")
@@ -45,7 +47,7 @@ def evaluate(
     assert resolution == "train" or dataset.keep_original, "original resolution needs keep_original"
     shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    meter = SegmentationMeter(sod=sod)
+    meter = _meter(model, sod)
     was_training = model.training
     model.eval()
     for batch in tqdm(
@@ -65,14 +67,28 @@ def evaluate(
             continue
         for one, gt in zip(logits, batch["original_mask"], strict=True):
             full = F.interpolate(one[None], gt.shape, mode="bilinear", align_corners=False)
-            meter.update(full, gt[None, None])
+            meter.update(full, gt[None] if model.classes else gt[None, None])
     model.train(was_training)
-    merged = SegmentationMeter(sod=sod)
+    merged = _meter(model, sod)
     for state in gather_objects(meter.state(), dist):
         merged.merge(state)
-    if scores is not None:
+    if scores is not None and isinstance(merged, SegmentationMeter):
         scores.update(merged.per_image)
     return merged.compute()
+
+
+def _meter(model: AdaptedSam, sod: bool) -> SegmentationMeter | ClassMeter:
+    if model.classes is None:
+        return SegmentationMeter(sod=sod)
+    if sod:
+        raise CadsamError("the SOD metrics score one class: drop --sod for several classes")
+    return ClassMeter(model.classes.names)
+
+
+def main_score(metrics: dict[str, Any]) -> float:
+    """What the best epoch is chosen by: Dice, or for several classes the mean Dice over the
+    classes present (mDice)."""
+    return metrics["mdice"] if "mdice" in metrics else metrics["dice"]
 
 
 @dataclass
@@ -88,6 +104,7 @@ class EvalData:
     mask_suffix: str | None = None
     resize_masks: bool = False
     skip_bad: bool = False
+    ignore_index: int | None = None  # label maps: the weights' value unless given
 
 
 def evaluate_on(
@@ -112,12 +129,18 @@ def evaluate_on(
         skip_bad=data.skip_bad,
         mask_suffix=data.mask_suffix,
     )
+    classes = model.classes
+    if data.ignore_index is not None:
+        if classes is None:
+            raise CadsamError("--ignore-index is for label maps: these weights predict one class")
+        classes = dataclasses.replace(classes, ignore_index=data.ignore_index)
     pairs, bad = scan_pairs(
         pairs,
         data.mask_threshold,
         data.resize_masks,
         data.skip_bad,
         progress=dist.is_main and progress,
+        classes=classes,
     )
     dataset = SegmentationDataset(
         pairs,
@@ -125,6 +148,7 @@ def evaluate_on(
         mask_threshold=data.mask_threshold,
         resize_masks=data.resize_masks,
         keep_original=resolution == "original",
+        classes=classes,
     )
     metrics = evaluate(
         model.to(dist.device),
@@ -143,8 +167,11 @@ def evaluate_on(
 UNITS = {"ber": "%", "ber_dataset": "%"}
 
 
-def format_table(metrics: dict[str, float]) -> str:
-    """One ``name  value`` line per metric; BER's name carries its unit: ``ber (%)``."""
+def format_table(metrics: dict[str, Any]) -> str:
+    """One ``name  value`` line per metric; BER's name carries its unit: ``ber (%)``. Several
+    classes: a row per class (:func:`~cadsam.metrics.format_class_table`)."""
+    if "per_class" in metrics:
+        return format_class_table(metrics)
     names = {k: f"{k} ({UNITS[k]})" if k in UNITS else k for k in metrics}
     width = max(len(name) for name in names.values())
     lines = []
@@ -154,11 +181,16 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def constant_masks(all_foreground: int, all_background: int, images: int) -> str | None:
+def constant_masks(
+    all_foreground: int, all_background: int, images: int, one_class: int = 0
+) -> str | None:
     """In words, how many masks were one value everywhere ("foreground everywhere on 20 of 20
-    images"), the sign of an untrained or broken model; None where none was. The wording of
-    train's validation line and of the warnings of eval, train and predict."""
+    images"; with several classes "one class everywhere"), the sign of an untrained or broken
+    model; None where none was. The wording of train's validation line and of the warnings of
+    eval, train and predict."""
     of = f"of {images} image{'' if images == 1 else 's'}"
+    if one_class:
+        return f"one class everywhere on {one_class} {of}"
     if all_foreground and all_background:
         return (
             f"foreground everywhere on {all_foreground} and background everywhere on "
@@ -186,9 +218,10 @@ def constant_prediction_warning(
     n = metrics.get("images", 0)
     fg = metrics.get("predicted_all_foreground", 0)
     bg = metrics.get("predicted_all_background", 0)
-    if not n or fg + bg < n:
+    one = metrics.get("predicted_one_class", 0)
+    if not n or fg + bg + one < n:
         return None
     return (
-        f"warning: {model} predicted {constant_masks(fg, bg, n)}: {result} no segmentation; "
+        f"warning: {model} predicted {constant_masks(fg, bg, n, one)}: {result} no segmentation; "
         f"{advice}"
     )

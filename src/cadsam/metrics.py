@@ -12,12 +12,30 @@
   marked foreground (or background) everywhere, the sign of an untrained or broken model.
 * With the ``sod`` extra (PySODMetrics): S-measure (alpha 0.5), mean E-measure, weighted
   F-measure, on probabilities min-max normalised per image, as the official SAM-Adapter.
+
+K classes (:class:`ClassMeter`), from one K x K confusion matrix over the whole data set (rows
+the ground truth, columns the prediction = argmax of the K logits), without smoothing:
+
+* Pixels whose ground truth is the ignore value (:data:`~cadsam.data.labels.IGNORE`) count
+  nowhere: not in the matrix, the accuracy, or either pixel count.
+* IoU_k = TP/(TP+FP+FN), Dice_k = 2TP/(2TP+FP+FN), for each class k present in the ground
+  truth (at least one pixel of it). A class absent from the ground truth has no score (null):
+  predicted somewhere, its IoU would be 0, yet it is left out of the means; those pixels still
+  lower the scores of the classes they truly belong to (as their false negatives).
+* mIoU / mDice: the mean of IoU_k / Dice_k over the classes present in the ground truth.
+* Pixel accuracy: correct pixels / pixels not ignored.
+* ``predicted_one_class``: how many images the model marked one class everywhere (ignored
+  pixels included), as ``predicted_all_foreground`` above.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+
+from .data.labels import IGNORE
 
 SMOOTH = 1e-3
 
@@ -133,3 +151,126 @@ def sod_scores(prob: np.ndarray, gt: np.ndarray) -> dict[str, float]:
         "e_measure_mean": float(em.get_results()["em"]["curve"].mean()),
         "weighted_f": float(wfm.get_results()["wfm"]),
     }
+
+
+class ClassMeter:
+    """Accumulates the K-class confusion matrix over a data set; ``compute()`` gives the
+    scores of each class and their means (see the module's notes)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        if len(names) < 2:
+            raise ValueError(f"a class meter needs 2 or more class names, not {len(names)}")
+        self.names = tuple(names)
+        k = len(self.names)
+        # rows: ground truth, columns: prediction
+        self.confusion = torch.zeros(k, k, dtype=torch.int64)
+        self.images = 0
+        self.predicted_one_class = 0
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """A batch: B x K x H x W logits and B x H x W class indices (or IGNORE). Counts on the
+        logits' device; only the K x K counts come back to the CPU."""
+        k = len(self.names)
+        if logits.dim() != 4 or logits.shape[1] != k:
+            raise ValueError(f"logits must be B x {k} x H x W, not {tuple(logits.shape)}")
+        if target.shape != logits.shape[:1] + logits.shape[2:]:
+            raise ValueError(
+                f"target {tuple(target.shape)} does not match logits {tuple(logits.shape)}"
+            )
+        pred = logits.detach().argmax(1)
+        gt = target.detach().to(pred.device, torch.int64)
+        valid = gt != IGNORE
+        gt, hits = gt[valid], pred[valid]
+        if gt.numel() and (gt.min() < 0 or gt.max() >= k):
+            bad = gt[(gt < 0) | (gt >= k)][0].item()
+            raise ValueError(f"target holds {bad}: class indices are 0..{k - 1} or {IGNORE}")
+        counts = torch.bincount(gt * k + hits, minlength=k * k)
+        self.confusion += counts.reshape(k, k).cpu()
+        flat = pred.flatten(1)
+        self.images += flat.shape[0]
+        self.predicted_one_class += int((flat == flat[:, :1]).all(1).sum().item())
+
+    def state(self) -> dict:
+        """What another rank needs to merge (see :meth:`merge`): plain lists and ints."""
+        return {
+            "names": list(self.names),
+            "confusion": self.confusion.tolist(),
+            "images": self.images,
+            "predicted_one_class": self.predicted_one_class,
+        }
+
+    def merge(self, state: dict) -> None:
+        if tuple(state["names"]) != self.names:
+            raise ValueError(f"cannot merge classes {state['names']} into {list(self.names)}")
+        self.confusion += torch.tensor(state["confusion"], dtype=torch.int64)
+        self.images += state["images"]
+        self.predicted_one_class += state["predicted_one_class"]
+
+    def compute(self) -> dict[str, Any]:
+        cm = self.confusion.double()
+        tp = cm.diagonal()
+        gt_pixels, predicted = self.confusion.sum(1), self.confusion.sum(0)
+        fp, fn = predicted.double() - tp, gt_pixels.double() - tp
+        present = gt_pixels > 0
+        iou = tp / (tp + fp + fn).clamp(min=1)
+        dice = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+        total = float(cm.sum())
+        per_class = {
+            name: {
+                "iou": float(iou[i]) if present[i] else None,
+                "dice": float(dice[i]) if present[i] else None,
+                "pixels": int(gt_pixels[i]),
+                "predicted": int(predicted[i]),
+            }
+            for i, name in enumerate(self.names)
+        }
+        return {
+            "images": self.images,
+            "pixel_accuracy": float(tp.sum()) / total if total else float("nan"),
+            "miou": float(iou[present].mean()) if present.any() else float("nan"),
+            "mdice": float(dice[present].mean()) if present.any() else float("nan"),
+            "per_class": per_class,
+            "predicted_one_class": self.predicted_one_class,
+        }
+
+
+CLASS_NAME_WIDTH = 30  # longer class names are cut to fit 80 columns
+
+
+def format_class_table(metrics: dict[str, Any]) -> str:
+    """:meth:`ClassMeter.compute`'s scores as a terminal table: a row per class (classes absent
+    from the ground truth show ``-`` and a ``*``), then the means and the pixel accuracy."""
+    per_class = metrics["per_class"]
+    gt_total = sum(c["pixels"] for c in per_class.values())
+    pred_total = sum(c["predicted"] for c in per_class.values())
+    labels = ["mIoU", "mDice", "pixel accuracy", "images"]
+    width = max(len(n) for n in [*(_cut(name) for name in per_class), *labels])
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Dice':>6}  {'GT %':>6}  {'pred %':>6}"]
+    absent = 0
+    for name, scores in per_class.items():
+        mark = "" if scores["iou"] is not None else " *"
+        absent += bool(mark)
+        lines.append(
+            f"{_cut(name):<{width}}  {_score(scores['iou'])}  {_score(scores['dice'])}  "
+            f"{_share(scores['pixels'], gt_total)}  {_share(scores['predicted'], pred_total)}"
+            f"{mark}"
+        )
+    means = [("mIoU", metrics["miou"]), ("mDice", metrics["mdice"])]
+    means.append(("pixel accuracy", metrics["pixel_accuracy"]))
+    lines += [f"{label:<{width}}  {value:.4f}" for label, value in means]
+    lines.append(f"{'images':<{width}}  {metrics['images']:d}")
+    if absent:
+        lines.append("* not in the ground truth: no score, left out of mIoU and mDice")
+    return "\n".join(lines)
+
+
+def _cut(name: str) -> str:
+    return name if len(name) <= CLASS_NAME_WIDTH else name[: CLASS_NAME_WIDTH - 3] + "..."
+
+
+def _score(value: float | None) -> str:
+    return f"{'-':>6}" if value is None else f"{value:6.4f}"
+
+
+def _share(count: int, total: int) -> str:
+    return f"{100 * count / total:6.2f}" if total else f"{'-':>6}"

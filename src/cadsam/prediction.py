@@ -6,6 +6,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,11 +15,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data.io import IMAGE_EXTENSIONS, list_images, read_image
+from .data.labels import ClassTable
 from .data.transforms import resize_image
 from .errors import CadsamError
 from .evaluation import constant_prediction_warning
 from .files import check_output_folder, write_atomic
 from .methods import AdaptedSam
+from .overlay import label_overlay
 from .precision import autocast
 
 OVERLAY_COLOUR = np.array([255, 0, 0], dtype=np.float32)
@@ -101,12 +104,19 @@ def _check_clashes(targets: MaskTargets, siblings: tuple[str, ...], flag: str) -
 def predict_logits(
     model: AdaptedSam, image: np.ndarray, size: int, device: torch.device, precision: str = "fp32"
 ) -> torch.Tensor:
-    """H x W x 3 uint8 -> H x W logits: resized to ``size`` for the model exactly as the
-    training and evaluation data are, then the logits back to the image's size."""
+    """H x W x 3 uint8 -> H x W logits (K x H x W for K classes): resized to ``size`` for the
+    model exactly as the training and evaluation data are, then the logits back to the image's
+    size."""
     resized = torch.from_numpy(resize_image(image, size)).permute(2, 0, 1)[None].float().to(device)
     with autocast(device, precision):
         logits = model(resized).float()
-    return F.interpolate(logits, image.shape[:2], mode="bilinear", align_corners=False)[0, 0].cpu()
+    logits = F.interpolate(logits, image.shape[:2], mode="bilinear", align_corners=False)[0]
+    return (logits if classes_of(model) else logits[0]).cpu()
+
+
+def classes_of(model: Any) -> ClassTable | None:
+    """The classes a model (or an exported graph run by onnxruntime) predicts; None: binary."""
+    return getattr(model, "classes", None)
 
 
 def predict(
@@ -137,6 +147,7 @@ def predict(
     model.to(device).eval()
     written, failed = [], []
     constant = {"predicted_all_foreground": 0, "predicted_all_background": 0}
+    constant |= {"predicted_one_class": 0} if classes_of(model) else {}
     for path in tqdm(inputs, desc="predicting", unit="image", disable=not progress):
         try:
             image = read_image(path)
@@ -148,8 +159,11 @@ def predict(
             model, image, targets.masks[path], size, device, precision, probabilities, overlay
         )
         written.append(target)
-        constant["predicted_all_foreground"] += bool(mask.all())
-        constant["predicted_all_background"] += not mask.any()
+        if classes_of(model):
+            constant["predicted_one_class"] += bool((mask == mask.flat[0]).all())
+        else:
+            constant["predicted_all_foreground"] += bool(mask.all())
+            constant["predicted_all_background"] += not mask.any()
     # as eval says it: masks all one value are no segmentation, whatever wrote them
     warning = constant_prediction_warning(
         {"images": len(written), **constant}, result="the masks show"
@@ -176,6 +190,9 @@ def _write_outputs(
 ) -> tuple[Path, np.ndarray]:
     """Write one input's outputs; returns the mask's file and the mask."""
     logits = predict_logits(model, image, size, device, precision)
+    classes = classes_of(model)
+    if classes is not None:
+        return target, _write_labels(classes, image, logits, target, probabilities, overlay)
     mask = (logits > 0).numpy()
     save_image((mask * 255).astype(np.uint8), target)
     if probabilities:
@@ -186,6 +203,33 @@ def _write_outputs(
         blend[mask] = 0.5 * blend[mask] + 0.5 * OVERLAY_COLOUR
         save_image(blend.astype(np.uint8), MaskTargets.sibling(target, "overlay"))
     return target, mask
+
+
+def _write_labels(
+    classes: ClassTable,
+    image: np.ndarray,
+    logits: torch.Tensor,
+    target: Path,
+    probabilities: bool,
+    overlay: bool,
+) -> np.ndarray:
+    """K classes: the label map (8-bit PNG, 16-bit past 256 classes), the K probabilities as
+    ``<name>_prob.npy`` (K x H x W float32) and the overlay with its legend."""
+    labels = logits.argmax(0).numpy().astype(np.uint8 if classes.count <= 256 else np.uint16)
+    save_image(labels, target)
+    if probabilities:
+        prob = torch.softmax(logits, 0).numpy()
+        path = MaskTargets.sibling(target, "prob").with_suffix(".npy")
+        write_atomic(path, lambda tmp: _save_array(tmp, prob))
+    if overlay:
+        blend = label_overlay(image, labels, classes)
+        save_image(blend, MaskTargets.sibling(target, "overlay"))
+    return labels
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as file:  # a file object: np.save would add .npy to a name
+        np.save(file, array, allow_pickle=False)
 
 
 def save_image(array: np.ndarray, path: Path) -> None:

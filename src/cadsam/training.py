@@ -40,8 +40,9 @@ from .data import (
     scan_pairs,
     split_validation,
 )
+from .data.labels import IGNORE
 from .errors import CadsamError
-from .evaluation import constant_masks, constant_prediction_warning, evaluate
+from .evaluation import constant_masks, constant_prediction_warning, evaluate, main_score
 from .fast.graphs import GraphedStep, Step, adamw, match_graph_mode
 from .fast.runtime import resolve_runtime
 from .files import check_output_folder, read_run_state, write_atomic
@@ -58,8 +59,11 @@ CPU_ADAPTER_SIZE = 128  # cad's adapter input when training on a CPU and none is
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE (with logits) + IoU loss on probabilities, 1:1. The IoU term is per image
-    (smooth 1e-3), averaged over the batch; BCE is averaged over all pixels."""
+    """The binary task (float 0/1 targets, B x 1 x S x S): BCE (with logits) + IoU loss on
+    probabilities, 1:1. The IoU term is per image (smooth 1e-3), averaged over the batch; BCE
+    is averaged over all pixels. K classes (class indices, B x S x S): :func:`class_loss`."""
+    if not target.is_floating_point():
+        return class_loss(logits, target)
     bce = F.binary_cross_entropy_with_logits(logits, target)
     prob = torch.sigmoid(logits).flatten(1)
     target = target.flatten(1)
@@ -67,6 +71,23 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     union = (prob + target).sum(1) - inter
     iou = 1 - (inter + 1e-3) / (union + 1e-3)
     return bce + iou.mean()
+
+
+def class_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + Dice loss, 1:1, over the pixels that are not IGNORE. The Dice term is
+    over the batch, per class present in its targets, averaged over those classes: a class
+    absent from the batch has no overlap to learn there, and cross-entropy already pushes its
+    probability down."""
+    valid = (target != IGNORE).unsqueeze(1)  # B x 1 x S x S
+    # the mean over valid pixels, 0 (not NaN) for a batch with none
+    ce = F.cross_entropy(logits, target.long(), ignore_index=IGNORE, reduction="sum")
+    ce = ce / valid.sum().clamp(min=1)
+    prob = torch.softmax(logits, 1) * valid
+    onehot = F.one_hot(target.long().clamp(min=0), logits.shape[1]).permute(0, 3, 1, 2) * valid
+    inter, sizes = (prob * onehot).sum((0, 2, 3)), onehot.sum((0, 2, 3))
+    dice = 1 - (2 * inter + 1e-3) / (prob.sum((0, 2, 3)) + sizes + 1e-3)
+    present = (sizes > 0).float()
+    return ce + (dice * present).sum() / present.sum().clamp(min=1)
 
 
 def forward_backward(
@@ -138,7 +159,8 @@ def _pairs(cfg: TrainConfig, progress: bool):
         skip_bad=cfg.skip_bad,
         progress=progress,
     )
-    checked, bad = scan_pairs(pairs + val, **scan)  # one scan: every bad pair in one error
+    # one scan: every bad pair in one error
+    checked, bad = scan_pairs(pairs + val, **scan, classes=cfg.class_table())
     usable = set(checked)
     pairs, val = ([p for p in group if p in usable] for group in (pairs, val))
     if not pairs:
@@ -185,7 +207,8 @@ def train(cfg: TrainConfig) -> AdaptedSam | None:
         if run is None:  # resumed, with every epoch trained already
             return None
         share_cores(run.loader.num_workers)  # threads and workers within the cores
-        if run.val_set is not None and not cfg.resume:  # a resumed run has its baseline
+        # zero-shot SAM's baseline (a resumed run has its own; zero-shot predicts no classes)
+        if run.val_set is not None and not cfg.resume and run.model.classes is None:
             _score_zero_shot(run)
         for epoch in range(run.start_epoch, cfg.epochs):
             record = _train_epoch(run, epoch)
@@ -276,8 +299,9 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
         if line:
             log(line)
     torch.manual_seed(cfg.seed)
+    classes = cfg.class_table()
     model = build_model(
-        cfg.method, cfg.backbone, cfg.checkpoint, cfg.cache is None, runtime, **cfg.options
+        cfg.method, cfg.backbone, cfg.checkpoint, cfg.cache is None, runtime, classes, **cfg.options
     ).to(dist.device)
     net = _distributed(model, dist, log)
     optimizer = adamw(model.trainable_parameters(), cfg.lr, cfg.weight_decay, runtime.cuda_graph)
@@ -289,7 +313,9 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
     val_set = None
     if val_pairs:
         data = dict(mask_threshold=cfg.mask_threshold, resize_masks=cfg.resize_masks)
-        val_set = SegmentationDataset(val_pairs, cfg.image_size, **data, cache=val_cache)
+        val_set = SegmentationDataset(
+            val_pairs, cfg.image_size, **data, cache=val_cache, classes=classes
+        )
     # cuda_graph=auto graphs the step where its capture fits; true, whatever it takes
     fit = cfg.runtime.get("cuda_graph") is not True
     step = training_step(net, optimizer, cfg.precision, runtime.cuda_graph, fit, log)
@@ -350,6 +376,7 @@ def _loader(cfg: TrainConfig, dist: distributed.Dist, pairs: list, cache) -> Dat
         cfg.resize_masks,
         seed=cfg.seed,
         cache=cache,
+        classes=cfg.class_table(),
     )
     sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed)
     return DataLoader(
@@ -512,9 +539,9 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
 
 def _save_epoch(run: _Run, record: dict[str, Any]) -> None:
     """Weights (and the best so far), state and the metrics line, all written atomically."""
-    improved = "val" in record and record["val"]["dice"] > run.best_dice
+    improved = "val" in record and main_score(record["val"]) > run.best_dice
     if improved:
-        run.best_dice = record["val"]["dice"]
+        run.best_dice = main_score(record["val"])
     if run.dist.is_main:
         image_size = run.cfg.image_size
         save_weights(run.path / "last.safetensors", run.model, run.base, image_size)
@@ -702,11 +729,15 @@ def _summary(record: dict[str, Any]) -> str:
     text = f"epoch {record['epoch']}: loss {record['loss']:.4f}, {record['images_per_second']:.1f} images/s"
     if "val" in record:
         val = record["val"]
-        text += f", val dice {val['dice']:.4f} iou {val['iou']:.4f}"
+        if "mdice" in val:
+            text += f", val mdice {val['mdice']:.4f} miou {val['miou']:.4f}"
+        else:
+            text += f", val dice {val['dice']:.4f} iou {val['iou']:.4f}"
         constant = constant_masks(
             val.get("predicted_all_foreground", 0),
             val.get("predicted_all_background", 0),
             val.get("images", 0),
+            val.get("predicted_one_class", 0),
         )
         if constant:  # a high Dice can hide a model that learnt nothing
             text += f" (predicts {constant})"
@@ -725,7 +756,7 @@ def constant_model_warnings(run: Path) -> list[str]:
     records = [record for record in map(json.loads, lines) if "val" in record]
     if not records:
         return []
-    best = max(records, key=lambda record: record["val"]["dice"])  # the first best, as saved
+    best = max(records, key=lambda record: main_score(record["val"]))  # the first best, as saved
     last = records[-1]
     names = {best["epoch"]: ["best.safetensors"]}
     names.setdefault(last["epoch"], []).append("last.safetensors")
@@ -823,8 +854,8 @@ def zero_shot_warning(run: Path) -> str | None:
     epochs = [r for r in records if "val" in r]
     if baseline is None or not epochs:
         return None
-    best = max(epochs, key=lambda record: record["val"]["dice"])  # the first best, as saved
-    dice, zero_shot = best["val"]["dice"], baseline["val_dice"]
+    best = max(epochs, key=lambda record: main_score(record["val"]))  # the first best, as saved
+    dice, zero_shot = main_score(best["val"]), baseline["val_dice"]
     if dice >= zero_shot + MIN_GAIN:
         return None
     return (

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .backbones import is_release_name, resolve_base_checkpoint
+from .data.labels import class_table
 from .errors import CadsamError
 from .fast.runtime import Runtime
 from .files import write_atomic
@@ -56,6 +57,7 @@ def save_weights(
         "backbone": model.backbone,
         "options": model.options,
         "image_size": image_size,
+        **({} if model.classes is None else {"classes": model.classes.to_dict()}),
         "base_checkpoint": base,
         "includes_base": includes_base,
     }
@@ -170,7 +172,10 @@ def load_weights(
     tensors = checked_tensors(path)  # before the model is built: a damaged file costs nothing
     base = None if meta["includes_base"] else _verified_base(path, meta, checkpoint)
     options = model_options(meta, path)
-    model = build_model(meta["method"], meta["backbone"], base, runtime=runtime, **options)
+    classes = class_table(meta.get("classes"))
+    model = build_model(
+        meta["method"], meta["backbone"], base, runtime=runtime, classes=classes, **options
+    )
     if meta["includes_base"]:  # sam.* holds all of SAM, the trained decoder included
         model.sam.load_state_dict(
             {k.removeprefix("sam."): v for k, v in tensors.items() if k.startswith("sam.")}

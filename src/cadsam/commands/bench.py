@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..backbones import DEFAULT_BATCH, backbone_config
+from ..data.labels import class_table
 from ..errors import CadsamError
 from ..fast.runtime import Runtime, named_runtime, settle_cuda_graph
 from ..methods import SAM1_ONLY_WHY, AdaptedSam, build_model, check_runtime_settings, runs_on
@@ -64,7 +65,11 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
     "sam-adapter-lean": ("sam-adapter", "lean", {}, False),
     "lora": ("lora", "auto", {}, False),
     "lora-lean": ("lora", "lean", {}, False),
+    "cad-k12": ("cad", "auto", {}, False),
+    "cad-cache-k12": ("cad", "auto", {}, True),
 }
+# "-kK": K classes (the decoder's K output tokens, cross-entropy + Dice) beside the binary task
+VARIANT_CLASSES = {"cad-k12": 12, "cad-cache-k12": 12}
 WARMUP = 3  # untimed steps first: compilation, cuDNN's choices
 # The images a training step gets: cadsam train's default --image-size. The model resizes them
 # to its encoder's square itself (SAM 2.1 without padding) and CAD's adapter to adapter_size.
@@ -124,7 +129,7 @@ def warmed_step(
     what the profiling scripts in ``benchmarks/`` look at."""
     method, runtime, from_cache = variant_runtime(variant, backbone, overrides)
     with torch.device("cuda"):
-        model = build_model(method, backbone, with_encoder=not from_cache, runtime=runtime)
+        model = _variant_model(variant, method, backbone, from_cache, runtime)
     step = bench_step(model, precision, from_cache)
     for _ in range(WARMUP + runtime.cuda_graph):
         step()
@@ -132,11 +137,21 @@ def warmed_step(
     return step, runtime.changes()
 
 
+def _variant_model(
+    variant: str, method: str, backbone: str, from_cache: bool, runtime: Runtime
+) -> AdaptedSam:
+    classes = class_table(VARIANT_CLASSES.get(variant))
+    return build_model(
+        method, backbone, with_encoder=not from_cache, runtime=runtime, classes=classes
+    )
+
+
 def bench_batch(
     model: AdaptedSam, from_cache: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Seeded random data for one step, as ``cadsam train`` feeds it: images (RGB in 0..255)
-    and masks at :data:`IMAGE_SIZE`, and from a cache what a cache row holds, packed as the
+    and masks (class indices for several classes) at :data:`IMAGE_SIZE`, and from a cache what
+    a cache row holds, packed as the
     model's decoder reads it (``model.layout``: SAM's embedding, or SAM 2.1's embedding and
     high-resolution maps in one row), float32 as the training loader gives it."""
     batch = DEFAULT_BATCH[model.backbone]
@@ -144,7 +159,11 @@ def bench_batch(
     generator = torch.Generator(device).manual_seed(0)
     size = (IMAGE_SIZE, IMAGE_SIZE)
     images = torch.rand(batch, 3, *size, device=device, generator=generator) * 255
-    masks = (torch.rand(batch, 1, *size, device=device, generator=generator) > 0.5).float()
+    if model.classes is None:
+        masks = (torch.rand(batch, 1, *size, device=device, generator=generator) > 0.5).float()
+    else:  # class indices, as a label map's loader gives them
+        count = model.classes.count
+        masks = torch.randint(count, (batch, *size), device=device, generator=generator)
     embeddings = None
     if from_cache:
         shape = (batch, *model.layout.shape)
@@ -185,7 +204,7 @@ def measure_training(
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     with torch.device("cuda"):
-        model = build_model(method, backbone, with_encoder=not from_cache, runtime=runtime)
+        model = _variant_model(variant, method, backbone, from_cache, runtime)
     weights_mib = torch.cuda.memory_allocated() / MIB
     pinned = (overrides or {}).get("cuda_graph") is True  # as cadsam train --set cuda_graph=true
     step = bench_step(model, precision, from_cache, only_if_it_fits=not pinned)

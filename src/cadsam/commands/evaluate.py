@@ -18,6 +18,7 @@ EVAL_WORKERS = 2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.model_source_flags(parser)
     flags.data_flags(parser)
+    flags.add(parser, "--ignore-index")
     scoring = parser.add_argument_group("scoring")
     scoring.add_argument(
         "--eval-resolution",
@@ -76,4 +77,5 @@ def data_from_flags(args: argparse.Namespace, default_split: str) -> EvalData:
         mask_suffix=args.mask_suffix,
         resize_masks=bool(args.resize_masks),
         skip_bad=bool(args.skip_bad),
+        ignore_index=getattr(args, "ignore_index", None),
     )

@@ -75,6 +75,18 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--mask-threshold": dict(
         type=int, metavar="VALUE", help="8-bit mask values above it are foreground (default 127)"
     ),
+    "--classes": dict(
+        metavar="K|FILE",
+        help="several classes: their number, or a YAML/JSON class file naming them "
+        "(docs/data.md), whose masks are label maps of class indices (default: one class, "
+        "binary masks)",
+    ),
+    "--ignore-index": dict(
+        type=int,
+        metavar="VALUE",
+        help="the label maps' value for pixels of no class, left out of loss and scores "
+        "(default: the class file's, else 255; eval and predict: the weights')",
+    ),
     "--resize-masks": dict(
         action="store_true",
         default=None,

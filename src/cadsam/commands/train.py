@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flags.add_all(parser, "--backbone", "--checkpoint", "--random-weights")
     flags.add(parser, "--out", metavar="RUN")
     flags.data_flags(parser)
+    flags.add_all(parser, "--classes", "--ignore-index")
     val = parser.add_argument_group(
         "validation (optional; the best epoch is kept as best.safetensors)"
     )

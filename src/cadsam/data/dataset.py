@@ -8,15 +8,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .io import read_image, read_mask
-from .pairs import Pair
+from .io import read_image
+from .labels import IGNORE, ClassTable
+from .pairs import Pair, read_target
 from .transforms import apply_view, augment_pair, resize_mask, resize_pair
 
 
 class SegmentationDataset(Dataset):
-    """Items: ``image`` (3 x S x S uint8), ``mask`` (1 x S x S float 0/1), ``index``, ``id`` (the
-    pair's, to name it where training stops on it); with
-    ``keep_original`` also ``original_mask`` (H x W bool, the ground truth as read).
+    """Items: ``image`` (3 x S x S uint8), ``mask`` (1 x S x S float 0/1; with ``classes``,
+    S x S int64 class indices, IGNORE where ignored), ``index``, ``id`` (the pair's, to name it
+    where training stops on it); with ``keep_original`` also ``original_mask`` (H x W, the
+    ground truth as read).
 
     Augmentation randomness comes from (seed, epoch, index) alone, so it is the same whatever
     the worker, rank or resume point: call :meth:`set_epoch` before each epoch.
@@ -32,6 +34,7 @@ class SegmentationDataset(Dataset):
         keep_original: bool = False,
         seed: int = 0,
         cache: tuple[str, list[str], list[int]] | None = None,
+        classes: ClassTable | None = None,
     ) -> None:
         """``cache``: (cache folder, its views, each pair's row in it). Items then carry the
         cached ``embedding`` of a view, and augmentation is a choice among the cached views."""
@@ -44,6 +47,7 @@ class SegmentationDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.cache = cache
+        self.classes = classes
         self._embeddings: np.ndarray | None = None  # opened lazily, in each worker
 
     def set_epoch(self, epoch: int) -> None:
@@ -55,7 +59,7 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         pair = self.pairs[index]
         image = read_image(pair.image)
-        original = read_mask(pair.mask, self.mask_threshold)
+        original = read_target(pair, self.classes, self.mask_threshold)
         if original.shape != image.shape[:2]:
             assert self.resize_masks, (
                 "scan_pairs lets mismatched sizes through only with resize_masks"
@@ -69,10 +73,10 @@ class SegmentationDataset(Dataset):
             image, mask = apply_view(image, view), apply_view(mask, view)
             embedding = self._embedding(index, view)
         elif self.augment:
-            image, mask, _ = augment_pair(image, mask, rng)
+            image, mask, _ = augment_pair(image, mask, rng, fill=IGNORE if self.classes else 0)
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask)).float()[None],
+            "mask": self._target(mask),
             "index": index,
             "id": pair.id,
         }
@@ -81,6 +85,11 @@ class SegmentationDataset(Dataset):
         if embedding is not None:
             item["embedding"] = embedding
         return item
+
+    def _target(self, mask: np.ndarray) -> torch.Tensor:
+        if self.classes is None:
+            return torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+        return torch.from_numpy(mask.astype(np.int64))
 
     def _cached_view(self, rng: np.random.Generator) -> str:
         """Like the paper's augmentation, but among cached views: identity half the time."""

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from ..cores import usable_cores
@@ -26,9 +27,11 @@ from .io import (
     list_images,
     orientation,
     read_image,
+    read_mask,
     read_mask_and_grey_share,
     warn,
 )
+from .labels import ClassTable, read_labels
 
 
 @dataclass(frozen=True)
@@ -261,11 +264,24 @@ KIND_NAMES = {
 LISTED_PROBLEMS = 20  # named one a line in the error; the rest counted
 
 
-def _check_pair(pair: Pair, mask_threshold: int, resize_masks: bool) -> tuple[str, str] | None:
+def read_target(pair: Pair, classes: ClassTable | None, mask_threshold: int = 127) -> np.ndarray:
+    """A pair's ground truth as read: H x W bool for the binary task, else class indices
+    (:func:`~cadsam.data.labels.read_labels`)."""
+    if classes is None:
+        return read_mask(pair.mask, mask_threshold)
+    return read_labels(pair.mask, classes)
+
+
+def _check_pair(
+    pair: Pair, mask_threshold: int, resize_masks: bool, classes: ClassTable | None
+) -> tuple[str, str] | None:
     """None if the pair reads and fits, else (its kind of problem, what is wrong)."""
     try:
         image = read_image(pair.image)
-        mask, grey_share = read_mask_and_grey_share(pair.mask, mask_threshold)
+        if classes is None:
+            mask, grey_share = read_mask_and_grey_share(pair.mask, mask_threshold)
+        else:
+            mask, grey_share = read_target(pair, classes), 0.0
     except CadsamError as exc:
         return UNREADABLE, str(exc)
     turned = _turned_apart(pair, image.shape[:2], mask.shape)
@@ -330,13 +346,15 @@ def scan_pairs(
     resize_masks: bool = False,
     skip_bad: bool = False,
     progress: bool = True,
+    classes: ClassTable | None = None,
 ) -> tuple[list[Pair], list[str]]:
     """Read every pair once. Returns (good pairs, problems); without ``skip_bad`` any problem
-    is an error naming every bad pair, with the fix for each kind."""
+    is an error naming every bad pair, with the fix for each kind. ``classes``: the masks are
+    label maps of these classes (a value of none of them is a problem)."""
     with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
         results = list(
             tqdm(
-                pool.map(lambda p: _check_pair(p, mask_threshold, resize_masks), pairs),
+                pool.map(lambda p: _check_pair(p, mask_threshold, resize_masks, classes), pairs),
                 total=len(pairs),
                 desc="checking data",
                 unit="pair",

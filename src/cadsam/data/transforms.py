@@ -33,9 +33,11 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def augment_pair(
-    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, p: float = 0.5
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, p: float = 0.5, fill: int = 0
 ) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """Apply one randomly chosen augmentation to both with probability ``p``; returns its name."""
+    """Apply one randomly chosen augmentation to both with probability ``p``; returns its name.
+    ``fill``: the mask's value where a shift or rotation uncovers the border (a label map's
+    ignore value; the binary task's background)."""
     if rng.random() >= p:
         return image, mask, None
     name = AUGMENTATIONS[rng.integers(len(AUGMENTATIONS))]
@@ -62,7 +64,11 @@ def augment_pair(
         )
         mask = np.array(
             Image.fromarray(np.ascontiguousarray(mask)).transform(
-                (width, height), Image.Transform.AFFINE, matrix, Image.Resampling.NEAREST
+                (width, height),
+                Image.Transform.AFFINE,
+                matrix,
+                Image.Resampling.NEAREST,
+                fillcolor=fill if mask.dtype != bool else bool(fill),
             )
         )
     return np.ascontiguousarray(image), np.ascontiguousarray(mask), name

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..backbones import backbone_config, build_base, is_sam2
+from ..data.labels import ClassTable
 from ..errors import CadsamError
 from ..fast.runtime import Runtime
 from .cad import CAD_LAYOUTS, ConvAdapter
@@ -109,6 +110,7 @@ def build_model(
     checkpoint: str | os.PathLike | None = None,
     with_encoder: bool = True,
     runtime: Runtime | None = None,
+    classes: ClassTable | None = None,
     **options: Any,
 ) -> AdaptedSam:
     """SAM or SAM 2.1, as ``backbone`` names it (loaded from ``checkpoint`` if given), with
@@ -120,6 +122,7 @@ def build_model(
     in, the tanh map (before the 0.1 scale) out. ``with_encoder=False`` builds no image
     encoder at all: the model then needs the embeddings passed in (from a cache). The model
     runs on the plain path unless a ``runtime`` is given (:func:`cadsam.fast.runner.fit`).
+    ``classes``: K classes (:mod:`.classes`); None, the binary task.
     """
     options = resolve_options(method, options)
     config = backbone_config(backbone)
@@ -128,8 +131,10 @@ def build_model(
             f"{method} acts inside the image encoder, so it cannot train from cached embeddings"
         )
     check_method_on_backbone(method, backbone)
+    if classes is not None and method == "zero-shot":
+        raise CadsamError("zero-shot SAM predicts one mask: several classes need a trained method")
     sam = build_base(backbone, checkpoint, with_encoder=with_encoder)
-    common = dict(sam=sam, method=method, backbone=backbone, options=options)
+    common = dict(sam=sam, method=method, backbone=backbone, options=options, classes=classes)
     if method == "cad":
         adapter = ConvAdapter(config.embedding_size, layout=options["cad_layout"])
         model = AdaptedSam(**common, adapter=adapter)

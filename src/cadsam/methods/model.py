@@ -29,11 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import feature_layout
+from ..data.labels import ClassTable
 from ..errors import CadsamError
 from ..fast.runtime import Runtime
 from ..sam import Sam
 from ..sam2 import Sam2
 from .cad import ConvAdapter
+from .classes import give_class_tokens
 from .lora import LoraAdapter
 from .sam_adapter import OfficialSamAdapter, PaperSamAdapter
 
@@ -67,6 +69,7 @@ class AdaptedSam(nn.Module):
         options: dict[str, Any],
         adapter: ConvAdapter | None = None,
         encoder_adapter: OfficialSamAdapter | PaperSamAdapter | LoraAdapter | None = None,
+        classes: ClassTable | None = None,
     ) -> None:
         super().__init__()
         self.sam = sam
@@ -75,6 +78,9 @@ class AdaptedSam(nn.Module):
         self.options = dict(options)
         self.adapter = adapter
         self.encoder_adapter = encoder_adapter
+        self.classes = classes  # None: the binary task, one mask
+        if classes is not None:
+            give_class_tokens(sam.mask_decoder, classes.count)
         self.layout = feature_layout(backbone)  # what the decoder reads, packed
         self.runner: PlainRunner = PlainRunner()  # not a module: never in the state_dict
         sam.requires_grad_(False)
@@ -186,14 +192,21 @@ class AdaptedSam(nn.Module):
         """The frozen encoder's embeddings, outside autograd: it keeps nothing for backward."""
         return self.runner.frozen_embeddings(self, images)
 
+    @property
+    def outputs(self) -> int:
+        """Logit maps per image: 1 for the binary task, else one per class."""
+        return 1 if self.classes is None else self.classes.count
+
     def forward(self, images: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        """B x 3 x S x S RGB in 0..255 -> B x 1 x S x S mask logits (whole-image box prompt)."""
+        """B x 3 x S x S RGB in 0..255 -> B x :attr:`outputs` x S x S logits (whole-image box
+        prompt)."""
         height, width = images.shape[-2:]
         assert height == width, "images are resized to a square before the model"
         return self.runner.mask_logits(self, self.image_embeddings(images, embeddings), height)
 
     def mask_logits(self, image_embeddings: torch.Tensor, size: int) -> torch.Tensor:
-        """Image embeddings -> B x 1 x size x size mask logits, prompted by the whole-image box.
+        """Image embeddings -> B x :attr:`outputs` x size x size logits, prompted by the
+        whole-image box.
 
         Low-resolution logits are upsampled to the encoder's frame, then to ``size``, as SAM's
         postprocessing does and as the paper's numbers were computed. SAM 2.1's go straight
@@ -203,7 +216,9 @@ class AdaptedSam(nn.Module):
         if isinstance(self.sam, Sam2):
             embedding, *high_res = self.layout.unpack(image_embeddings)
             boxes = self.sam.whole_image_boxes(embedding.shape[0])
-            low_res, _ = self.sam.decode(embedding, high_res, boxes=boxes)
+            low_res, _ = self.sam.decode(
+                embedding, high_res, boxes=boxes, every_token=self.classes is not None
+            )
             return self.sam.postprocess_masks(low_res, (size, size))
         with torch.no_grad():
             boxes = self.sam.whole_image_boxes(image_embeddings.shape[0])
@@ -215,6 +230,7 @@ class AdaptedSam(nn.Module):
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=False,
+            every_token=self.classes is not None,
         )
         frame = self.sam.image_size
         logits = F.interpolate(low_res, (frame, frame), mode="bilinear", align_corners=False)

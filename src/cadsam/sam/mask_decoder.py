@@ -45,15 +45,20 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        every_token: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks (B x M x 4H x 4W logits) and their predicted IoU (B x M).
 
         ``image_embeddings`` holds one embedding per prompt set (B x C x H x W) or one shared
         by all of them (1 x C x H x W); M is 3 with ``multimask_output`` and 1 without.
+        ``every_token``: every mask token's mask (one per class, see
+        :mod:`cadsam.methods.classes`) and the IoU head's output as it is.
         """
         masks, iou_pred = self.predict_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
         )
+        if every_token:
+            return masks, iou_pred
         chosen = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, chosen], iou_pred[:, chosen]
 

@@ -69,6 +69,7 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         high_res_features: list[torch.Tensor],
+        every_token: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks (B x M x 4H x 4W logits) and their predicted IoU (B x M, in 0..1).
 
@@ -83,6 +84,8 @@ class MaskDecoder(nn.Module):
             dense_prompt_embeddings,
             high_res_features,
         )
+        if every_token:  # one token per class: cadsam.methods.classes
+            return masks, iou_pred
         if multimask_output:
             return masks[:, 1:], iou_pred[:, 1:]
         if self.dynamic_multimask_via_stability and not self.training:

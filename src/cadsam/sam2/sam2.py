@@ -104,6 +104,7 @@ class Sam2(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = False,
+        every_token: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features + prompts (in the encoder's frame) -> low-res logits (B x M x S/4 x S/4)
         and predicted IoU (B x M). Boxes join the points as labelled corners, as SAM 2's image
@@ -118,6 +119,7 @@ class Sam2(nn.Module):
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
             high_res_features=high_res_features,
+            every_token=every_token,
         )
 
     def postprocess_masks(
