@@ -265,3 +265,64 @@ def test_ignore_index_needs_classes(tmp_path, capsys):
     ]  # fmt: skip
     assert main(argv) == 1
     assert "--ignore-index is for label maps: give --classes too" in capsys.readouterr().err
+
+
+def write_coco(folder):
+    """Three 40 x 48 images, each with a rectangle of category "a" and one of "b" (polygons)."""
+    (folder / "images").mkdir(parents=True)
+    entries, annotations = [], []
+    for i in range(3):
+        pixels = np.full((40, 48, 3), 40 * i, dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "images" / f"im{i}.png")
+        entries.append({"id": i + 1, "file_name": f"im{i}.png", "height": 40, "width": 48})
+        for category, (x, y) in ((1, (4 + i, 5)), (2, (26, 18 + i))):
+            box = [x, y, x + 12, y, x + 12, y + 10, x, y + 10]
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": i + 1, "category_id": category,
+                "segmentation": [box], "area": 120.0, "bbox": [x, y, 12, 10], "iscrowd": 0,
+            })  # fmt: skip
+    coco = {
+        "images": entries,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+    (folder / "coco.json").write_text(json.dumps(coco))
+    return folder
+
+
+@pytest.mark.parametrize("task", ["binary", "classes"])
+def test_coco_json_masks_train_and_evaluate(tmp_path, capsys, task):
+    """--masks a COCO JSON file: the binary task segments the --coco-category; with a class
+    file (background, a, b), every category is a class. Eval reads the same file."""
+    data = write_coco(tmp_path / "data")
+    if task == "binary":
+        extra = ["--coco-category", "b"]
+    else:
+        (tmp_path / "classes.yaml").write_text("classes: [background, a, b]\n")
+        extra = ["--classes", str(tmp_path / "classes.yaml")]
+    pairs = ["--images", str(data / "images"), "--masks", str(data / "coco.json")]
+    argv = [
+        "train", "--method", "decoder", "--backbone", "vit_tiny", "--random-weights",
+        *pairs, *extra, "--out", str(tmp_path / "run"), "--epochs", "1", "--image-size", "32",
+        "--num-workers", "0", "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    extra = extra if task == "binary" else []  # the weights hold the classes
+    at_size = ["--eval-resolution", "original", "--json"]
+    assert main(["eval", "--weights", str(tmp_path / "run"), *pairs, *extra, *at_size]) == 0
+    scores = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert scores["images"] == 3
+    if task == "classes":
+        assert list(scores["per_class"]) == ["background", "a", "b"]
+        assert [scores["per_class"][k]["pixels"] for k in ("a", "b")] == [3 * 120, 3 * 120]
+
+
+def test_coco_json_binary_needs_a_category(tmp_path, capsys):
+    data = write_coco(tmp_path / "data")
+    argv = [
+        "train", "--method", "decoder", "--backbone", "vit_tiny", "--random-weights",
+        "--images", str(data / "images"), "--masks", str(data / "coco.json"),
+        "--out", str(tmp_path / "run"), "--image-size", "32",
+    ]  # fmt: skip
+    assert main(argv) == 1
+    assert "--coco-category NAME" in capsys.readouterr().err

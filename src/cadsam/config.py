@@ -61,6 +61,7 @@ class TrainConfig:
     # several classes: their number, or a class file (YAML/JSON) naming them; None: binary
     classes: str | None = None
     ignore_index: int | None = None  # the label maps' value for "no class" (the file's, or 255)
+    coco_category: str | None = None  # masks in COCO JSON, binary task: the category to segment
     resize_masks: bool = False
     skip_bad: bool = False
     # optimisation (the paper's defaults)

@@ -105,6 +105,7 @@ class EvalData:
     resize_masks: bool = False
     skip_bad: bool = False
     ignore_index: int | None = None  # label maps: the weights' value unless given
+    coco_category: str | None = None  # masks in COCO JSON, binary task: the category
 
 
 def evaluate_on(
@@ -141,6 +142,7 @@ def evaluate_on(
         data.skip_bad,
         progress=dist.is_main and progress,
         classes=classes,
+        coco_category=data.coco_category,
     )
     dataset = SegmentationDataset(
         pairs,
@@ -149,6 +151,7 @@ def evaluate_on(
         resize_masks=data.resize_masks,
         keep_original=resolution == "original",
         classes=classes,
+        coco_category=data.coco_category,
     )
     metrics = evaluate(
         model.to(dist.device),

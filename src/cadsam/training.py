@@ -160,7 +160,8 @@ def _pairs(cfg: TrainConfig, progress: bool):
         progress=progress,
     )
     # one scan: every bad pair in one error
-    checked, bad = scan_pairs(pairs + val, **scan, classes=cfg.class_table())
+    classes = cfg.class_table()
+    checked, bad = scan_pairs(pairs + val, **scan, classes=classes, coco_category=cfg.coco_category)
     usable = set(checked)
     pairs, val = ([p for p in group if p in usable] for group in (pairs, val))
     if not pairs:
@@ -313,9 +314,8 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
     val_set = None
     if val_pairs:
         data = dict(mask_threshold=cfg.mask_threshold, resize_masks=cfg.resize_masks)
-        val_set = SegmentationDataset(
-            val_pairs, cfg.image_size, **data, cache=val_cache, classes=classes
-        )
+        data |= dict(classes=classes, coco_category=cfg.coco_category)
+        val_set = SegmentationDataset(val_pairs, cfg.image_size, **data, cache=val_cache)
     # cuda_graph=auto graphs the step where its capture fits; true, whatever it takes
     fit = cfg.runtime.get("cuda_graph") is not True
     step = training_step(net, optimizer, cfg.precision, runtime.cuda_graph, fit, log)
@@ -377,6 +377,7 @@ def _loader(cfg: TrainConfig, dist: distributed.Dist, pairs: list, cache) -> Dat
         seed=cfg.seed,
         cache=cache,
         classes=cfg.class_table(),
+        coco_category=cfg.coco_category,
     )
     sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed)
     return DataLoader(

@@ -77,5 +77,6 @@ def data_from_flags(args: argparse.Namespace, default_split: str) -> EvalData:
         mask_suffix=args.mask_suffix,
         resize_masks=bool(args.resize_masks),
         skip_bad=bool(args.skip_bad),
-        ignore_index=getattr(args, "ignore_index", None),
+        ignore_index=args.ignore_index,
+        coco_category=args.coco_category,
     )

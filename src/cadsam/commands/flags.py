@@ -56,7 +56,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     # data
     "--images": dict(metavar="PATH", help="images: a folder (predict: a folder or one image file)"),
     "--masks": dict(
-        metavar="DIR", help="masks, paired with the images by file stem (see --mask-suffix)"
+        metavar="DIR|FILE.json",
+        help="masks, paired with the images by file stem (see --mask-suffix), or a COCO JSON file",
     ),
     "--mask-suffix": dict(
         metavar="SUFFIX",
@@ -86,6 +87,10 @@ FLAGS: dict[str, dict[str, Any]] = {
         metavar="VALUE",
         help="the label maps' value for pixels of no class, left out of loss and scores "
         "(default: the class file's, else 255; eval and predict: the weights')",
+    ),
+    "--coco-category": dict(
+        metavar="NAME",
+        help="--masks is a COCO JSON file and the task binary: the category to segment",
     ),
     "--resize-masks": dict(
         action="store_true",
@@ -210,7 +215,7 @@ def data_flags(parser: argparse.ArgumentParser, *, masks: bool = True) -> None:
         add_all(data, "--masks", "--mask-suffix")
     add_all(data, "--dataset", "--data-root", "--split")
     if masks:
-        add_all(data, "--mask-threshold", "--resize-masks")
+        add_all(data, "--mask-threshold", "--coco-category", "--resize-masks")
     add_all(data, "--skip-bad", "--num-workers")
 
 

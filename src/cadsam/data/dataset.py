@@ -35,6 +35,7 @@ class SegmentationDataset(Dataset):
         seed: int = 0,
         cache: tuple[str, list[str], list[int]] | None = None,
         classes: ClassTable | None = None,
+        coco_category: str | None = None,
     ) -> None:
         """``cache``: (cache folder, its views, each pair's row in it). Items then carry the
         cached ``embedding`` of a view, and augmentation is a choice among the cached views."""
@@ -48,6 +49,7 @@ class SegmentationDataset(Dataset):
         self.epoch = 0
         self.cache = cache
         self.classes = classes
+        self.coco_category = coco_category  # masks in COCO JSON, binary: the category
         self._embeddings: np.ndarray | None = None  # opened lazily, in each worker
 
     def set_epoch(self, epoch: int) -> None:
@@ -59,7 +61,7 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         pair = self.pairs[index]
         image = read_image(pair.image)
-        original = read_target(pair, self.classes, self.mask_threshold)
+        original = read_target(pair, self.classes, self.mask_threshold, self.coco_category)
         if original.shape != image.shape[:2]:
             assert self.resize_masks, (
                 "scan_pairs lets mismatched sizes through only with resize_masks"

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ..cores import usable_cores
 from ..errors import CadsamError
+from .coco import coco_labels, coco_mask, coco_pairs
 from .io import (
     GREY_SHARE,
     IMAGE_EXTENSIONS,
@@ -170,8 +171,11 @@ def pair_folders(
 
     With ``mask_suffix`` (``"_mask"``) a mask's stem minus the suffix is its pair's id, so
     ``00.png`` pairs with ``00_mask.png``. Files without a partner are an error naming them;
-    with ``skip_bad`` they are left out and reported on stderr."""
+    with ``skip_bad`` they are left out and reported on stderr. ``masks`` may be a COCO JSON
+    file instead of a folder (:func:`~cadsam.data.coco.coco_pairs`)."""
     images, masks = Path(images), Path(masks)
+    if masks.suffix.lower() == ".json" and not masks.is_dir():  # COCO: one file for all
+        return coco_pairs(images, masks, skip_bad=skip_bad)
     image_files = [p for p in list_images(images) if name_filter is None or name_filter in p.name]
     mask_files = [p for p in list_images(masks) if name_filter is None or name_filter in p.name]
     by_image, by_mask = _by_stem(image_files, images), _by_stem(mask_files, masks, mask_suffix)
@@ -264,27 +268,48 @@ KIND_NAMES = {
 LISTED_PROBLEMS = 20  # named one a line in the error; the rest counted
 
 
-def read_target(pair: Pair, classes: ClassTable | None, mask_threshold: int = 127) -> np.ndarray:
+def read_target(
+    pair: Pair,
+    classes: ClassTable | None,
+    mask_threshold: int = 127,
+    coco_category: str | None = None,
+) -> np.ndarray:
     """A pair's ground truth as read: H x W bool for the binary task, else class indices
-    (:func:`~cadsam.data.labels.read_labels`)."""
+    (:func:`~cadsam.data.labels.read_labels`). From COCO JSON: the classes' label map, or for
+    the binary task the mask of ``coco_category``."""
+    if pair.mask.suffix.lower() == ".json":
+        if classes is not None:
+            return coco_labels(pair.mask, pair.id, classes)
+        if coco_category is None:
+            raise CadsamError(
+                f"{pair.mask} is COCO JSON: name the category to segment with --coco-category "
+                "NAME, or give --classes for a label map of every category"
+            )
+        return coco_mask(pair.mask, pair.id, coco_category)
     if classes is None:
         return read_mask(pair.mask, mask_threshold)
     return read_labels(pair.mask, classes)
 
 
 def _check_pair(
-    pair: Pair, mask_threshold: int, resize_masks: bool, classes: ClassTable | None
+    pair: Pair,
+    mask_threshold: int,
+    resize_masks: bool,
+    classes: ClassTable | None,
+    coco_category: str | None,
 ) -> tuple[str, str] | None:
     """None if the pair reads and fits, else (its kind of problem, what is wrong)."""
+    coco = pair.mask.suffix.lower() == ".json"
     try:
         image = read_image(pair.image)
-        if classes is None:
+        if classes is None and not coco:
             mask, grey_share = read_mask_and_grey_share(pair.mask, mask_threshold)
         else:
-            mask, grey_share = read_target(pair, classes), 0.0
+            mask, grey_share = read_target(pair, classes, coco_category=coco_category), 0.0
     except CadsamError as exc:
         return UNREADABLE, str(exc)
-    turned = _turned_apart(pair, image.shape[:2], mask.shape)
+    # COCO's polygons are drawn on the image as shown: there is no mask turn to compare
+    turned = None if coco else _turned_apart(pair, image.shape[:2], mask.shape)
     if turned is not None:
         return TURNED_APART, turned
     if image.shape[:2] != mask.shape and not resize_masks:
@@ -347,14 +372,19 @@ def scan_pairs(
     skip_bad: bool = False,
     progress: bool = True,
     classes: ClassTable | None = None,
+    coco_category: str | None = None,
 ) -> tuple[list[Pair], list[str]]:
     """Read every pair once. Returns (good pairs, problems); without ``skip_bad`` any problem
     is an error naming every bad pair, with the fix for each kind. ``classes``: the masks are
-    label maps of these classes (a value of none of them is a problem)."""
+    label maps of these classes (a value of none of them is a problem); ``coco_category``: the
+    binary task's category in COCO JSON masks."""
     with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
         results = list(
             tqdm(
-                pool.map(lambda p: _check_pair(p, mask_threshold, resize_masks, classes), pairs),
+                pool.map(
+                    lambda p: _check_pair(p, mask_threshold, resize_masks, classes, coco_category),
+                    pairs,
+                ),
                 total=len(pairs),
                 desc="checking data",
                 unit="pair",
