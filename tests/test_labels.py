@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
 from cadsam.data import coco
-from cadsam.data.coco import coco_image_size, coco_labels, coco_mask, coco_pairs
+from cadsam.data.coco import coco_image_size, coco_images, coco_labels, coco_mask
 from cadsam.data.io import TIFF_PERCENTILES, read_image, rgb_array
 from cadsam.data.labels import IGNORE, ClassTable, class_table, read_class_file, read_labels
 from cadsam.errors import CadsamError
@@ -353,20 +353,17 @@ def test_coco_pairs_by_the_stem_of_file_name(tmp_path, capsys):
     images.mkdir()
     for name in ("a.png", "b.png"):
         Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(images / name)
-    pairs = coco_pairs(images, path)
-    assert [(p.id, p.image.name, p.mask) for p in pairs] == [
-        ("a", "a.png", path),
-        ("b", "b.png", path),
-    ]
-    assert coco_image_size(path, "a") == (H, W) == read_image(pairs[0].image).shape[:2]
+    found = coco_images(images, path)
+    assert {stem: image.name for stem, image in found.items()} == {"a": "a.png", "b": "b.png"}
+    assert coco_image_size(path, "a") == (H, W) == read_image(found["a"]).shape[:2]
     Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(images / "c.png")
     (images / "b.png").unlink()
     with pytest.raises(CadsamError) as caught:
-        coco_pairs(images, path)
+        coco_images(images, path)
     message = str(caught.value)
     assert f"1 image(s) in {images} have no entry in {path}: c" in message
     assert f"1 image(s) of {path} are not in {images}: b" in message
-    assert [p.id for p in coco_pairs(images, path, skip_bad=True)] == ["a"]
+    assert list(coco_images(images, path, skip_bad=True)) == ["a"]
     assert "cadsam: warning: skipped unpaired images:" in capsys.readouterr().err
 
 

@@ -14,16 +14,13 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import CadsamError
 from .io import LABELS_EXTRA, list_images, warn
 from .labels import IGNORE, ClassTable
-
-if TYPE_CHECKING:  # pairs.py may import this module: Pair is imported where it is used
-    from .pairs import Pair
 
 PARSED_FILES = 4  # COCO files kept parsed at once (a train and a val file, with room)
 LISTED = 8  # names listed in an error; the rest counted
@@ -38,15 +35,13 @@ class _Coco:
     categories: dict[int, str]  # category id -> name
 
 
-def coco_pairs(
+def coco_images(
     images: str | os.PathLike, annotations: str | os.PathLike, *, skip_bad: bool = False
-) -> list[Pair]:
-    """Pair the images in a folder with the entries of a COCO file by stem (the stem of a
-    ``file_name``'s last part, so ``train/00.jpg`` pairs with ``00.png``). Each pair's mask is
-    the JSON file. Images without an entry, and entries without an image, are an error naming
-    them; with ``skip_bad`` they are left out and reported."""
-    from .pairs import Pair
-
+) -> dict[str, Path]:
+    """The images in a folder that have an entry in a COCO file, by stem (the stem of a
+    ``file_name``'s last part, so ``train/00.jpg`` pairs with ``00.png``), in stem order.
+    Images without an entry, and entries without an image, are an error naming them; with
+    ``skip_bad`` they are left out and reported."""
     images, annotations = Path(images), Path(annotations)
     parsed = _parsed(annotations)
     files: dict[str, Path] = {}
@@ -79,7 +74,7 @@ def coco_pairs(
         raise CadsamError("; ".join(parts) + " (--skip-bad leaves them out)")
     if parts:
         warn("skipped unpaired images: " + "; ".join(parts))
-    return [Pair(stem, files[stem], annotations) for stem in stems]
+    return {stem: files[stem] for stem in stems}
 
 
 def coco_image_size(annotations: str | os.PathLike, image_stem: str) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..cores import usable_cores
 from ..errors import CadsamError
-from .coco import coco_labels, coco_mask, coco_pairs
+from .coco import coco_images, coco_labels, coco_mask
 from .io import (
     GREY_SHARE,
     IMAGE_EXTENSIONS,
@@ -172,10 +172,11 @@ def pair_folders(
     With ``mask_suffix`` (``"_mask"``) a mask's stem minus the suffix is its pair's id, so
     ``00.png`` pairs with ``00_mask.png``. Files without a partner are an error naming them;
     with ``skip_bad`` they are left out and reported on stderr. ``masks`` may be a COCO JSON
-    file instead of a folder (:func:`~cadsam.data.coco.coco_pairs`)."""
+    file instead of a folder, each pair's mask then (:func:`~cadsam.data.coco.coco_images`)."""
     images, masks = Path(images), Path(masks)
     if masks.suffix.lower() == ".json" and not masks.is_dir():  # COCO: one file for all
-        return coco_pairs(images, masks, skip_bad=skip_bad)
+        found = coco_images(images, masks, skip_bad=skip_bad)
+        return [Pair(stem, image, masks) for stem, image in found.items()]
     image_files = [p for p in list_images(images) if name_filter is None or name_filter in p.name]
     mask_files = [p for p in list_images(masks) if name_filter is None or name_filter in p.name]
     by_image, by_mask = _by_stem(image_files, images), _by_stem(mask_files, masks, mask_suffix)
