@@ -185,3 +185,39 @@ def test_a_killed_graphed_run_resumes_to_the_uninterrupted_end(tmp_path, sam_fil
     gap = _relative_distance(final_resumed, final)
     assert gap <= 3 * spread + 1e-6, f"resumed {gap:.2e} from the whole run, again {spread:.2e}"
     assert loss_gap(resumed) <= 3 * loss_gap(again) + 1e-6, (loss_gap(resumed), loss_gap(again))
+
+
+def test_classes_graphed_train_eval_predict_on_cuda(tmp_path, sam_file, capsys):
+    """K classes on CUDA: CAD's step with the cross-entropy + Dice loss replayed as a CUDA
+    graph, from the encoder; eval's per-class scores and predict's label maps agree with the
+    same weights on the CPU."""
+    from test_classes import CAMVID, NAMES
+
+    data = []
+    for part in ("images", "labels"):
+        folder = tmp_path / part
+        folder.mkdir()
+        for path in sorted((CAMVID / "train" / part).iterdir())[:4]:
+            (folder / path.name).symlink_to(path)
+        data += [f"--{'masks' if part == 'labels' else part}", str(folder)]
+    (tmp_path / "classes.yaml").write_text(json.dumps({"classes": NAMES, "ignore_index": 11}))
+    records = _train(sam_file, data, tmp_path / "run", "--epochs", "2", "--device", "cuda",
+                     "--set", "adapter_size=128", "--set", "cuda_graph=true",
+                     "--classes", str(tmp_path / "classes.yaml"))  # fmt: skip
+    assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)
+    capsys.readouterr()
+    scores, labels = {}, {}
+    for device in ("cuda", "cpu"):
+        assert main(["eval", "--weights", str(tmp_path / "run"), *data, "--device", device,
+                     "--json", "--num-workers", "0"]) == 0  # fmt: skip
+        scores[device] = json.loads(capsys.readouterr().out)
+        out = tmp_path / f"predicted-{device}"
+        assert main(["predict", "--weights", str(tmp_path / "run"), "--images", data[1],
+                     "--out", str(out), "--device", device]) == 0  # fmt: skip
+        labels[device] = [np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))]
+    assert list(scores["cuda"]["per_class"]) == NAMES
+    for key in ("miou", "mdice", "pixel_accuracy"):
+        assert scores["cuda"][key] == pytest.approx(scores["cpu"][key], abs=5e-3), key
+    assert all(a.shape == (360, 480) and a.max() < 11 for a in labels["cuda"])
+    agree = np.mean([np.mean(a == b) for a, b in zip(labels["cuda"], labels["cpu"], strict=True)])
+    assert agree > 0.99  # bar pixels where two classes' logits are within rounding
