@@ -326,3 +326,56 @@ def test_coco_json_binary_needs_a_category(tmp_path, capsys):
     ]  # fmt: skip
     assert main(argv) == 1
     assert "--coco-category NAME" in capsys.readouterr().err
+
+
+def write_tiff_pairs(folder, count=3):
+    """Five-channel 16-bit TIFF images (channel 4 holds the object) and their binary masks."""
+    import tifffile
+
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        stack = rng.integers(0, 1000, (40, 48, 5)).astype(np.uint16)
+        mask = np.zeros((40, 48), bool)
+        mask[8 + i : 24 + i, 10:30] = True
+        stack[..., 4][mask] += 30000
+        tifffile.imwrite(folder / "images" / f"t{i}.tif", stack, photometric="minisblack")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / f"t{i}.png")
+    return folder
+
+
+def test_image_channels_are_read_as_trained_and_cached(tmp_path, sam_file, capsys):
+    """--image-channels 4,0,2 picks the model's RGB from five-channel TIFFs: recorded with the
+    weights, so predict and cadsam.load read the same channels; a cache made from other
+    channels does not fit the run."""
+    data = write_tiff_pairs(tmp_path / "data")
+    pairs = ["--images", str(data / "images"), "--masks", str(data / "masks")]
+    common = [
+        "--backbone", "vit_tiny", "--checkpoint", str(sam_file), "--image-size", "32",
+        "--no-progress",
+    ]  # fmt: skip
+    argv = ["train", "--method", "decoder", *common, *pairs, "--epochs", "1"]
+    assert main([*argv, "--image-channels", "4,0,2", "--out", str(tmp_path / "run")]) == 0
+    meta = cadsam.weights.read_weights_metadata(tmp_path / "run" / "last.safetensors")
+    assert meta["image_channels"] == [4, 0, 2]
+
+    predictor = cadsam.load(tmp_path / "run", device="cpu")
+    path = data / "images" / "t0.tif"
+    from cadsam.prediction import predict_logits
+
+    chosen = predict_logits(predictor.model, read_image(path, (4, 0, 2)), 32, torch.device("cpu"))
+    first = predict_logits(predictor.model, read_image(path), 32, torch.device("cpu"))
+    assert not torch.equal(chosen, first)  # the channels matter to the model
+    np.testing.assert_array_equal(predictor.predict(path), (chosen > 0).numpy())
+    out = tmp_path / "masks"
+    argv_predict = ["predict", "--weights", str(tmp_path / "run"), "--images", str(path)]
+    assert main([*argv_predict, "--out", str(out), "--no-progress"]) == 0
+    np.testing.assert_array_equal(np.array(Image.open(out / "t0.png")) > 0, (chosen > 0).numpy())
+
+    cache = tmp_path / "cache"
+    assert main(["cache", *common, "--images", str(data / "images"), "--out", str(cache)]) == 0
+    capsys.readouterr()
+    cached = [*argv, "--cache", str(cache), "--out", str(tmp_path / "cached")]
+    assert main([*cached, "--image-channels", "4,0,2"]) == 1
+    assert "image_channels: cache has None, wanted [4, 0, 2]" in capsys.readouterr().err

@@ -66,7 +66,11 @@ class Predictor:
         outputs = []
         for image in [images] if single else images:
             logits = predict_logits(
-                self.model, as_rgb(image), self.image_size, self.device, self.precision
+                self.model,
+                as_rgb(image, self.model.image_channels),
+                self.image_size,
+                self.device,
+                self.precision,
             )
             if self.classes is not None:
                 outputs.append(torch.softmax(logits, 0) if probabilities else logits.argmax(0))
@@ -80,11 +84,11 @@ def _is_one_image(images: Any) -> bool:
     return isinstance(images, (str, os.PathLike, np.ndarray, Image.Image))
 
 
-def as_rgb(image: ImageLike) -> np.ndarray:
+def as_rgb(image: ImageLike, channels: tuple[int, ...] | None = None) -> np.ndarray:
     """A path, a Pillow image or an array (H x W grey, H x W x 3 RGB, H x W x 4 RGBA) ->
-    H x W x 3 uint8 RGB, read as the command line reads files."""
+    H x W x 3 uint8 RGB, read as the command line reads files (a file's ``channels`` too)."""
     if isinstance(image, (str, os.PathLike)):
-        return read_image(image)
+        return read_image(image, channels)
     if isinstance(image, Image.Image):
         return rgb_array(image)
     array = np.asarray(image)

@@ -210,6 +210,7 @@ def cache_manifest(
     images: list[Path],
     dtype: str,
     precision: str,
+    channels: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -223,6 +224,7 @@ def cache_manifest(
         "dtype": dtype,
         "encoder_precision": precision,
         "parts": feature_layout(backbone).to_json(),
+        **({} if channels is None else {"image_channels": list(channels)}),
     }
 
 
@@ -237,6 +239,7 @@ SETTINGS_KEYS = (
     "dtype",
     "encoder_precision",
     "parts",
+    "image_channels",
 )
 
 
@@ -251,15 +254,23 @@ def _differences(found: dict[str, Any], wanted: dict[str, Any], keys: tuple[str,
 class _ViewImages(Dataset):
     """(entry, view image as 3 x S x S uint8) for each entry still to compute."""
 
-    def __init__(self, images: list[Path], views: list[str], size: int, entries: list[int]) -> None:
+    def __init__(
+        self,
+        images: list[Path],
+        views: list[str],
+        size: int,
+        entries: list[int],
+        channels: tuple[int, ...] | None,
+    ) -> None:
         self.images, self.views, self.size, self.entries = images, views, size, entries
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         entry = self.entries[i]
-        image = read_image(self.images[entry // len(self.views)])
+        image = read_image(self.images[entry // len(self.views)], self.channels)
         image = resize_image(image, self.size)
         view = apply_view(image, self.views[entry % len(self.views)])
         return entry, torch.from_numpy(view).permute(2, 0, 1)
@@ -283,6 +294,7 @@ def build_cache(
     stop_after: int | None = None,
     on_batch: Callable[[int], None] | None = None,
     skip_bad: bool = False,
+    channels: tuple[int, ...] | None = None,
 ) -> EmbeddingCache:
     """Compute (or finish computing) the cache in ``out``. Under torchrun the ranks share the
     entries still to do and write disjoint rows. ``num_workers`` data-loader processes read
@@ -297,12 +309,14 @@ def build_cache(
     views = check_views(views or ["identity"])
     _check_request(images, backbone, checkpoint, dtype)
     check_output_folder(out, "--out")
-    images = readable_images(images, skip_bad, progress)
+    images = readable_images(images, skip_bad, progress, channels)
     dist = distributed.setup(device)
     try:
         root = Path(out)
         base = base_checkpoint_record(checkpoint)
-        manifest = cache_manifest(backbone, base, image_size, views, images, dtype, precision)
+        manifest = cache_manifest(
+            backbone, base, image_size, views, images, dtype, precision, channels
+        )
         # built before the folder, so that a checkpoint refused for this backbone writes nothing;
         # by default the whole batch per encoder call, with the fused attention
         runtime = runtime or Runtime(fused_attention=True)
@@ -317,7 +331,7 @@ def build_cache(
         if num_workers is None:
             num_workers = default_workers(4)
         loader = DataLoader(
-            _ViewImages(images, views, image_size, todo),
+            _ViewImages(images, views, image_size, todo, channels),
             batch_size=batch_size,
             num_workers=num_workers if todo else 0,
             pin_memory=dist.device.type == "cuda",
@@ -599,7 +613,12 @@ def _refuse_damaged(cache: EmbeddingCache, rows: list[int]) -> None:
 
 
 def check_cache_for_training(
-    cache: EmbeddingCache, pairs: list, backbone: str, base: dict[str, Any], image_size: int
+    cache: EmbeddingCache,
+    pairs: list,
+    backbone: str,
+    base: dict[str, Any],
+    image_size: int,
+    channels: tuple[int, ...] | None = None,
 ) -> list[int]:
     """Refuse a cache that does not fit this training run; return each pair's cache row."""
     wanted = {
@@ -607,6 +626,7 @@ def check_cache_for_training(
         "backbone": backbone,
         "base_checkpoint": base,
         "image_size": image_size,
+        "image_channels": None if channels is None else list(channels),
     }
     made_from = cache.manifest["base_checkpoint"]
     if base["name"] is None and made_from["name"] is not None:
@@ -614,7 +634,8 @@ def check_cache_for_training(
             f"the cache in {cache.root} was made from checkpoint {made_from['name']} (sha256 "
             f"{made_from['sha256'][:16]}...): pass --checkpoint {made_from['name']}"
         )
-    problems = _differences(cache.manifest, wanted, ("format", "backbone", "image_size"))
+    checked = ("format", "backbone", "image_size", "image_channels")
+    problems = _differences(cache.manifest, wanted, checked)
     if made_from["sha256"] != base["sha256"]:
         problems.append(
             f"made from checkpoint {made_from['name']}, training uses {base['name']} (sha256 "
@@ -654,13 +675,15 @@ def recorded_precision(out: str | os.PathLike) -> str | None:
     return _read_manifest(manifest).get("encoder_precision")
 
 
-def readable_images(images: list[Path], skip_bad: bool, progress: bool) -> list[Path]:
+def readable_images(
+    images: list[Path], skip_bad: bool, progress: bool, channels: tuple[int, ...] | None = None
+) -> list[Path]:
     """The images that can be read, checked before anything is written: an unreadable one is
     an error naming every such file, or with ``skip_bad`` left out and named."""
     bad = []
     for path in tqdm(images, desc="checking images", unit="image", disable=not progress):
         try:
-            read_image(path)
+            read_image(path, channels)
         except CadsamError as exc:
             bad.append((path, str(exc)))
     if not bad:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .backbones import DEFAULT_BATCH
+from .data.io import parse_channels
 from .data.labels import ClassTable, class_table
 from .errors import CadsamError
 from .fast.runtime import Runtime, check_settings
@@ -62,6 +63,7 @@ class TrainConfig:
     classes: str | None = None
     ignore_index: int | None = None  # the label maps' value for "no class" (the file's, or 255)
     coco_category: str | None = None  # masks in COCO JSON, binary task: the category to segment
+    image_channels: str | None = None  # multi-channel images: which make the RGB ("4,0,2")
     resize_masks: bool = False
     skip_bad: bool = False
     # optimisation (the paper's defaults)
@@ -102,6 +104,7 @@ class TrainConfig:
         if self.ignore_index is not None and self.classes is None:
             raise CadsamError("--ignore-index is for label maps: give --classes too")
         self.class_table()  # a class file that does not read, before any work
+        self.channels()
         resolve_options(self.method, self.options)  # an option the method does not take
         check_method_on_backbone(self.method, self.backbone)  # before the data and weights
         name, settings = self.runtime_parts()
@@ -149,6 +152,10 @@ class TrainConfig:
     def class_table(self) -> ClassTable | None:
         """The classes the model predicts (None: the binary task)."""
         return class_table(self.classes, self.ignore_index)
+
+    def channels(self) -> tuple[int, ...] | None:
+        """The image channels read (None: the first three)."""
+        return parse_channels(self.image_channels)
 
     def runtime_parts(self) -> tuple[str, dict[str, Any]]:
         """(named runtime, settings on top)."""

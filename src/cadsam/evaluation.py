@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .data import SegmentationDataset, collate, find_pairs, scan_pairs
+from .data.io import parse_channels
 from .distributed import Dist, gather_objects
 from .errors import CadsamError
 from .methods import AdaptedSam
@@ -106,6 +107,7 @@ class EvalData:
     skip_bad: bool = False
     ignore_index: int | None = None  # label maps: the weights' value unless given
     coco_category: str | None = None  # masks in COCO JSON, binary task: the category
+    image_channels: str | None = None  # multi-channel images: the weights' unless given
 
 
 def evaluate_on(
@@ -135,14 +137,18 @@ def evaluate_on(
         if classes is None:
             raise CadsamError("--ignore-index is for label maps: these weights predict one class")
         classes = dataclasses.replace(classes, ignore_index=data.ignore_index)
+    reading = dict(
+        classes=classes,
+        coco_category=data.coco_category,
+        channels=parse_channels(data.image_channels) or model.image_channels,
+    )
     pairs, bad = scan_pairs(
         pairs,
         data.mask_threshold,
         data.resize_masks,
         data.skip_bad,
         progress=dist.is_main and progress,
-        classes=classes,
-        coco_category=data.coco_category,
+        **reading,
     )
     dataset = SegmentationDataset(
         pairs,
@@ -150,8 +156,7 @@ def evaluate_on(
         mask_threshold=data.mask_threshold,
         resize_masks=data.resize_masks,
         keep_original=resolution == "original",
-        classes=classes,
-        coco_category=data.coco_category,
+        **reading,
     )
     metrics = evaluate(
         model.to(dist.device),

@@ -150,7 +150,7 @@ def predict(
     constant |= {"predicted_one_class": 0} if classes_of(model) else {}
     for path in tqdm(inputs, desc="predicting", unit="image", disable=not progress):
         try:
-            image = read_image(path)
+            image = read_image(path, getattr(model, "image_channels", None))
         except CadsamError as exc:
             tqdm.write(f"cadsam: warning: {exc} (no mask written)", file=sys.stderr)
             failed.append(str(exc))

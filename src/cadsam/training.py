@@ -160,13 +160,17 @@ def _pairs(cfg: TrainConfig, progress: bool):
         progress=progress,
     )
     # one scan: every bad pair in one error
-    classes = cfg.class_table()
-    checked, bad = scan_pairs(pairs + val, **scan, classes=classes, coco_category=cfg.coco_category)
+    checked, bad = scan_pairs(pairs + val, **scan, **reading(cfg))
     usable = set(checked)
     pairs, val = ([p for p in group if p in usable] for group in (pairs, val))
     if not pairs:
         raise CadsamError("no usable training pairs")
     return pairs, val, bad
+
+
+def reading(cfg: TrainConfig) -> dict[str, Any]:
+    """How the pairs are read, as :func:`~cadsam.data.scan_pairs` and the data set take it."""
+    return dict(classes=cfg.class_table(), coco_category=cfg.coco_category, channels=cfg.channels())
 
 
 def _cache_links(cfg: TrainConfig, train_pairs, val_pairs, base, log):
@@ -178,12 +182,9 @@ def _cache_links(cfg: TrainConfig, train_pairs, val_pairs, base, log):
         raise CadsamError(
             f"cache {cfg.cache} has no identity view: rebuild it with --views identity ..."
         )
-    train = check_cache_for_training(cache, train_pairs, cfg.backbone, base, cfg.image_size)
-    val = (
-        check_cache_for_training(cache, val_pairs, cfg.backbone, base, cfg.image_size)
-        if val_pairs
-        else []
-    )
+    fits = (cfg.backbone, base, cfg.image_size, cfg.channels())
+    train = check_cache_for_training(cache, train_pairs, *fits)
+    val = check_cache_for_training(cache, val_pairs, *fits) if val_pairs else []
     if cfg.augment:  # once the cache is known to fit
         log(
             f"note: from a cache, augmentation picks among the cached views ({', '.join(cache.views)}); "
@@ -304,6 +305,7 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
     model = build_model(
         cfg.method, cfg.backbone, cfg.checkpoint, cfg.cache is None, runtime, classes, **cfg.options
     ).to(dist.device)
+    model.image_channels = cfg.channels()  # how its images are read: saved with its weights
     net = _distributed(model, dist, log)
     optimizer = adamw(model.trainable_parameters(), cfg.lr, cfg.weight_decay, runtime.cuda_graph)
     loader = _loader(cfg, dist, train_pairs, train_cache)
@@ -314,7 +316,7 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
     val_set = None
     if val_pairs:
         data = dict(mask_threshold=cfg.mask_threshold, resize_masks=cfg.resize_masks)
-        data |= dict(classes=classes, coco_category=cfg.coco_category)
+        data |= reading(cfg)
         val_set = SegmentationDataset(val_pairs, cfg.image_size, **data, cache=val_cache)
     # cuda_graph=auto graphs the step where its capture fits; true, whatever it takes
     fit = cfg.runtime.get("cuda_graph") is not True
@@ -376,8 +378,7 @@ def _loader(cfg: TrainConfig, dist: distributed.Dist, pairs: list, cache) -> Dat
         cfg.resize_masks,
         seed=cfg.seed,
         cache=cache,
-        classes=cfg.class_table(),
-        coco_category=cfg.coco_category,
+        **reading(cfg),
     )
     sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed)
     return DataLoader(

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .backbones import is_release_name, resolve_base_checkpoint
+from .data.io import parse_channels
 from .data.labels import class_table
 from .errors import CadsamError
 from .fast.runtime import Runtime
@@ -58,6 +59,7 @@ def save_weights(
         "options": model.options,
         "image_size": image_size,
         **({} if model.classes is None else {"classes": model.classes.to_dict()}),
+        **({} if model.image_channels is None else {"image_channels": model.image_channels}),
         "base_checkpoint": base,
         "includes_base": includes_base,
     }
@@ -176,6 +178,7 @@ def load_weights(
     model = build_model(
         meta["method"], meta["backbone"], base, runtime=runtime, classes=classes, **options
     )
+    model.image_channels = parse_channels(meta.get("image_channels"))
     if meta["includes_base"]:  # sam.* holds all of SAM, the trained decoder included
         model.sam.load_state_dict(
             {k.removeprefix("sam."): v for k, v in tensors.items() if k.startswith("sam.")}

@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..cache import build_cache, recorded_precision
+    from ..data.io import parse_channels
     from ..distributed import pick_device
 
     if args.out is None:
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> None:
         args.num_workers,
         progress=args.progress is not False,
         skip_bad=bool(args.skip_bad),
+        channels=parse_channels(args.image_channels),
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"cache: {args.out} ({len(cache.done)} embeddings, complete: {cache.complete()})")

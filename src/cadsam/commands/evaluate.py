@@ -79,4 +79,5 @@ def data_from_flags(args: argparse.Namespace, default_split: str) -> EvalData:
         skip_bad=bool(args.skip_bad),
         ignore_index=args.ignore_index,
         coco_category=args.coco_category,
+        image_channels=args.image_channels,
     )

@@ -92,6 +92,11 @@ FLAGS: dict[str, dict[str, Any]] = {
         metavar="NAME",
         help="--masks is a COCO JSON file and the task binary: the category to segment",
     ),
+    "--image-channels": dict(
+        metavar="C[,C,C]",
+        help="which channels of multi-channel (TIFF) images make the RGB the model sees: one "
+        "(grey) or three, from 0 (default: the first three; eval: the weights')",
+    ),
     "--resize-masks": dict(
         action="store_true",
         default=None,
@@ -216,7 +221,7 @@ def data_flags(parser: argparse.ArgumentParser, *, masks: bool = True) -> None:
     add_all(data, "--dataset", "--data-root", "--split")
     if masks:
         add_all(data, "--mask-threshold", "--coco-category", "--resize-masks")
-    add_all(data, "--skip-bad", "--num-workers")
+    add_all(data, "--image-channels", "--skip-bad", "--num-workers")
 
 
 def running_flags(parser: argparse.ArgumentParser) -> None:

@@ -36,6 +36,7 @@ class SegmentationDataset(Dataset):
         cache: tuple[str, list[str], list[int]] | None = None,
         classes: ClassTable | None = None,
         coco_category: str | None = None,
+        channels: tuple[int, ...] | None = None,
     ) -> None:
         """``cache``: (cache folder, its views, each pair's row in it). Items then carry the
         cached ``embedding`` of a view, and augmentation is a choice among the cached views."""
@@ -50,6 +51,7 @@ class SegmentationDataset(Dataset):
         self.cache = cache
         self.classes = classes
         self.coco_category = coco_category  # masks in COCO JSON, binary: the category
+        self.channels = channels  # multi-channel images: those read (None: the first three)
         self._embeddings: np.ndarray | None = None  # opened lazily, in each worker
 
     def set_epoch(self, epoch: int) -> None:
@@ -60,7 +62,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         pair = self.pairs[index]
-        image = read_image(pair.image)
+        image = read_image(pair.image, self.channels)
         original = read_target(pair, self.classes, self.mask_threshold, self.coco_category)
         if original.shape != image.shape[:2]:
             assert self.resize_masks, (

@@ -75,6 +75,21 @@ def read_image(path: str | os.PathLike, channels: tuple[int, ...] | None = None)
     return rgb if wanted is None else _channels(rgb, wanted, path)
 
 
+def parse_channels(value: Any) -> tuple[int, ...] | None:
+    """The ``image_channels`` setting as given (``"4,0,2"``, ``[4, 0, 2]``, ``3``) -> channel
+    numbers, or None for the default."""
+    if value is None or isinstance(value, tuple):
+        return _channel_choice(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _channel_choice((value,))
+    if isinstance(value, str):
+        try:
+            return _channel_choice(tuple(int(part) for part in value.split(",")))
+        except ValueError:
+            pass
+    return _channel_choice(list(value) if isinstance(value, list) else value)
+
+
 def _channel_choice(channels: Any) -> tuple[int, ...] | None:
     if channels is None:
         return None

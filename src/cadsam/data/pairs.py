@@ -298,11 +298,12 @@ def _check_pair(
     resize_masks: bool,
     classes: ClassTable | None,
     coco_category: str | None,
+    channels: tuple[int, ...] | None,
 ) -> tuple[str, str] | None:
     """None if the pair reads and fits, else (its kind of problem, what is wrong)."""
     coco = pair.mask.suffix.lower() == ".json"
     try:
-        image = read_image(pair.image)
+        image = read_image(pair.image, channels)
         if classes is None and not coco:
             mask, grey_share = read_mask_and_grey_share(pair.mask, mask_threshold)
         else:
@@ -374,16 +375,19 @@ def scan_pairs(
     progress: bool = True,
     classes: ClassTable | None = None,
     coco_category: str | None = None,
+    channels: tuple[int, ...] | None = None,
 ) -> tuple[list[Pair], list[str]]:
     """Read every pair once. Returns (good pairs, problems); without ``skip_bad`` any problem
     is an error naming every bad pair, with the fix for each kind. ``classes``: the masks are
     label maps of these classes (a value of none of them is a problem); ``coco_category``: the
-    binary task's category in COCO JSON masks."""
+    binary task's category in COCO JSON masks; ``channels``: those of the images read."""
     with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
         results = list(
             tqdm(
                 pool.map(
-                    lambda p: _check_pair(p, mask_threshold, resize_masks, classes, coco_category),
+                    lambda p: _check_pair(
+                        p, mask_threshold, resize_masks, classes, coco_category, channels
+                    ),
                     pairs,
                 ),
                 total=len(pairs),

@@ -79,6 +79,8 @@ class AdaptedSam(nn.Module):
         self.adapter = adapter
         self.encoder_adapter = encoder_adapter
         self.classes = classes  # None: the binary task, one mask
+        # the channels of multi-channel images it reads (None: the first three), as trained
+        self.image_channels: tuple[int, ...] | None = None
         if classes is not None:
             give_class_tokens(sam.mask_decoder, classes.count)
         self.layout = feature_layout(backbone)  # what the decoder reads, packed
