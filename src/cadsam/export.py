@@ -1,11 +1,12 @@
 """ONNX export: a trained model as one graph from pixels to mask logits, checked on the spot.
 
 The graph takes N x 3 x S x S float RGB in 0..255 at the training size S (N free) and returns
-N x 1 x S x S mask logits, the whole-image box built in: SAM's preprocessing (resize to the
-encoder's input, normalise, pad), the image encoder, the method's own part (CAD's high-pass
-and normalisation included), the prompt encoder, the mask decoder and the upsampling. It is
-traced from the plain path (the reference formulation every faster path is tested against),
-after :meth:`AdaptedSam.for_inference` (LoRA's updates folded into ``qkv``).
+N x 1 x S x S mask logits (N x K x S x S, one map per class, for a model of K classes), the
+whole-image box built in: SAM's preprocessing (resize to the encoder's input, normalise,
+pad), the image encoder, the method's own part (CAD's high-pass and normalisation included),
+the prompt encoder, the mask decoder and the upsampling. It is traced from the plain path
+(the reference formulation every faster path is tested against), after
+:meth:`AdaptedSam.for_inference` (LoRA's updates folded into ``qkv``).
 
 ONNX has no FFT that torch's exporter translates, so while tracing, :func:`high_pass` is
 replaced by :class:`~cadsam.frequency.MatrixHighPass`, the same function as real matrix
@@ -13,6 +14,10 @@ products. ``split`` writes two graphs as SAM's own ONNX demo does: the encoder (
 N x 256 x E x E embeddings) and the rest (images and embeddings -> logits; CAD's adapter
 still reads the image), so an application can keep embeddings. ``half`` converts the graph
 to float16 (inputs and outputs stay float32).
+
+Each graph says what it is in its metadata (``cadsam.*``): a K-class graph records its class
+table as JSON (``cadsam.classes``, :meth:`ClassTable.to_dict`), so :class:`OnnxModel` gives
+the classes back and ``predict --onnx`` writes the label maps ``predict --weights`` writes.
 
 Every export is run with onnxruntime on a sample batch right away and compared with PyTorch;
 above the limit it is refused and nothing is left at the destination.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -38,6 +44,7 @@ import torch
 from torch import nn
 
 from .data.io import list_images, read_image
+from .data.labels import ClassTable, class_table
 from .data.transforms import resize_image
 from .errors import CadsamError
 from .frequency import MatrixHighPass, high_pass_replaced
@@ -106,17 +113,44 @@ class _Graph(nn.Module):
 
     def metadata(self) -> dict[str, str]:
         model = self.model
-        return {
+        record = {
             "cadsam.graph": type(self).__name__.removesuffix("Graph").lower(),
             "cadsam.method": model.method,
             "cadsam.backbone": model.backbone,
             "cadsam.image_size": str(self.size),
             "cadsam.images": f"N x 3 x {self.size} x {self.size} float RGB in 0..255",
         }
+        if "logits" in self.output_names:  # the encoder graph's embeddings know no classes
+            record["cadsam.logits"] = logits_description(model.classes, self.size)
+            if model.classes is not None:
+                record["cadsam.classes"] = json.dumps(model.classes.to_dict())
+        return record
+
+    def descriptions(self) -> dict[str, str]:
+        """Each input's and output's doc string in the graph, by name."""
+        found = {"images": self.metadata()["cadsam.images"]}
+        if "embeddings" in (*self.input_names, *self.output_names):
+            shape = " x ".join(str(d) for d in self.model.layout.shape)
+            found["embeddings"] = f"N x {shape} image embeddings: the encoder graph's output"
+        if "logits" in self.output_names:
+            found["logits"] = logits_description(self.model.classes, self.size)
+        return found
+
+
+def logits_description(classes: ClassTable | None, size: int) -> str:
+    """What a graph's logits are, for its metadata and its output's doc string."""
+    if classes is None:
+        return f"N x 1 x {size} x {size} mask logits (> 0: the mask)"
+    return (
+        f"N x {classes.count} x {size} x {size} class logits, one map per class in the order "
+        f"of cadsam.classes ({', '.join(classes.names[:8])}{', ...' if classes.count > 8 else ''}"
+        "): softmax over them gives each pixel's class probabilities, argmax its label"
+    )
 
 
 class WholeGraph(_Graph):
-    """images N x 3 x S x S (RGB 0..255) -> logits N x 1 x S x S."""
+    """images N x 3 x S x S (RGB 0..255) -> logits N x 1 x S x S (N x K x S x S for K
+    classes)."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with self.exportable():
@@ -254,6 +288,9 @@ def write_graph(graph: _Graph, inputs: tuple[torch.Tensor, ...], path: Path, ops
             verbose=False,
         )
     program.model.metadata_props.update(graph.metadata())
+    described = graph.descriptions()
+    for value in (*program.model.graph.inputs, *program.model.graph.outputs):
+        value.doc_string = described.get(value.name, value.doc_string)
     program.save(path)  # a graph over 2 GiB gets its weights in path.data beside it
 
 
@@ -374,7 +411,9 @@ def onnx_session(path: str | os.PathLike, device: str | None = None) -> Any:
 
 class OnnxModel(nn.Module):
     """An exported whole graph behind the model interface :func:`cadsam.prediction.predict`
-    uses: ``forward(images)`` with N x 3 x S x S RGB 0..255 -> N x 1 x S x S logits."""
+    uses: ``forward(images)`` with N x 3 x S x S RGB 0..255 -> N x 1 x S x S logits, or
+    N x K x S x S for a graph of K classes, whose table :attr:`classes` holds (None: binary,
+    as for every graph written before graphs recorded classes)."""
 
     def __init__(self, path: str | os.PathLike, device: str | None = None) -> None:
         super().__init__()
@@ -387,7 +426,40 @@ class OnnxModel(nn.Module):
                 "give the single graph, not the --split ones"
             )
         self.image_size = int(inputs[0].shape[-1])
+        self.classes = graph_classes(path, self.session)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feed = {"images": images.detach().float().cpu().numpy()}
         return torch.from_numpy(self.session.run(None, feed)[0]).to(images.device)
+
+
+def graph_classes(path: str | os.PathLike, session: Any) -> ClassTable | None:
+    """The class table a graph's metadata records, checked against its logits' channels (a
+    graph without one is binary: one channel)."""
+    record = session.get_modelmeta().custom_metadata_map.get("cadsam.classes")
+    channels = session.get_outputs()[0].shape[1]
+    classes = None if record is None else _recorded_table(path, record)
+    expected = 1 if classes is None else classes.count
+    if isinstance(channels, int) and channels != expected:
+        what = "no class table" if classes is None else f"a table of {classes.count} classes"
+        raise CadsamError(
+            f"{path} outputs {channels} logit maps per image but records {what}: "
+            "export it again with cadsam export"
+        )
+    return classes
+
+
+def _recorded_table(path: str | os.PathLike, record: str) -> ClassTable:
+    """``cadsam.classes``' JSON (a :meth:`ClassTable.to_dict` record) -> the table."""
+    try:
+        parsed = json.loads(record)
+        if not isinstance(parsed, dict):  # class_table would take text as a file to read
+            raise CadsamError(f"a {type(parsed).__name__}, not a record of names")
+        table = class_table(parsed)
+    except (ValueError, TypeError, CadsamError) as exc:  # json's errors are ValueErrors
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CadsamError(
+            f"{path}: its cadsam.classes metadata is not a class table ({first[:200]})"
+        ) from None
+    assert table is not None
+    return table

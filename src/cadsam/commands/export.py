@@ -57,7 +57,11 @@ def run(args: argparse.Namespace) -> None:
     from ..export import export_onnx
 
     model, size = common.load_model_source(args, None)
-    print(f"exporting {model.method} on {model.backbone}, {size} x {size} images", file=sys.stderr)
+    classes = "" if model.classes is None else f", {model.classes.count} classes"
+    print(
+        f"exporting {model.method} on {model.backbone}, {size} x {size} images{classes}",
+        file=sys.stderr,
+    )
     report = export_onnx(
         model,
         size,
