@@ -91,6 +91,7 @@ def test_evaluate_gives_what_cadsam_eval_prints(trained, capsys):
     printed = json.loads(capsys.readouterr().out)
     scores = cadsam.evaluate(cadsam.load(run, runtime="plain"), images=images, masks=masks)
     assert scores.keys() == printed.keys()
+    assert scores.pop("prompt") == printed.pop("prompt") == "whole"
     for name, value in printed.items():
         assert scores[name] == pytest.approx(value, rel=1e-6), name
 

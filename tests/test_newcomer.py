@@ -25,6 +25,8 @@ KVASIR_STEMS = sorted(p.stem for p in (KVASIR / "images").glob("*"))
 class ConstantModel(torch.nn.Module):
     """Stands in for a trained model: the same logit on every pixel."""
 
+    classes, image_channels, prompt = None, None, "whole"  # one class, as read, whole image
+
     def __init__(self, logit: float) -> None:
         super().__init__()
         self.logit = logit

@@ -112,12 +112,10 @@ def test_mask_decoder_matches_meta(meta_sam, multimask):
     assert rel_err(iou, exp_iou) < TOL
 
 
-def test_whole_model_matches_meta_end_to_end(meta_sam):
-    """Preprocess, encode, box prompt, decode and postprocess, as Meta's ``Sam.forward``."""
-    ours = build_sam("vit_tiny").eval()
-    randomize_(ours, seed=6)
+def meta_tiny_sam(meta_sam):
+    """Meta's ``Sam`` in vit_tiny's configuration (weights to be loaded into it)."""
     cfg = SAM_CONFIGS["vit_tiny"]
-    ref = meta_sam.modeling.Sam(
+    return meta_sam.modeling.Sam(
         image_encoder=meta_sam.modeling.ImageEncoderViT(
             img_size=cfg.image_size,
             embed_dim=cfg.embed_dim,
@@ -143,6 +141,13 @@ def test_whole_model_matches_meta_end_to_end(meta_sam):
             transformer_dim=256,
         ),
     ).eval()
+
+
+def test_whole_model_matches_meta_end_to_end(meta_sam):
+    """Preprocess, encode, box prompt, decode and postprocess, as Meta's ``Sam.forward``."""
+    ours = build_sam("vit_tiny").eval()
+    randomize_(ours, seed=6)
+    ref = meta_tiny_sam(meta_sam)
     ref.load_state_dict(ours.state_dict(), strict=True)
     g = torch.Generator().manual_seed(7)
     image = torch.rand(3, 256, 200, generator=g) * 255  # already resized, needs padding

@@ -54,15 +54,29 @@ class Predictor:
         return self.model.classes
 
     def predict(
-        self, images: ImageLike | Iterable[ImageLike], *, probabilities: bool = False
+        self,
+        images: ImageLike | Iterable[ImageLike],
+        *,
+        probabilities: bool = False,
+        box: Iterable[float] | None = None,
+        points: Iterable[Iterable[float]] = (),
     ) -> np.ndarray | list[np.ndarray]:
         """Masks (H x W bool) or, with ``probabilities``, foreground probabilities (H x W
         float32) at each image's own size: one array for one image, a list for several. With
         several classes (:attr:`classes`): label maps of class indices (H x W int64), or the
-        classes' probabilities (K x H x W float32)."""
-        from .prediction import predict_logits
+        classes' probabilities (K x H x W float32). ``box`` (x0, y0, x1, y1) and ``points``
+        ((x, y) or (x, y, label)), in each image's pixels: the object to segment instead of the
+        whole image."""
+        from .prediction import ImagePrompt, predict_logits, read_prompts
 
         single = _is_one_image(images)
+        prompt: ImagePrompt | None = None
+        if box is not None or points:
+            text = [",".join(str(v) for v in point) for point in points]
+            box_text = None if box is None else ",".join(str(v) for v in box)
+            prompt = read_prompts(box_text, text, None, [Path()])[Path()]
+            if self.classes is not None:
+                raise CadsamError("this model labels every pixel by class: it takes no prompt")
         outputs = []
         for image in [images] if single else images:
             logits = predict_logits(
@@ -71,6 +85,7 @@ class Predictor:
                 self.image_size,
                 self.device,
                 self.precision,
+                prompt,
             )
             if self.classes is not None:
                 outputs.append(torch.softmax(logits, 0) if probabilities else logits.argmax(0))

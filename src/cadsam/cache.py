@@ -301,8 +301,9 @@ def build_cache(
     the images (default 4, at most the usable cores; none when nothing is left to do).
     ``stop_after`` (batches) is for tests; ``on_batch(images)`` is called as each batch is
     handed to the writer (for timing). An unreadable image is an error before anything is
-    written, or with ``skip_bad`` left out of the cache and named. ``runtime`` says how the frozen encoder runs (by
-    default the whole batch per call, with the fused attention: nothing is kept)."""
+    written, or with ``skip_bad`` left out of the cache and named. ``runtime`` says how the
+    frozen encoder runs (by default the whole batch per call, with the fused attention: nothing
+    is kept). ``channels``: those of multi-channel images read (recorded in the manifest)."""
     from .methods import build_model
     from .weights import base_checkpoint_record
 
@@ -322,18 +323,13 @@ def build_cache(
         runtime = runtime or Runtime(fused_attention=True)
         model = build_model("zero-shot", backbone, checkpoint, runtime=runtime)
         model.to(dist.device).eval()
-        if dist.is_main:
-            _prepare_folder(root, manifest)
-            _recheck_done_entries(root)
-        distributed.barrier(dist)
-        cache = open_cache(root, writable=True)
-        todo = [int(e) for e in np.flatnonzero(cache.done == 0) if e % dist.world_size == dist.rank]
-        if num_workers is None:
-            num_workers = default_workers(4)
+        cache, todo = _open_for_writing(root, manifest, dist)
+        workers = default_workers(4) if num_workers is None else num_workers
+        view_images = _ViewImages(images, views, image_size, todo, channels)
         loader = DataLoader(
-            _ViewImages(images, views, image_size, todo, channels),
-            batch_size=batch_size,
-            num_workers=num_workers if todo else 0,
+            view_images,
+            batch_size,
+            num_workers=workers if todo else 0,
             pin_memory=dist.device.type == "cuda",
         )
         bar = tqdm(
@@ -359,6 +355,20 @@ def build_cache(
         return open_cache(root)
     finally:
         distributed.teardown(dist)
+
+
+def _open_for_writing(
+    root: Path, manifest: dict[str, Any], dist: distributed.Dist
+) -> tuple[EmbeddingCache, list[int]]:
+    """The cache folder made (or its finished entries checked), open for writing, and this
+    process's share of the entries still to do."""
+    if dist.is_main:
+        _prepare_folder(root, manifest)
+        _recheck_done_entries(root)
+    distributed.barrier(dist)
+    cache = open_cache(root, writable=True)
+    todo = [int(e) for e in np.flatnonzero(cache.done == 0) if e % dist.world_size == dist.rank]
+    return cache, todo
 
 
 def _check_request(

@@ -19,6 +19,7 @@ import yaml
 from .backbones import DEFAULT_BATCH
 from .data.io import parse_channels
 from .data.labels import ClassTable, class_table
+from .data.prompts import PromptSettings
 from .errors import CadsamError
 from .fast.runtime import Runtime, check_settings
 from .files import check_output_folder
@@ -64,6 +65,12 @@ class TrainConfig:
     ignore_index: int | None = None  # the label maps' value for "no class" (the file's, or 255)
     coco_category: str | None = None  # masks in COCO JSON, binary task: the category to segment
     image_channels: str | None = None  # multi-channel images: which make the RGB ("4,0,2")
+    # prompts drawn from the masks (data/prompts.py): whole (the paper's), box, points, box+points
+    prompt: str = "whole"
+    prompts_per_image: int = 4
+    prompt_points: int = 1
+    prompt_negatives: int = 0
+    box_jitter: float = 0.02
     resize_masks: bool = False
     skip_bad: bool = False
     # optimisation (the paper's defaults)
@@ -105,6 +112,8 @@ class TrainConfig:
             raise CadsamError("--ignore-index is for label maps: give --classes too")
         self.class_table()  # a class file that does not read, before any work
         self.channels()
+        if self.prompt_settings().prompted and self.class_table() is not None:
+            raise CadsamError("--prompt segments one object per prompt: drop --classes, or it")
         resolve_options(self.method, self.options)  # an option the method does not take
         check_method_on_backbone(self.method, self.backbone)  # before the data and weights
         name, settings = self.runtime_parts()
@@ -152,6 +161,15 @@ class TrainConfig:
     def class_table(self) -> ClassTable | None:
         """The classes the model predicts (None: the binary task)."""
         return class_table(self.classes, self.ignore_index)
+
+    def prompt_settings(self) -> PromptSettings:
+        return PromptSettings(
+            self.prompt,
+            self.prompts_per_image,
+            self.prompt_points,
+            self.prompt_negatives,
+            self.box_jitter,
+        )
 
     def channels(self) -> tuple[int, ...] | None:
         """The image channels read (None: the first three)."""

@@ -13,10 +13,13 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .data import SegmentationDataset, collate, find_pairs, scan_pairs
+from .data.dataset import PROMPT_KEYS
 from .data.io import parse_channels
+from .data.prompts import PromptSettings
 from .distributed import Dist, gather_objects
 from .errors import CadsamError
 from .methods import AdaptedSam
+from .methods.prompting import Prompts
 from .metrics import ClassMeter, SegmentationMeter, format_class_table
 from .precision import autocast
 
@@ -61,6 +64,10 @@ def evaluate(
         images = batch["image"].to(dist.device)
         cached = batch.get("embedding")
         embeddings = None if cached is None else cached.to(dist.device)
+        if "object_masks" in batch:
+            assert resolution == "train", "prompted objects are scored at the training size"
+            _score_objects(model, batch, images, embeddings, meter, precision)
+            continue
         with autocast(dist.device, precision):
             logits = model(images, embeddings).float()
         if resolution == "train":
@@ -75,11 +82,39 @@ def evaluate(
         merged.merge(state)
     if scores is not None and isinstance(merged, SegmentationMeter):
         scores.update(merged.per_image)
-    return merged.compute()
+    result = merged.compute()
+    if getattr(dataset, "prompts", None) is not None:  # each prompted object scored as an image
+        result = {("objects" if k == "images" else k): v for k, v in result.items()}
+    return result
+
+
+def _score_objects(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    images: torch.Tensor,
+    embeddings: torch.Tensor | None,
+    meter: SegmentationMeter,
+    precision: str,
+) -> None:
+    """Each prompted object of each image (their number varies), scored as an image of its own."""
+    per_image = [
+        {
+            key[len("prompt_") :]: batch[key][i]
+            for key in PROMPT_KEYS
+            if key.startswith("prompt_") and key in batch
+        }
+        for i in range(len(images))
+    ]
+    for i, prompts in enumerate(per_image):
+        one = Prompts(**{k: v[None].to(images.device) for k, v in prompts.items()})
+        cached = None if embeddings is None else embeddings[i : i + 1]
+        with autocast(images.device, precision):
+            logits = model(images[i : i + 1], cached, one).float()
+        meter.update(logits[0][:, None], batch["object_masks"][i][:, None])
 
 
 def _meter(model: AdaptedSam, sod: bool) -> SegmentationMeter | ClassMeter:
-    if model.classes is None:
+    if getattr(model, "classes", None) is None:
         return SegmentationMeter(sod=sod)
     if sod:
         raise CadsamError("the SOD metrics score one class: drop --sod for several classes")
@@ -108,6 +143,7 @@ class EvalData:
     ignore_index: int | None = None  # label maps: the weights' value unless given
     coco_category: str | None = None  # masks in COCO JSON, binary task: the category
     image_channels: str | None = None  # multi-channel images: the weights' unless given
+    prompt: str | None = None  # whole, box, points, box+points: the weights' unless given
 
 
 def evaluate_on(
@@ -132,16 +168,12 @@ def evaluate_on(
         skip_bad=data.skip_bad,
         mask_suffix=data.mask_suffix,
     )
-    classes = model.classes
-    if data.ignore_index is not None:
-        if classes is None:
-            raise CadsamError("--ignore-index is for label maps: these weights predict one class")
-        classes = dataclasses.replace(classes, ignore_index=data.ignore_index)
-    reading = dict(
-        classes=classes,
-        coco_category=data.coco_category,
-        channels=parse_channels(data.image_channels) or model.image_channels,
-    )
+    reading = _reading(model, data)
+    prompts = PromptSettings(data.prompt or model.prompt)
+    if prompts.prompted and resolution != "train":
+        raise CadsamError(
+            "prompted objects are scored at the training size: drop --eval-resolution"
+        )
     pairs, bad = scan_pairs(
         pairs,
         data.mask_threshold,
@@ -156,6 +188,8 @@ def evaluate_on(
         mask_threshold=data.mask_threshold,
         resize_masks=data.resize_masks,
         keep_original=resolution == "original",
+        prompts=prompts,
+        every_object=True,
         **reading,
     )
     metrics = evaluate(
@@ -168,7 +202,21 @@ def evaluate_on(
     )
     if bad:
         metrics["skipped"] = len(bad)
-    return metrics
+    return {"prompt": prompts.kind, **metrics}
+
+
+def _reading(model: AdaptedSam, data: EvalData) -> dict[str, Any]:
+    """How ``data``'s pairs are read: as the weights say, unless ``data`` says otherwise."""
+    classes = model.classes
+    if data.ignore_index is not None:
+        if classes is None:
+            raise CadsamError("--ignore-index is for label maps: these weights predict one class")
+        classes = dataclasses.replace(classes, ignore_index=data.ignore_index)
+    return dict(
+        classes=classes,
+        coco_category=data.coco_category,
+        channels=parse_channels(data.image_channels) or model.image_channels,
+    )
 
 
 # Units shown beside a metric's name in the table; the JSON keys are the bare names.
@@ -184,7 +232,10 @@ def format_table(metrics: dict[str, Any]) -> str:
     width = max(len(name) for name in names.values())
     lines = []
     for key, value in metrics.items():
-        shown = f"{value:d}" if isinstance(value, int) else f"{value:.4f}"
+        if isinstance(value, str):
+            shown = value
+        else:
+            shown = f"{value:d}" if isinstance(value, int) else f"{value:.4f}"
         lines.append(f"{names[key]:<{width}}  {shown}")
     return "\n".join(lines)
 
@@ -223,7 +274,7 @@ def constant_prediction_warning(
     """A warning line when ``model``'s mask was one value everywhere on every image, else None.
     ``metrics`` holds the image count and how many were all foreground, all background (as
     :func:`evaluate` gives them; ``predict`` counts its masks so)."""
-    n = metrics.get("images", 0)
+    n = metrics.get("images", metrics.get("objects", 0))
     fg = metrics.get("predicted_all_foreground", 0)
     bg = metrics.get("predicted_all_background", 0)
     one = metrics.get("predicted_one_class", 0)

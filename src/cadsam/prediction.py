@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .errors import CadsamError
 from .evaluation import constant_prediction_warning
 from .files import check_output_folder, write_atomic
 from .methods import AdaptedSam
+from .methods.prompting import Prompts
 from .overlay import label_overlay
 from .precision import autocast
 
@@ -100,16 +102,45 @@ def _check_clashes(targets: MaskTargets, siblings: tuple[str, ...], flag: str) -
                 )
 
 
+@dataclass(frozen=True)
+class ImagePrompt:
+    """One object's prompt in an image's own pixels: a box (x0, y0, x1, y1) and/or points
+    (x, y, label: 1 on the object, 0 off it)."""
+
+    box: tuple[float, float, float, float] | None = None
+    points: tuple[tuple[float, float, float], ...] = ()
+
+    def for_model(self, height: int, width: int, size: int, device: torch.device) -> Prompts:
+        """In the pixels of the size x size square the model reads, one image, one object."""
+        scale = np.array([size / width, size / height], dtype=np.float32)
+        boxes = points = labels = None
+        if self.box is not None:
+            boxes = torch.from_numpy(np.array(self.box, np.float32).reshape(2, 2) * scale)
+            boxes = boxes.reshape(1, 1, 4).to(device)
+        if self.points:
+            given = np.array(self.points, dtype=np.float32)
+            points = torch.from_numpy(given[:, :2] * scale)[None, None].to(device)
+            labels = torch.from_numpy(given[:, 2])[None, None].to(device)
+        return Prompts(boxes, points, labels)
+
+
 @torch.no_grad()
 def predict_logits(
-    model: AdaptedSam, image: np.ndarray, size: int, device: torch.device, precision: str = "fp32"
+    model: AdaptedSam,
+    image: np.ndarray,
+    size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    prompt: ImagePrompt | None = None,
 ) -> torch.Tensor:
     """H x W x 3 uint8 -> H x W logits (K x H x W for K classes): resized to ``size`` for the
     model exactly as the training and evaluation data are, then the logits back to the image's
-    size."""
+    size. ``prompt``: the object to segment (default: the whole image's box)."""
     resized = torch.from_numpy(resize_image(image, size)).permute(2, 0, 1)[None].float().to(device)
+    prompts = None if prompt is None else prompt.for_model(*image.shape[:2], size, device)
     with autocast(device, precision):
-        logits = model(resized).float()
+        logits = model(resized) if prompts is None else model(resized, None, prompts)
+        logits = logits.float()
     logits = F.interpolate(logits, image.shape[:2], mode="bilinear", align_corners=False)[0]
     return (logits if classes_of(model) else logits[0]).cpu()
 
@@ -131,10 +162,12 @@ def predict(
     progress: bool = True,
     *,
     skip_bad: bool = False,
+    prompts: dict[Path, ImagePrompt] | None = None,
 ) -> list[Path]:
     """Write ``<stem>.png`` (0/255 mask) per input into the folder ``output`` (or the one
     file it names: :func:`mask_targets`), plus ``<stem>_prob.png`` (8-bit probability) and
-    ``<stem>_overlay.png`` (mask blended over the image) beside it if asked.
+    ``<stem>_overlay.png`` (mask blended over the image) beside it if asked. ``prompts``: each
+    input's object to segment, instead of the whole image.
 
     An input that cannot be read is reported on stderr (one line each) and the others are
     still written; afterwards that is an error naming how many failed and the first, unless
@@ -155,8 +188,10 @@ def predict(
             tqdm.write(f"cadsam: warning: {exc} (no mask written)", file=sys.stderr)
             failed.append(str(exc))
             continue
+        prompt = None if prompts is None else prompts[path]
+        logits = predict_logits(model, image, size, device, precision, prompt)
         target, mask = _write_outputs(
-            model, image, targets.masks[path], size, device, precision, probabilities, overlay
+            model, image, logits, targets.masks[path], probabilities, overlay
         )
         written.append(target)
         if classes_of(model):
@@ -181,15 +216,12 @@ def predict(
 def _write_outputs(
     model: AdaptedSam,
     image: np.ndarray,
+    logits: torch.Tensor,
     target: Path,
-    size: int,
-    device: torch.device,
-    precision: str,
     probabilities: bool,
     overlay: bool,
 ) -> tuple[Path, np.ndarray]:
     """Write one input's outputs; returns the mask's file and the mask."""
-    logits = predict_logits(model, image, size, device, precision)
     classes = classes_of(model)
     if classes is not None:
         return target, _write_labels(classes, image, logits, target, probabilities, overlay)
@@ -237,3 +269,69 @@ def save_image(array: np.ndarray, path: Path) -> None:
     file under the name of a finished one. The format is the name's (png, jpg, tif ...)."""
     image_format = Image.registered_extensions()[path.suffix.lower()]
     write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format=image_format))
+
+
+def read_prompts(
+    box: str | None, points: list[str] | None, prompts_file: str | None, inputs: list[Path]
+) -> dict[Path, ImagePrompt] | None:
+    """``predict``'s prompts: ``--box x0,y0,x1,y1`` and ``--point x,y[,label]`` for every input,
+    or a JSON file of each image's (``{"name.png": {"box": [...], "points": [[x, y, 1]]}}``,
+    by file name or stem); None: the whole image. Checked before any work."""
+    if prompts_file is not None:
+        if box is not None or points:
+            raise CadsamError("give --prompts FILE or --box/--point, not both")
+        return _prompts_from_file(Path(prompts_file), inputs)
+    if box is None and not points:
+        return None
+    prompt = ImagePrompt(
+        None if box is None else _numbers(box, "--box", (4,)),
+        tuple(_point(p, "--point") for p in points or ()),
+    )
+    return dict.fromkeys(inputs, prompt)
+
+
+def _numbers(text: Any, flag: str, counts: tuple[int, ...]) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in (text.split(",") if isinstance(text, str) else text))
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) not in counts:
+        wanted = " or ".join(str(c) for c in counts)
+        raise CadsamError(f"{flag} takes {wanted} numbers separated by commas, not {text!r}")
+    return values
+
+
+def _point(text: Any, flag: str) -> tuple[float, float, float]:
+    values = _numbers(text, flag, (2, 3))
+    label = values[2] if len(values) == 3 else 1.0
+    if label not in (0.0, 1.0):
+        raise CadsamError(f"{flag} {text!r}: a point's label is 1 (on the object) or 0 (off it)")
+    return values[0], values[1], label
+
+
+def _prompts_from_file(path: Path, inputs: list[Path]) -> dict[Path, ImagePrompt]:
+    try:
+        given = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CadsamError(f"prompts file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise CadsamError(f"cannot read prompts file {path}: {exc}") from None
+    if not isinstance(given, dict):
+        raise CadsamError(f"{path}: expected {{image name: {{box: [...], points: [...]}}}}")
+    found, missing = {}, []
+    for image in inputs:
+        entry = given.get(image.name, given.get(image.stem))
+        if entry is None:
+            missing.append(image.name)
+            continue
+        where = f"{path} ({image.name})"
+        box = entry.get("box")
+        found[image] = ImagePrompt(
+            None if box is None else _numbers(box, where, (4,)),
+            tuple(_point(p, where) for p in entry.get("points", ())),
+        )
+        if found[image].box is None and not found[image].points:
+            raise CadsamError(f"{where}: give a box or points")
+    if missing:
+        raise CadsamError(f"{path} has no prompt for {len(missing)} input(s): {missing[0]} ...")
+    return found

@@ -51,6 +51,7 @@ from .methods import (
     AdaptedSam,
     build_model,
 )
+from .methods.prompting import Prompts
 from .precision import autocast
 from .provenance import provenance
 from .weights import base_checkpoint_record, checked_tensors, save_weights
@@ -98,11 +99,15 @@ def forward_backward(
     precision: str,
     micro_batches: int = 1,
     autocast_cache: bool = True,
+    prompts: Prompts | None = None,
 ) -> torch.Tensor:
     """The loss of one batch, its gradient (over ``micro_batches``, with gradient accumulation)
-    added to the parameters'; returns the loss, detached."""
+    added to the parameters'; returns the loss, detached. With ``prompts``, ``masks`` holds
+    each prompted object's mask (B x N x S x S) and the loss is per object."""
     with autocast(images.device, precision, autocast_cache):
-        logits = net(images, embeddings)
+        logits = net(images, embeddings) if prompts is None else net(images, embeddings, prompts)
+    if prompts is not None:  # each object's mask as the binary task's
+        logits, masks = logits.flatten(0, 1).unsqueeze(1), masks.flatten(0, 1).unsqueeze(1)
     loss = segmentation_loss(logits.float(), masks)
     (loss / micro_batches).backward()
     return loss.detach()
@@ -120,9 +125,9 @@ def training_step(
     AdamW. ``graphed``: a :class:`GraphedStep` of it, replayed as a CUDA graph (eager where
     ``only_if_it_fits`` and the capture would not fit, which ``log`` says)."""
 
-    def step(images, masks, embeddings):
+    def step(images, masks, embeddings, prompts=None):
         loss = forward_backward(
-            net, images, masks, embeddings, precision, autocast_cache=not graphed
+            net, images, masks, embeddings, precision, autocast_cache=not graphed, prompts=prompts
         )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -171,6 +176,11 @@ def _pairs(cfg: TrainConfig, progress: bool):
 def reading(cfg: TrainConfig) -> dict[str, Any]:
     """How the pairs are read, as :func:`~cadsam.data.scan_pairs` and the data set take it."""
     return dict(classes=cfg.class_table(), coco_category=cfg.coco_category, channels=cfg.channels())
+
+
+def _dataset_reading(cfg: TrainConfig) -> dict[str, Any]:
+    """:func:`reading`, and the prompts each item draws."""
+    return {**reading(cfg), "prompts": cfg.prompt_settings()}
 
 
 def _cache_links(cfg: TrainConfig, train_pairs, val_pairs, base, log):
@@ -283,7 +293,8 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
     note = base_weights_note(cfg.backbone, cfg.checkpoint, cfg.random_weights)
     if cfg.runtime.get("cuda_graph") is True:
         _check_graphable(cfg, dist)
-    whole_steps = cfg.grad_accum == 1 and not dist.enabled
+    # steps a CUDA graph can replay (cuda_graph=auto): whole, in one process, whole-image prompt
+    whole_steps = cfg.grad_accum == 1 and not dist.enabled and not cfg.prompt_settings().prompted
     training = (cfg.method, cfg.backbone)
     runtime, chosen = resolve_runtime(*cfg.runtime_parts(), dist.device, training, whole_steps)
     if cfg.resume:
@@ -306,6 +317,7 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
         cfg.method, cfg.backbone, cfg.checkpoint, cfg.cache is None, runtime, classes, **cfg.options
     ).to(dist.device)
     model.image_channels = cfg.channels()  # how its images are read: saved with its weights
+    model.prompt = cfg.prompt
     net = _distributed(model, dist, log)
     optimizer = adamw(model.trainable_parameters(), cfg.lr, cfg.weight_decay, runtime.cuda_graph)
     loader = _loader(cfg, dist, train_pairs, train_cache)
@@ -316,7 +328,7 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
     val_set = None
     if val_pairs:
         data = dict(mask_threshold=cfg.mask_threshold, resize_masks=cfg.resize_masks)
-        data |= reading(cfg)
+        data |= _dataset_reading(cfg) | {"every_object": True}  # each object scored once
         val_set = SegmentationDataset(val_pairs, cfg.image_size, **data, cache=val_cache)
     # cuda_graph=auto graphs the step where its capture fits; true, whatever it takes
     fit = cfg.runtime.get("cuda_graph") is not True
@@ -378,7 +390,7 @@ def _loader(cfg: TrainConfig, dist: distributed.Dist, pairs: list, cache) -> Dat
         cfg.resize_masks,
         seed=cfg.seed,
         cache=cache,
-        **reading(cfg),
+        **_dataset_reading(cfg),
     )
     sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed)
     return DataLoader(
@@ -487,18 +499,21 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not run.show)
     shown_at = 0.0
     for i, batch in enumerate(bar):
+        prompts = Prompts.from_batch(batch, dist.device)  # None: the whole image
+        target = "mask" if prompts is None else "object_masks"
         images, masks, embeddings = (
             None if batch.get(key) is None else batch[key].to(dist.device, non_blocking=True)
-            for key in ("image", "mask", "embedding")
+            for key in ("image", target, "embedding")
         )
+        prompted = () if prompts is None else (prompts,)
         last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader)
         if cfg.grad_accum == 1:  # forward, backward and AdamW (one launch where graphed)
-            loss = run.step(images, masks, embeddings)
+            loss = run.step(images, masks, embeddings, *prompted)
         else:
             sync = run.net.no_sync() if dist.enabled and not last_micro else nullcontext()
             with sync:
                 loss = forward_backward(
-                    run.net, images, masks, embeddings, cfg.precision, cfg.grad_accum
+                    run.net, images, masks, embeddings, cfg.precision, cfg.grad_accum, True, prompts
                 )
             if last_micro:
                 run.optimizer.step()
@@ -567,6 +582,8 @@ def _check_graphable(cfg: TrainConfig, dist: distributed.Dist) -> None:
         raise CadsamError("cuda_graph captures whole optimiser steps: drop --set grad_accum")
     if dist.enabled:
         raise CadsamError("cuda_graph runs in one process: drop it under torchrun")
+    if cfg.prompt_settings().prompted:
+        raise CadsamError("cuda_graph replays the whole-image prompt's step: drop --prompt or it")
 
 
 def _tensorboard(run: Path):
@@ -738,7 +755,7 @@ def _summary(record: dict[str, Any]) -> str:
         constant = constant_masks(
             val.get("predicted_all_foreground", 0),
             val.get("predicted_all_background", 0),
-            val.get("images", 0),
+            val.get("images", val.get("objects", 0)),
             val.get("predicted_one_class", 0),
         )
         if constant:  # a high Dice can hide a model that learnt nothing
@@ -787,12 +804,18 @@ class _OnFrozenEncoder(torch.nn.Module):
     def __init__(self, model: AdaptedSam, encoder_of: AdaptedSam) -> None:
         super().__init__()
         self.model = model
+        self.classes = model.classes
         self.__dict__["encoder_of"] = encoder_of  # not a submodule: the run owns it
 
-    def forward(self, images: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        images: torch.Tensor,
+        embeddings: torch.Tensor | None = None,
+        prompts: Prompts | None = None,
+    ) -> torch.Tensor:
         if embeddings is None:
             embeddings = self.__dict__["encoder_of"].frozen_embeddings(images)
-        return self.model(images, embeddings)
+        return self.model(images, embeddings, prompts)
 
 
 def _zero_shot_model(run: _Run) -> _OnFrozenEncoder:

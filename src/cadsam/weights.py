@@ -60,6 +60,7 @@ def save_weights(
         "image_size": image_size,
         **({} if model.classes is None else {"classes": model.classes.to_dict()}),
         **({} if model.image_channels is None else {"image_channels": model.image_channels}),
+        **({} if model.prompt == "whole" else {"prompt": model.prompt}),
         "base_checkpoint": base,
         "includes_base": includes_base,
     }
@@ -179,6 +180,7 @@ def load_weights(
         meta["method"], meta["backbone"], base, runtime=runtime, classes=classes, **options
     )
     model.image_channels = parse_channels(meta.get("image_channels"))
+    model.prompt = meta.get("prompt", "whole")
     if meta["includes_base"]:  # sam.* holds all of SAM, the trained decoder included
         model.sam.load_state_dict(
             {k.removeprefix("sam."): v for k, v in tensors.items() if k.startswith("sam.")}

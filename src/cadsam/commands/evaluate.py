@@ -18,7 +18,7 @@ EVAL_WORKERS = 2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.model_source_flags(parser)
     flags.data_flags(parser)
-    flags.add(parser, "--ignore-index")
+    flags.add_all(parser, "--ignore-index", "--prompt")
     scoring = parser.add_argument_group("scoring")
     scoring.add_argument(
         "--eval-resolution",
@@ -80,4 +80,5 @@ def data_from_flags(args: argparse.Namespace, default_split: str) -> EvalData:
         ignore_index=args.ignore_index,
         coco_category=args.coco_category,
         image_channels=args.image_channels,
+        prompt=args.prompt,
     )

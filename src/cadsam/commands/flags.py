@@ -97,6 +97,11 @@ FLAGS: dict[str, dict[str, Any]] = {
         help="which channels of multi-channel (TIFF) images make the RGB the model sees: one "
         "(grey) or three, from 0 (default: the first three; eval: the weights')",
     ),
+    "--prompt": dict(
+        choices=["whole", "box", "points", "box+points"],
+        help="the prompt: the whole image (default, the paper's), or each object's box, points "
+        "or both, drawn from the masks (docs/prompts.md)",
+    ),
     "--resize-masks": dict(
         action="store_true",
         default=None,

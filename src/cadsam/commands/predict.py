@@ -34,6 +34,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     written.add_argument(
         "--overlay", action="store_true", help="also <name>_overlay.png (mask over the image)"
     )
+    prompt = parser.add_argument_group(
+        "the object to segment (default: the whole image, as the paper prompts)"
+    )
+    prompt.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box, in the image's pixels")
+    prompt.add_argument(
+        "--point",
+        action="append",
+        metavar="X,Y[,LABEL]",
+        help="a point, in the image's pixels, label 1 (on the object, default) or 0; repeatable",
+    )
+    prompt.add_argument(
+        "--prompts",
+        metavar="FILE.json",
+        help='each image\'s prompt: {"name.png": {"box": [x0, y0, x1, y1], "points": [[x, y, 1]]}}',
+    )
     flags.add(parser, "--skip-bad")
     flags.running_flags(parser)
     parser.epilog = (
@@ -45,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..distributed import pick_device
-    from ..prediction import input_files, mask_targets, predict
+    from ..prediction import input_files, mask_targets, predict, read_prompts
     from ..weights import load_weights
 
     for flag, value in (("--images", args.images), ("--out", args.out)):
@@ -55,6 +70,11 @@ def run(args: argparse.Namespace) -> None:
     asked = (("prob", args.probabilities), ("overlay", args.overlay))
     siblings = tuple(kind for kind, given in asked if given)
     targets = mask_targets(args.out, inputs, "--out", siblings)  # before the model loads
+    prompts = read_prompts(args.box, args.point, args.prompts, inputs)
+    if prompts is not None and args.onnx:
+        raise CadsamError(
+            "--onnx runs the whole-image prompt's graph: drop --box/--point/--prompts"
+        )
     if args.onnx:
         device = torch.device("cpu")
         model, size = _onnx_model(args)
@@ -66,6 +86,8 @@ def run(args: argparse.Namespace) -> None:
         model, meta = load_weights(args.weights, args.checkpoint, runtime)
         model.for_inference()
         size = meta["image_size"]
+        if prompts is not None and model.classes is not None:
+            raise CadsamError("these weights label every pixel by class: drop the prompt")
     written = predict(
         model,
         inputs,
@@ -77,6 +99,7 @@ def run(args: argparse.Namespace) -> None:
         bool(args.overlay),
         skip_bad=bool(args.skip_bad),
         progress=args.progress is not False,
+        prompts=prompts,
     )
     skipped = len(inputs) - len(written)
     note = f"; skipped {skipped} unreadable input(s)" if skipped else ""

@@ -17,7 +17,17 @@ from . import common, flags
 HELP = "Train a method on a data set; writes weights, config and metrics into --out."
 
 # TrainConfig's settings that no flag of train sets: --set NAME=VALUE or a --config file's key
-SET_ONLY_TRAINING = ("grad_accum", "weight_decay", "schedule", "seed", "tensorboard")
+SET_ONLY_TRAINING = (
+    "grad_accum",
+    "weight_decay",
+    "schedule",
+    "seed",
+    "tensorboard",
+    "prompts_per_image",
+    "prompt_points",
+    "prompt_negatives",
+    "box_jitter",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flags.add_all(parser, "--backbone", "--checkpoint", "--random-weights")
     flags.add(parser, "--out", metavar="RUN")
     flags.data_flags(parser)
-    flags.add_all(parser, "--classes", "--ignore-index")
+    flags.add_all(parser, "--classes", "--ignore-index", "--prompt")
     val = parser.add_argument_group(
         "validation (optional; the best epoch is kept as best.safetensors)"
     )

@@ -11,7 +11,10 @@ from torch.utils.data import Dataset
 from .io import read_image
 from .labels import IGNORE, ClassTable
 from .pairs import Pair, read_target
+from .prompts import PromptSettings, draw_prompts
 from .transforms import apply_view, augment_pair, resize_mask, resize_pair
+
+PROMPT_KEYS = ("prompt_boxes", "prompt_points", "prompt_labels", "object_masks")
 
 
 class SegmentationDataset(Dataset):
@@ -37,9 +40,15 @@ class SegmentationDataset(Dataset):
         classes: ClassTable | None = None,
         coco_category: str | None = None,
         channels: tuple[int, ...] | None = None,
+        prompts: PromptSettings | None = None,
+        every_object: bool = False,
     ) -> None:
         """``cache``: (cache folder, its views, each pair's row in it). Items then carry the
-        cached ``embedding`` of a view, and augmentation is a choice among the cached views."""
+        cached ``embedding`` of a view, and augmentation is a choice among the cached views.
+        ``prompts`` (boxes or points): items also carry each prompted object's prompt and mask
+        (:func:`~cadsam.data.prompts.draw_prompts`: ``prompt_boxes``, ``prompt_points``,
+        ``prompt_labels``, ``object_masks``), ``per_image`` of them, or with ``every_object``
+        each object once."""
         self.pairs = pairs
         self.size = size
         self.augment = augment
@@ -52,6 +61,8 @@ class SegmentationDataset(Dataset):
         self.classes = classes
         self.coco_category = coco_category  # masks in COCO JSON, binary: the category
         self.channels = channels  # multi-channel images: those read (None: the first three)
+        self.prompts = prompts if prompts is not None and prompts.prompted else None
+        self.every_object = every_object
         self._embeddings: np.ndarray | None = None  # opened lazily, in each worker
 
     def set_epoch(self, epoch: int) -> None:
@@ -84,6 +95,10 @@ class SegmentationDataset(Dataset):
             "index": index,
             "id": pair.id,
         }
+        if self.prompts is not None:
+            drawn = draw_prompts(mask, self.prompts, rng, self.every_object)
+            item |= {f"prompt_{k}": torch.from_numpy(v) for k, v in drawn.items() if k != "masks"}
+            item["object_masks"] = torch.from_numpy(drawn["masks"]).float()
         if self.keep_original:
             item["original_mask"] = torch.from_numpy(original)
         if embedding is not None:
@@ -122,4 +137,9 @@ def collate(items: list[dict]) -> dict:
         batch["original_mask"] = [it["original_mask"] for it in items]
     if "embedding" in items[0]:
         batch["embedding"] = torch.stack([it["embedding"] for it in items])
+    for key in PROMPT_KEYS:  # as many objects per image in training; any number in evaluation
+        if key in items[0]:
+            values = [it[key] for it in items]
+            same = all(v.shape == values[0].shape for v in values)
+            batch[key] = torch.stack(values) if same else values
     return batch

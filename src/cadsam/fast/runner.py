@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..methods.cad import ConvAdapter
 from ..methods.model import AdaptedSam, PlainRunner
+from ..methods.prompting import Prompts
 from ..sam.image_encoder import ImageEncoderViT
 from .adapter import run_adapter
 from .compiler import compile_as_eager
@@ -64,13 +65,20 @@ class FastRunner(PlainRunner):
     def adapter(self, adapter: ConvAdapter, images: torch.Tensor) -> torch.Tensor:
         return run_adapter(adapter, images, self.runtime, self.compiled)
 
-    def mask_logits(self, model: AdaptedSam, embeddings: torch.Tensor, size: int) -> torch.Tensor:
+    def mask_logits(
+        self,
+        model: AdaptedSam,
+        embeddings: torch.Tensor,
+        size: int,
+        prompts: Prompts | None = None,
+    ) -> torch.Tensor:
         """Compiled while training on CUDA by default, where fusing the decoder's hundreds of
-        small kernels pays for the compilation."""
+        small kernels pays for the compilation; for the whole-image prompt only (objects'
+        prompts vary in number in evaluation)."""
         on_cuda = embeddings.is_cuda and torch.is_grad_enabled()
-        if _decide(self.runtime.compile_decoder, on_cuda):
+        if prompts is None and _decide(self.runtime.compile_decoder, on_cuda):
             return self._compiled("decoder", model.mask_logits)(embeddings, size)
-        return model.mask_logits(embeddings, size)
+        return model.mask_logits(embeddings, size, prompts)
 
     def _compiled(self, name: str, function: Any) -> Any:
         if name not in self.compiled:

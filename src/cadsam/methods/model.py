@@ -37,6 +37,7 @@ from ..sam2 import Sam2
 from .cad import ConvAdapter
 from .classes import give_class_tokens
 from .lora import LoraAdapter
+from .prompting import Prompts
 from .sam_adapter import OfficialSamAdapter, PaperSamAdapter
 
 CAD_SCALE = 0.1  # how much of the adapter's tanh map joins the embedding
@@ -56,8 +57,14 @@ class PlainRunner:
     def adapter(self, adapter: ConvAdapter, images: torch.Tensor) -> torch.Tensor:
         return adapter(images)
 
-    def mask_logits(self, model: AdaptedSam, embeddings: torch.Tensor, size: int) -> torch.Tensor:
-        return model.mask_logits(embeddings, size)
+    def mask_logits(
+        self,
+        model: AdaptedSam,
+        embeddings: torch.Tensor,
+        size: int,
+        prompts: Prompts | None = None,
+    ) -> torch.Tensor:
+        return model.mask_logits(embeddings, size, prompts)
 
 
 class AdaptedSam(nn.Module):
@@ -81,6 +88,7 @@ class AdaptedSam(nn.Module):
         self.classes = classes  # None: the binary task, one mask
         # the channels of multi-channel images it reads (None: the first three), as trained
         self.image_channels: tuple[int, ...] | None = None
+        self.prompt = "whole"  # the prompt it was trained with: how eval scores it by default
         if classes is not None:
             give_class_tokens(sam.mask_decoder, classes.count)
         self.layout = feature_layout(backbone)  # what the decoder reads, packed
@@ -199,14 +207,22 @@ class AdaptedSam(nn.Module):
         """Logit maps per image: 1 for the binary task, else one per class."""
         return 1 if self.classes is None else self.classes.count
 
-    def forward(self, images: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        images: torch.Tensor,
+        embeddings: torch.Tensor | None = None,
+        prompts: Prompts | None = None,
+    ) -> torch.Tensor:
         """B x 3 x S x S RGB in 0..255 -> B x :attr:`outputs` x S x S logits (whole-image box
-        prompt)."""
+        prompt); with ``prompts`` for N objects per image, B x N x S x S, a mask per object."""
         height, width = images.shape[-2:]
         assert height == width, "images are resized to a square before the model"
-        return self.runner.mask_logits(self, self.image_embeddings(images, embeddings), height)
+        embedded = self.image_embeddings(images, embeddings)
+        return self.runner.mask_logits(self, embedded, height, prompts)
 
-    def mask_logits(self, image_embeddings: torch.Tensor, size: int) -> torch.Tensor:
+    def mask_logits(
+        self, image_embeddings: torch.Tensor, size: int, prompts: Prompts | None = None
+    ) -> torch.Tensor:
         """Image embeddings -> B x :attr:`outputs` x size x size logits, prompted by the
         whole-image box.
 
@@ -214,7 +230,10 @@ class AdaptedSam(nn.Module):
         postprocessing does and as the paper's numbers were computed. SAM 2.1's go straight
         to ``size``, as its image predictor does; zero-shot's by Meta's single-mask rule in
         evaluation mode, a trained method's from the first mask token (see :meth:`__init__`).
+        ``prompts``: each image's objects' boxes and points instead (:meth:`prompted_logits`).
         """
+        if prompts is not None:
+            return self.prompted_logits(image_embeddings, size, prompts)
         if isinstance(self.sam, Sam2):
             embedding, *high_res = self.layout.unpack(image_embeddings)
             boxes = self.sam.whole_image_boxes(embedding.shape[0])
@@ -239,3 +258,24 @@ class AdaptedSam(nn.Module):
         if frame != size:
             logits = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
         return logits
+
+    def prompted_logits(
+        self, image_embeddings: torch.Tensor, size: int, prompts: Prompts
+    ) -> torch.Tensor:
+        """B x N x size x size logits: one mask per object, each answering its own prompt
+        (given in the S x S input's pixels, S = ``size``), on its image's embedding."""
+        assert self.classes is None, "prompts segment one object each"
+        batch, count = image_embeddings.shape[0], prompts.objects
+        embeddings = image_embeddings.repeat_interleave(count, dim=0)
+        boxes, points = prompts.in_frame(self.sam.image_size / size)
+        if isinstance(self.sam, Sam2):
+            embedding, *high_res = self.layout.unpack(embeddings)
+            low_res, _ = self.sam.decode(embedding, high_res, boxes=boxes, points=points)
+            logits = self.sam.postprocess_masks(low_res, (size, size))
+        else:
+            low_res, _ = self.sam.decode(embeddings, boxes=boxes, points=points)
+            frame = self.sam.image_size
+            logits = F.interpolate(low_res, (frame, frame), mode="bilinear", align_corners=False)
+            if frame != size:
+                logits = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
+        return logits.reshape(batch, count, size, size)
