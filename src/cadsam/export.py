@@ -20,7 +20,8 @@ table as JSON (``cadsam.classes``, :meth:`ClassTable.to_dict`), so :class:`OnnxM
 the classes back and ``predict --onnx`` writes the label maps ``predict --weights`` writes.
 
 Every export is run with onnxruntime on a sample batch right away and compared with PyTorch;
-above the limit it is refused and nothing is left at the destination.
+above the limit it is refused and nothing is left at the destination. The pair labeling tools
+load (an image encoder and Meta's prompt decoder) is :mod:`cadsam.export_pair`'s.
 """
 
 from __future__ import annotations
@@ -271,10 +272,20 @@ def _write_graphs(
     write_graph(DecoderGraph(model, size), (traced, embeddings), paths[1], opset)
 
 
-def write_graph(graph: _Graph, inputs: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
-    """torch.onnx.export (the torch.export-based exporter) with the batch dimension free, and
-    what the graph is in its metadata."""
-    batch = torch.export.Dim("batch", min=1)
+def write_graph(
+    graph: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    opset: int,
+    dynamic_shapes: tuple[dict[int, Any], ...] | None = None,
+) -> None:
+    """torch.onnx.export (the torch.export-based exporter) with the batch dimension free (or
+    the free dimensions ``dynamic_shapes`` names, one dict per input), and what the graph is
+    in its metadata. ``graph`` names its inputs and outputs (``input_names``,
+    ``output_names``) and says what it is (``metadata()``, ``descriptions()``)."""
+    if dynamic_shapes is None:
+        batch = torch.export.Dim("batch", min=1)
+        dynamic_shapes = tuple({0: batch} for _ in inputs)
     with _quiet():
         program = torch.onnx.export(
             graph.eval(),
@@ -282,7 +293,7 @@ def write_graph(graph: _Graph, inputs: tuple[torch.Tensor, ...], path: Path, ops
             None,
             input_names=list(graph.input_names),
             output_names=list(graph.output_names),
-            dynamic_shapes=tuple({0: batch} for _ in inputs),
+            dynamic_shapes=dynamic_shapes,
             opset_version=opset,
             dynamo=True,
             verbose=False,

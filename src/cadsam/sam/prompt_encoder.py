@@ -50,7 +50,7 @@ class PromptEncoder(nn.Module):
         """Prompts in SAM's input frame -> (sparse B x N x C, dense B x C x H x W).
 
         ``points`` is (coords B x N x 2, labels B x N) with labels 1 foreground, 0 background,
-        -1 padding; ``boxes`` is B x 4 (x0, y0, x1, y1); ``masks`` is B x 1 x 4H x 4W logits.
+        -1 padding, 2/3 a box's top-left/bottom-right corner; ``boxes`` is B x 4 (x0, y0, x1, y1); ``masks`` is B x 1 x 4H x 4W logits.
         """
         batch = _batch_size(points, boxes, masks)
         device = self.point_embeddings[0].weight.device
@@ -75,8 +75,10 @@ class PromptEncoder(nn.Module):
         emb = self.pe_layer.forward_with_coords(coords, self.input_image_size)
         labels = labels[..., None]
         emb = torch.where(labels == -1, self.not_a_point_embed.weight, emb)
-        emb = emb + torch.where(labels == 0, self.point_embeddings[0].weight, 0.0)
-        return emb + torch.where(labels == 1, self.point_embeddings[1].weight, 0.0)
+        # 0/1 clicks; 2/3 a box's corners given as points (SAM 2's form, and Meta's ONNX graph's)
+        for label, embedding in enumerate(self.point_embeddings):
+            emb = emb + torch.where(labels == label, embedding.weight, 0.0)
+        return emb
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         corners = (boxes + 0.5).reshape(-1, 2, 2)

@@ -2,7 +2,8 @@
 
 The weights and the encodings are SAM's. What differs is how SAM 2's image predictor gives it a
 box: as two points labelled 2 (top-left) and 3 (bottom-right), placed before any clicks, and with
-no ``boxes`` argument, so a padding point (label -1) is always appended to the points.
+no ``boxes`` argument, so a padding point (label -1) is always appended to the points (SAM's
+encoder embeds such corners as it embeds a box's).
 """
 
 from __future__ import annotations
@@ -20,19 +21,6 @@ class PromptEncoder(SamPromptEncoder):
         """The size of a dense mask prompt: four times the embedding grid."""
         h, w = self.image_embedding_size
         return 4 * h, 4 * w
-
-    def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        """Points labelled -1 (padding), 0/1 (background/foreground), 2/3 (box corners)."""
-        coords = coords + 0.5  # to the pixel centre
-        if pad:
-            coords = torch.cat((coords, coords.new_zeros(coords.shape[0], 1, 2)), dim=1)
-            labels = torch.cat((labels, -labels.new_ones(labels.shape[0], 1)), dim=1)
-        emb = self.pe_layer.forward_with_coords(coords, self.input_image_size)
-        labels = labels[..., None]
-        emb = torch.where(labels == -1, self.not_a_point_embed.weight, emb)
-        for label, embedding in enumerate(self.point_embeddings):
-            emb = emb + torch.where(labels == label, embedding.weight, 0.0)
-        return emb
 
 
 def boxes_as_points(
