@@ -139,14 +139,27 @@ def test_points_train_on_both_backbones(tmp_path, backbone):
     assert np.isfinite(records[-1]["loss"])
 
 
-def test_prompted_training_from_the_cache(tmp_path, sam_file):
+@pytest.mark.parametrize("backbone", ["vit_tiny", "sam2.1_hiera_tiny_test"])
+def test_prompted_training_from_the_cache(tmp_path, sam_file, backbone, capsys):
+    """Prompts never touch the encoder: cad trains on them from a cache, and eval with points
+    scores the same twice."""
+    checkpoint = sam_file
+    if backbone != "vit_tiny":
+        from cadsam.sam2 import build_sam2
+
+        checkpoint = tmp_path / "sam2.pt"
+        torch.save({"model": build_sam2(backbone).state_dict()}, checkpoint)
     cache = tmp_path / "cache"
-    assert main(["cache", "--backbone", "vit_tiny", "--checkpoint", str(sam_file),
+    assert main(["cache", "--backbone", backbone, "--checkpoint", str(checkpoint),
                  "--images", str(KVASIR / "images"), "--out", str(cache), "--image-size", "64",
                  "--no-progress"]) == 0  # fmt: skip
-    argv = train_argv("cad", "vit_tiny", tmp_path / "run", "--prompt", "box", "--cache", str(cache))
+    run = tmp_path / "run"
+    argv = train_argv("cad", backbone, run, "--prompt", "points", "--cache", str(cache))
     argv.remove("--random-weights")
-    assert main([*argv, "--checkpoint", str(sam_file)]) == 0
+    assert main([*argv, "--checkpoint", str(checkpoint)]) == 0
+    capsys.readouterr()
+    first, again = (eval_json(run, capsys, "--checkpoint", str(checkpoint)) for _ in range(2))
+    assert first["prompt"] == "points" and first == again
 
 
 def test_predict_a_box_and_points_on_real_images(kvasir_run, tmp_path):
