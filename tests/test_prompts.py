@@ -199,3 +199,30 @@ def test_predict_a_box_and_points_on_real_images(kvasir_run, tmp_path):
 def test_prompt_mistakes_are_one_line(tmp_path, capsys, extra, said):
     assert main(train_argv("decoder", "vit_tiny", tmp_path / "run", *extra)) == 1
     assert said in capsys.readouterr().err
+
+
+def test_coco_instances_are_prompted_one_by_one(tmp_path, capsys):
+    """Two touching annotations form one connected component, but COCO says they are two
+    objects: each is prompted and scored on its own; the same union drawn as a PNG mask is one."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    entries, annotations = [], []
+    for i in range(3):
+        Image.fromarray(np.full((40, 48, 3), 60 * i, np.uint8)).save(tmp_path / f"images/{i}.png")
+        entries.append({"id": i + 1, "file_name": f"{i}.png", "height": 40, "width": 48})
+        union = np.zeros((40, 48), np.uint8)
+        for x in (6, 18):  # columns 6..17 and 18..29: touching
+            polygon = [x, 8, x + 12, 8, x + 12, 30, x, 30]
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1,
+                                "segmentation": [polygon], "iscrowd": 0})  # fmt: skip
+            union[8:30, x : x + 12] = 255
+        Image.fromarray(union).save(tmp_path / f"masks/{i}.png")
+    coco = {"images": entries, "annotations": annotations, "categories": [{"id": 1, "name": "a"}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    counted = {}
+    for source, extra in (("coco.json", ["--coco-category", "a"]), ("masks", [])):
+        data = ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / source), *extra]
+        assert main(["eval", "--method", "zero-shot", "--backbone", "vit_tiny", "--random-weights",
+                     *data, "--image-size", "48", "--prompt", "box", "--json"]) == 0  # fmt: skip
+        counted[source] = json.loads(capsys.readouterr().out.splitlines()[-1])["objects"]
+    assert counted == {"coco.json": 6, "masks": 3}

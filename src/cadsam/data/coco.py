@@ -125,6 +125,23 @@ def coco_mask(annotations: str | os.PathLike, image_stem: str, category: str) ->
     return mask
 
 
+def coco_instances(
+    annotations: str | os.PathLike, image_stem: str, category: str | None
+) -> np.ndarray:
+    """One image's instances of ``category`` (every category where None): H x W int32, 0
+    where there is none, k for the k-th annotation in painting order (a later one wins where
+    they overlap): each is an object to prompt."""
+    parsed = _parsed(Path(annotations))
+    if category is not None:
+        coco_mask(annotations, image_stem, category)  # an unknown category: its error
+    entry = _entry(parsed, image_stem)
+    found = np.zeros((int(entry["height"]), int(entry["width"])), dtype=np.int32)
+    chosen = [a for a in _annotations(parsed, entry) if category in (None, _category(parsed, a))]
+    for k, ann in enumerate(chosen, start=1):
+        found[_pixels(parsed, entry, ann)] = k
+    return found
+
+
 def _annotations(parsed: _Coco, entry: dict) -> list[dict]:
     """The image's annotations in painting order: crowd regions first, then by ``id``."""
     found = parsed.coco.imgToAnns.get(entry["id"], [])

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .coco import coco_instances
 from .io import read_image
 from .labels import IGNORE, ClassTable
 from .pairs import Pair, read_target
@@ -74,7 +75,7 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         pair = self.pairs[index]
         image = read_image(pair.image, self.channels)
-        original = read_target(pair, self.classes, self.mask_threshold, self.coco_category)
+        original = self._ground_truth(pair)
         if original.shape != image.shape[:2]:
             assert self.resize_masks, (
                 "scan_pairs lets mismatched sizes through only with resize_masks"
@@ -91,12 +92,13 @@ class SegmentationDataset(Dataset):
             image, mask, _ = augment_pair(image, mask, rng, fill=IGNORE if self.classes else 0)
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
-            "mask": self._target(mask),
+            "mask": self._target(mask if mask.dtype != np.int32 or self.classes else mask > 0),
             "index": index,
             "id": pair.id,
         }
         if self.prompts is not None:
-            drawn = draw_prompts(mask, self.prompts, rng, self.every_object)
+            instances = mask if mask.dtype == np.int32 and not self.classes else None
+            drawn = draw_prompts(mask > 0, self.prompts, rng, self.every_object, instances)
             item |= {f"prompt_{k}": torch.from_numpy(v) for k, v in drawn.items() if k != "masks"}
             item["object_masks"] = torch.from_numpy(drawn["masks"]).float()
         if self.keep_original:
@@ -104,6 +106,14 @@ class SegmentationDataset(Dataset):
         if embedding is not None:
             item["embedding"] = embedding
         return item
+
+    def _ground_truth(self, pair: Pair) -> np.ndarray:
+        """The pair's mask as read; for prompts on COCO instances, their map (0: none, k: the
+        k-th instance), so that each instance is prompted, not each connected component."""
+        coco = pair.mask.suffix.lower() == ".json"
+        if self.prompts is not None and coco and self.classes is None:
+            return coco_instances(pair.mask, pair.id, self.coco_category)
+        return read_target(pair, self.classes, self.mask_threshold, self.coco_category)
 
     def _target(self, mask: np.ndarray) -> torch.Tensor:
         if self.classes is None:

@@ -66,14 +66,22 @@ def objects(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def draw_prompts(
-    mask: np.ndarray, settings: PromptSettings, rng: np.random.Generator, every: bool = False
+    mask: np.ndarray,
+    settings: PromptSettings,
+    rng: np.random.Generator,
+    every: bool = False,
+    instances: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Prompts for the objects of an H x W bool mask: ``per_image`` of them drawn (``every``:
-    each object once, as evaluation scores them). Returns ``masks`` (N x H x W bool, each
+    """Prompts for the objects of an H x W bool mask (its connected components, or where
+    ``instances`` maps them, 0 none and k the k-th, its instances): ``per_image`` of them drawn
+    (``every``: each object once, as evaluation scores them). Returns ``masks`` (N x H x W bool, each
     object's target), and as the kind asks ``boxes`` (N x 4: x0, y0, x1, y1 in pixels),
     ``points`` (N x P x 2: x, y) and ``labels`` (N x P: 1 inside, 0 outside). An image with no
     object gets prompts on its background and an empty target: nothing there."""
-    found = objects(mask)
+    if instances is None:
+        found = objects(mask)
+    else:
+        found = [instances == k for k in np.unique(instances) if k > 0]
     if every:
         chosen = found or [np.zeros_like(mask, dtype=bool)]
     elif found:
