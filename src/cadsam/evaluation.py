@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .data import SegmentationDataset, collate, find_pairs, scan_pairs
-from .data.dataset import PROMPT_KEYS
 from .data.io import parse_channels
+from .data.labels import ClassTable
 from .data.prompts import PromptSettings
 from .distributed import Dist, gather_objects
 from .errors import CadsamError
@@ -75,7 +75,7 @@ def evaluate(
             continue
         for one, gt in zip(logits, batch["original_mask"], strict=True):
             full = F.interpolate(one[None], gt.shape, mode="bilinear", align_corners=False)
-            meter.update(full, gt[None] if model.classes else gt[None, None])
+            meter.update(full, gt[None] if classes_of(model) else gt[None, None])
     model.train(was_training)
     merged = _meter(model, sod)
     for state in gather_objects(meter.state(), dist):
@@ -97,28 +97,28 @@ def _score_objects(
     precision: str,
 ) -> None:
     """Each prompted object of each image (their number varies), scored as an image of its own."""
-    per_image = [
-        {
-            key[len("prompt_") :]: batch[key][i]
-            for key in PROMPT_KEYS
-            if key.startswith("prompt_") and key in batch
-        }
-        for i in range(len(images))
-    ]
-    for i, prompts in enumerate(per_image):
-        one = Prompts(**{k: v[None].to(images.device) for k, v in prompts.items()})
+    parts = [key for key in ("boxes", "points", "labels") if f"prompt_{key}" in batch]
+    for i in range(len(images)):
+        one = Prompts(**{key: batch[f"prompt_{key}"][i][None].to(images.device) for key in parts})
         cached = None if embeddings is None else embeddings[i : i + 1]
         with autocast(images.device, precision):
             logits = model(images[i : i + 1], cached, one).float()
         meter.update(logits[0][:, None], batch["object_masks"][i][:, None])
 
 
+def classes_of(model: torch.nn.Module) -> ClassTable | None:
+    """The classes a model (or an exported graph run by onnxruntime) predicts; None: one
+    class."""
+    return getattr(model, "classes", None)
+
+
 def _meter(model: AdaptedSam, sod: bool) -> SegmentationMeter | ClassMeter:
-    if getattr(model, "classes", None) is None:
+    classes = classes_of(model)
+    if classes is None:
         return SegmentationMeter(sod=sod)
     if sod:
         raise CadsamError("the SOD metrics score one class: drop --sod for several classes")
-    return ClassMeter(model.classes.names)
+    return ClassMeter(classes.names)
 
 
 def main_score(metrics: dict[str, Any]) -> float:
@@ -170,6 +170,8 @@ def evaluate_on(
     )
     reading = _reading(model, data)
     prompts = PromptSettings(data.prompt or model.prompt)
+    if prompts.prompted and model.classes is not None:
+        raise CadsamError("these weights label every pixel by class: they take no --prompt")
     if prompts.prompted and resolution != "train":
         raise CadsamError(
             "prompted objects are scored at the training size: drop --eval-resolution"

@@ -19,7 +19,7 @@ from .data.io import IMAGE_EXTENSIONS, list_images, read_image
 from .data.labels import ClassTable
 from .data.transforms import resize_image
 from .errors import CadsamError
-from .evaluation import constant_prediction_warning
+from .evaluation import classes_of, constant_prediction_warning
 from .files import check_output_folder, write_atomic
 from .methods import AdaptedSam
 from .methods.prompting import Prompts
@@ -143,11 +143,6 @@ def predict_logits(
         logits = logits.float()
     logits = F.interpolate(logits, image.shape[:2], mode="bilinear", align_corners=False)[0]
     return (logits if classes_of(model) else logits[0]).cpu()
-
-
-def classes_of(model: Any) -> ClassTable | None:
-    """The classes a model (or an exported graph run by onnxruntime) predicts; None: binary."""
-    return getattr(model, "classes", None)
 
 
 def predict(

@@ -165,7 +165,7 @@ def _pairs(cfg: TrainConfig, progress: bool):
         progress=progress,
     )
     # one scan: every bad pair in one error
-    checked, bad = scan_pairs(pairs + val, **scan, **reading(cfg))
+    checked, bad = scan_pairs(pairs + val, **scan, **_reading(cfg))
     usable = set(checked)
     pairs, val = ([p for p in group if p in usable] for group in (pairs, val))
     if not pairs:
@@ -173,14 +173,14 @@ def _pairs(cfg: TrainConfig, progress: bool):
     return pairs, val, bad
 
 
-def reading(cfg: TrainConfig) -> dict[str, Any]:
+def _reading(cfg: TrainConfig) -> dict[str, Any]:
     """How the pairs are read, as :func:`~cadsam.data.scan_pairs` and the data set take it."""
     return dict(classes=cfg.class_table(), coco_category=cfg.coco_category, channels=cfg.channels())
 
 
 def _dataset_reading(cfg: TrainConfig) -> dict[str, Any]:
-    """:func:`reading`, and the prompts each item draws."""
-    return {**reading(cfg), "prompts": cfg.prompt_settings()}
+    """:func:`_reading`, and the prompts each item draws."""
+    return {**_reading(cfg), "prompts": cfg.prompt_settings()}
 
 
 def _cache_links(cfg: TrainConfig, train_pairs, val_pairs, base, log):
