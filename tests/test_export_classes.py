@@ -1,6 +1,6 @@
-"""ONNX export of a model of K classes: K logit maps per image from the whole graph and from
-the encoder-decoder pair, the class table carried in the graph's metadata, and predict --onnx
-writing the label maps predict --weights writes.
+"""ONNX export of a model of K classes: K logit maps per image from the whole graph, the class
+table carried in the graph's metadata, and predict --onnx writing the label maps predict
+--weights writes (the encoder-decoder pair shares the whole graph's code: tests/test_export.py).
 
 The model is CAD on vit_tiny with random weights and three classes (named and coloured, so
 the whole table must travel); each graph is traced once per module (seconds each)."""
@@ -144,28 +144,6 @@ def test_predict_onnx_writes_the_label_maps_predict_writes(weights, graph, image
         if not differ.any():  # the same labels: the same overlay, legend and all
             assert np.array_equal(*overlays)
     assert len(seen) > 1  # a binary mask or a constant map would not pass for label maps
-
-
-def test_the_encoder_decoder_pair_gives_the_same_logits(weights, graph, images):
-    out = weights.parent / "pair.onnx"
-    args = ["export", "--weights", str(weights), "--out", str(out), "--format", "encoder-decoder"]
-    assert main(args) == 0
-    encoder, decoder = out.with_suffix(".encoder.onnx"), out.with_suffix(".decoder.onnx")
-    batch = _batch(images)
-    embeddings = export.onnx_session(encoder).run(None, {"images": batch.numpy()})[0]
-    feed = {"images": batch.numpy(), "embeddings": embeddings}
-    composed = export.onnx_session(decoder).run(None, feed)[0]
-    whole = export.onnx_session(graph).run(None, {"images": batch.numpy()})[0]
-    with torch.no_grad():
-        expected = _loaded(weights)(batch).numpy()
-    assert composed.shape == (2, 3, SIZE, SIZE)
-    assert export.relative_difference(composed, whole) < 1e-4
-    assert export.relative_difference(composed, expected) < 1e-3
-    recorded = [
-        {p.key: p.value for p in onnx.load(str(g)).metadata_props} for g in (encoder, decoder)
-    ]
-    assert "cadsam.classes" not in recorded[0]  # embeddings know no classes
-    assert json.loads(recorded[1]["cadsam.classes"]) == TABLE.to_dict()
 
 
 def _hand_graph(path: Path, channels: int, metadata: dict[str, str]) -> Path:
