@@ -210,7 +210,7 @@ def test_classes_graphed_train_eval_predict_on_cuda(tmp_path, sam_file, capsys):
     for device in ("cuda", "cpu"):
         assert main(["eval", "--weights", str(tmp_path / "run"), *data, "--device", device,
                      "--json", "--num-workers", "0"]) == 0  # fmt: skip
-        scores[device] = json.loads(capsys.readouterr().out)
+        scores[device] = json.loads(capsys.readouterr().out.splitlines()[-1])
         out = tmp_path / f"predicted-{device}"
         assert main(["predict", "--weights", str(tmp_path / "run"), "--images", data[1],
                      "--out", str(out), "--device", device]) == 0  # fmt: skip
@@ -240,7 +240,7 @@ def test_prompted_train_eval_predict_on_cuda(tmp_path, sam_file, capsys):
     for device in ("cuda", "cpu"):
         assert main(["eval", "--weights", str(tmp_path / "run"), *data, "--device", device,
                      "--json", "--num-workers", "0", "--prompt", "box"]) == 0  # fmt: skip
-        scores[device] = json.loads(capsys.readouterr().out)
+        scores[device] = json.loads(capsys.readouterr().out.splitlines()[-1])
         out = tmp_path / f"{device}.png"
         assert main(["predict", "--weights", str(tmp_path / "run"), "--images", str(image),
                      "--out", str(out), "--device", device, "--box", "50,40,300,260"]) == 0  # fmt: skip
