@@ -185,6 +185,11 @@ def test_predict_a_box_and_points_on_real_images(kvasir_run, tmp_path):
     assert main([*argv, "--prompts", str(prompts), "--no-progress"]) == 0
     assert written[0].shape == (height, width)
     np.testing.assert_array_equal(np.array(Image.open(out)), written[0])
+    predictor = cadsam.load(kvasir_run, device="cpu")
+    mask = predictor.predict(image, box=given["box"], points=[given["points"][0][:2]])
+    np.testing.assert_array_equal(mask, written[0] > 0)
+    prompts.write_text(json.dumps({image.name: [1, 2]}))
+    assert main([*argv, "--prompts", str(prompts)]) == 1
     assert not np.array_equal(written[0], written[1])
 
 

@@ -67,14 +67,12 @@ class Predictor:
         classes' probabilities (K x H x W float32). ``box`` (x0, y0, x1, y1) and ``points``
         ((x, y) or (x, y, label)), in each image's pixels: the object to segment instead of the
         whole image."""
-        from .prediction import ImagePrompt, predict_logits, read_prompts
+        from .prediction import ImagePrompt, image_prompt, predict_logits
 
         single = _is_one_image(images)
         prompt: ImagePrompt | None = None
         if box is not None or points:
-            text = [",".join(str(v) for v in point) for point in points]
-            box_text = None if box is None else ",".join(str(v) for v in box)
-            prompt = read_prompts(box_text, text, None, [Path()])[Path()]
+            prompt = image_prompt(box, points, "box", "points")
             if self.classes is not None:
                 raise CadsamError("this model labels every pixel by class: it takes no prompt")
         outputs = []

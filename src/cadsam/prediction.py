@@ -278,11 +278,17 @@ def read_prompts(
         return _prompts_from_file(Path(prompts_file), inputs)
     if box is None and not points:
         return None
-    prompt = ImagePrompt(
-        None if box is None else _numbers(box, "--box", (4,)),
-        tuple(_point(p, "--point") for p in points or ()),
+    return dict.fromkeys(inputs, image_prompt(box, points or (), "--box", "--point"))
+
+
+def image_prompt(box: Any, points: Any, box_said: str, points_said: str) -> ImagePrompt:
+    """A box (4 numbers, or text ``x0,y0,x1,y1``) and points (each ``(x, y)`` or
+    ``(x, y, label)``, or text ``x,y[,label]``) checked into a prompt; ``*_said``: how the
+    user gave them, for the error."""
+    return ImagePrompt(
+        None if box is None else _numbers(box, box_said, (4,)),
+        tuple(_point(point, points_said) for point in points),
     )
-    return dict.fromkeys(inputs, prompt)
 
 
 def _numbers(text: Any, flag: str, counts: tuple[int, ...]) -> tuple[float, ...]:
@@ -292,7 +298,7 @@ def _numbers(text: Any, flag: str, counts: tuple[int, ...]) -> tuple[float, ...]
         values = ()
     if len(values) not in counts:
         wanted = " or ".join(str(c) for c in counts)
-        raise CadsamError(f"{flag} takes {wanted} numbers separated by commas, not {text!r}")
+        raise CadsamError(f"{flag} takes {wanted} numbers, not {text!r}")
     return values
 
 
@@ -320,11 +326,9 @@ def _prompts_from_file(path: Path, inputs: list[Path]) -> dict[Path, ImagePrompt
             missing.append(image.name)
             continue
         where = f"{path} ({image.name})"
-        box = entry.get("box")
-        found[image] = ImagePrompt(
-            None if box is None else _numbers(box, where, (4,)),
-            tuple(_point(p, where) for p in entry.get("points", ())),
-        )
+        if not isinstance(entry, dict):
+            raise CadsamError(f'{where}: expected {{"box": [...], "points": [...]}}, not {entry!r}')
+        found[image] = image_prompt(entry.get("box"), entry.get("points", ()), where, where)
         if found[image].box is None and not found[image].points:
             raise CadsamError(f"{where}: give a box or points")
     if missing:
