@@ -92,12 +92,12 @@ class SegmentationDataset(Dataset):
             image, mask, _ = augment_pair(image, mask, rng, fill=IGNORE if self.classes else 0)
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
-            "mask": self._target(mask if mask.dtype != np.int32 or self.classes else mask > 0),
+            "mask": self._target(mask),
             "index": index,
             "id": pair.id,
         }
         if self.prompts is not None:
-            instances = mask if mask.dtype == np.int32 and not self.classes else None
+            instances = None if mask.dtype == bool else mask  # COCO's (prompts take no classes)
             drawn = draw_prompts(mask > 0, self.prompts, rng, self.every_object, instances)
             item |= {f"prompt_{k}": torch.from_numpy(v) for k, v in drawn.items() if k != "masks"}
             item["object_masks"] = torch.from_numpy(drawn["masks"]).float()
@@ -116,8 +116,8 @@ class SegmentationDataset(Dataset):
         return read_target(pair, self.classes, self.mask_threshold, self.coco_category)
 
     def _target(self, mask: np.ndarray) -> torch.Tensor:
-        if self.classes is None:
-            return torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+        if self.classes is None:  # a bool mask, or a map of COCO's instances: foreground > 0
+            return torch.from_numpy(np.ascontiguousarray(mask > 0)).float()[None]
         return torch.from_numpy(mask.astype(np.int64))
 
     def _cached_view(self, rng: np.random.Generator) -> str:
