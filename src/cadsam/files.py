@@ -15,6 +15,18 @@ from .errors import CadsamError
 FULL_DISK_BYTES = 1 << 20  # free space below which a failed write is a full disk
 
 
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """A small text file a user names (a class file, a prompts file), or one line saying why
+    it cannot be read."""
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise CadsamError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise CadsamError(f"cannot read {what} {path}: {why}") from None
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it into place: a crash
     leaves the old file or the new one, never a partial one."""

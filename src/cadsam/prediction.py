@@ -20,7 +20,7 @@ from .data.labels import ClassTable
 from .data.transforms import resize_image
 from .errors import CadsamError
 from .evaluation import classes_of, constant_prediction_warning
-from .files import check_output_folder, write_atomic
+from .files import check_output_folder, read_text, write_atomic
 from .methods import AdaptedSam
 from .methods.prompting import Prompts
 from .overlay import label_overlay
@@ -312,11 +312,9 @@ def _point(text: Any, flag: str) -> tuple[float, float, float]:
 
 def _prompts_from_file(path: Path, inputs: list[Path]) -> dict[Path, ImagePrompt]:
     try:
-        given = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CadsamError(f"prompts file not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise CadsamError(f"cannot read prompts file {path}: {exc}") from None
+        given = json.loads(read_text(path, "prompts file"))
+    except ValueError as exc:
+        raise CadsamError(f"prompts file {path} is not valid JSON: {exc}") from None
     if not isinstance(given, dict):
         raise CadsamError(f"{path}: expected {{image name: {{box: [...], points: [...]}}}}")
     found, missing = {}, []

@@ -19,6 +19,7 @@ import yaml
 from PIL import Image, ImageOps
 
 from ..errors import CadsamError
+from ..files import read_text
 from .io import TIFF_EXTENSIONS, tiff_pixels, tifffile_module
 
 IGNORE = -1  # the ignore value inside cadsam, whatever the files use
@@ -99,12 +100,7 @@ def read_class_file(path: str | os.PathLike, ignore_index: int | None = None) ->
     ``ignore_index:`` (the argument, where given, overrides it) and, for colour-coded masks,
     ``ignore_colour:`` (void pixels)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise CadsamError(f"class file not found: {path}") from None
-    except OSError as exc:
-        raise CadsamError(f"cannot read class file {path}: {exc.strerror or exc}") from None
+    text = read_text(path, "class file")
     try:
         record = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:

@@ -53,16 +53,18 @@ class PromptSettings:
         return self.kind in ("points", "box+points")
 
 
-def objects(mask: np.ndarray) -> list[np.ndarray]:
-    """The mask's objects: its 8-connected components, specks left out where others exist."""
+def objects(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """The mask's objects, its 8-connected components (specks left out where others exist):
+    a map of them (H x W int) and the ids of those kept. A mask is drawn from, not copied per
+    object: a membrane image has hundreds of components."""
     labelled, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     if count == 0:
-        return []
+        return labelled, []
     sizes = np.bincount(labelled.ravel())[1:]
     keep = np.flatnonzero(sizes >= MIN_OBJECT_SHARE * mask.size)
     if len(keep) == 0:
         keep = np.array([int(np.argmax(sizes))])
-    return [labelled == k + 1 for k in keep]
+    return labelled, [int(k) + 1 for k in keep]
 
 
 def draw_prompts(
@@ -79,15 +81,18 @@ def draw_prompts(
     ``points`` (N x P x 2: x, y) and ``labels`` (N x P: 1 inside, 0 outside). An image with no
     object gets prompts on its background and an empty target: nothing there."""
     if instances is None:
-        found = objects(mask)
+        found, ids = objects(mask)
     else:
-        found = [instances == k for k in np.unique(instances) if k > 0]
+        found, ids = instances, [int(k) for k in np.unique(instances) if k > 0]
     if every:
-        chosen = found or [np.zeros_like(mask, dtype=bool)]
-    elif found:
-        chosen = [found[i] for i in rng.integers(len(found), size=settings.per_image)]
+        picked = ids
+    elif ids:
+        picked = [ids[i] for i in rng.integers(len(ids), size=settings.per_image)]
     else:
-        chosen = [np.zeros_like(mask, dtype=bool)] * settings.per_image
+        picked = []
+    chosen = [found == k for k in picked] or [np.zeros_like(mask, dtype=bool)] * (
+        1 if every else settings.per_image
+    )
     drawn: dict[str, list] = {"masks": chosen, "boxes": [], "points": [], "labels": []}
     for target in chosen:
         if settings.uses_box:
