@@ -196,7 +196,6 @@ def test_predict_a_box_and_points_on_real_images(kvasir_run, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "said"),
     [
-        (["--prompt", "box", "--classes", "3"], "--prompt segments one object per prompt"),
         (["--prompt", "box", "--set", "cuda_graph=true"], "cuda_graph replays the whole-image"),
         (["--prompt", "box", "--set", "prompts_per_image=0"], "prompts_per_image must be"),
     ],

@@ -66,15 +66,14 @@ class Predictor:
         several classes (:attr:`classes`): label maps of class indices (H x W int64), or the
         classes' probabilities (K x H x W float32). ``box`` (x0, y0, x1, y1) and ``points``
         ((x, y) or (x, y, label)), in each image's pixels: the object to segment instead of the
-        whole image."""
-        from .prediction import ImagePrompt, image_prompt, predict_logits
+        whole image; with several classes, its class on it and the ignore value elsewhere (or
+        each class's sigmoid probability)."""
+        from .prediction import ImagePrompt, image_prompt, predict_logits, prompted_labels
 
         single = _is_one_image(images)
         prompt: ImagePrompt | None = None
         if box is not None or points:
             prompt = image_prompt(box, points, "box", "points")
-            if self.classes is not None:
-                raise CadsamError("this model labels every pixel by class: it takes no prompt")
         outputs = []
         for image in [images] if single else images:
             logits = predict_logits(
@@ -85,7 +84,10 @@ class Predictor:
                 self.precision,
                 prompt,
             )
-            if self.classes is not None:
+            if self.classes is not None and prompt is not None:
+                labels = torch.from_numpy(prompted_labels(logits, self.classes))
+                outputs.append(torch.sigmoid(logits) if probabilities else labels)
+            elif self.classes is not None:
                 outputs.append(torch.softmax(logits, 0) if probabilities else logits.argmax(0))
             else:
                 outputs.append(torch.sigmoid(logits) if probabilities else logits > 0)

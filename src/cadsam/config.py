@@ -112,8 +112,6 @@ class TrainConfig:
             raise CadsamError("--ignore-index is for label maps: give --classes too")
         self.class_table()  # a class file that does not read, before any work
         self.channels()
-        if self.prompt_settings().prompted and self.class_table() is not None:
-            raise CadsamError("--prompt segments one object per prompt: drop --classes, or it")
         resolve_options(self.method, self.options)  # an option the method does not take
         check_method_on_backbone(self.method, self.backbone)  # before the data and weights
         name, settings = self.runtime_parts()

@@ -19,6 +19,7 @@ from .data.prompts import PromptSettings
 from .distributed import Dist, gather_objects
 from .errors import CadsamError
 from .methods import AdaptedSam
+from .methods.classes import class_answers
 from .methods.prompting import Prompts
 from .metrics import ClassMeter, SegmentationMeter, format_class_table
 from .precision import autocast
@@ -51,7 +52,8 @@ def evaluate(
     assert resolution == "train" or dataset.keep_original, "original resolution needs keep_original"
     shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    meter = _meter(model, sod)
+    prompted = getattr(dataset, "prompts", None) is not None  # each object scored as an image
+    meter = _meter(model, sod, prompted)
     was_training = model.training
     model.eval()
     for batch in tqdm(
@@ -77,13 +79,13 @@ def evaluate(
             full = F.interpolate(one[None], gt.shape, mode="bilinear", align_corners=False)
             meter.update(full, gt[None] if classes_of(model) else gt[None, None])
     model.train(was_training)
-    merged = _meter(model, sod)
+    merged = _meter(model, sod, prompted)
     for state in gather_objects(meter.state(), dist):
         merged.merge(state)
     if scores is not None and isinstance(merged, SegmentationMeter):
         scores.update(merged.per_image)
     result = merged.compute()
-    if getattr(dataset, "prompts", None) is not None:  # each prompted object scored as an image
+    if prompted:
         result = {("objects" if k == "images" else k): v for k, v in result.items()}
     return result
 
@@ -96,14 +98,32 @@ def _score_objects(
     meter: SegmentationMeter,
     precision: str,
 ) -> None:
-    """Each prompted object of each image (their number varies), scored as an image of its own."""
+    """Each prompted object of each image (their number varies), scored as an image of its own.
+    K classes: the mask of the class the model answers, and none where that is not the
+    object's class, so that an object counts only with its right class."""
     parts = [key for key in ("boxes", "points", "labels") if f"prompt_{key}" in batch]
     for i in range(len(images)):
         one = Prompts(**{key: batch[f"prompt_{key}"][i][None].to(images.device) for key in parts})
         cached = None if embeddings is None else embeddings[i : i + 1]
         with autocast(images.device, precision):
-            logits = model(images[i : i + 1], cached, one).float()
-        meter.update(logits[0][:, None], batch["object_masks"][i][:, None])
+            logits = model(images[i : i + 1], cached, one).float()[0]
+        target = batch["object_masks"][i].to(logits.device)
+        if classes_of(model) is not None:
+            logits, target = _right_class_answers(logits, target)
+        meter.update(logits[:, None], target[:, None])
+
+
+def _right_class_answers(
+    logits: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """N objects' K maps and targets (class on the object, K off it, IGNORE) -> each object's
+    answered mask (logits; all off where the class answered is not the object's) and mask."""
+    answered, masks = class_answers(logits)
+    on_object = (target >= 0) & (target < logits.shape[1])
+    truth = torch.where(on_object, target, -1).flatten(1).amax(1)  # -1: no object
+    right = (answered == truth) | (truth < 0)
+    masks = torch.where(right[:, None, None], masks, torch.full_like(masks, -1.0))
+    return masks, on_object.float()
 
 
 def classes_of(model: torch.nn.Module) -> ClassTable | None:
@@ -112,9 +132,9 @@ def classes_of(model: torch.nn.Module) -> ClassTable | None:
     return getattr(model, "classes", None)
 
 
-def _meter(model: AdaptedSam, sod: bool) -> SegmentationMeter | ClassMeter:
+def _meter(model: AdaptedSam, sod: bool, prompted: bool) -> SegmentationMeter | ClassMeter:
     classes = classes_of(model)
-    if classes is None:
+    if classes is None or prompted:  # prompted objects are scored one at a time
         return SegmentationMeter(sod=sod)
     if sod:
         raise CadsamError("the SOD metrics score one class: drop --sod for several classes")
@@ -170,8 +190,6 @@ def evaluate_on(
     )
     reading = _reading(model, data)
     prompts = PromptSettings(data.prompt or model.prompt)
-    if prompts.prompted and model.classes is not None:
-        raise CadsamError("these weights label every pixel by class: they take no --prompt")
     if prompts.prompted and resolution != "train":
         raise CadsamError(
             "prompted objects are scored at the training size: drop --eval-resolution"

@@ -33,11 +33,15 @@ def class_colours(classes: ClassTable) -> np.ndarray:
 
 
 def label_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassTable) -> np.ndarray:
-    """H x W x 3 image and H x W class indices -> the classes' colours blended over the image,
-    with a legend below naming the classes that appear (in class order)."""
+    """H x W x 3 image and H x W class indices -> the classes' colours blended over the image
+    (a value past the classes, such as the ignore value, left as it is), with a legend below
+    naming the classes that appear (in class order)."""
     colours = class_colours(classes)
-    blend = (1 - BLEND) * image.astype(np.float32) + BLEND * colours[labels].astype(np.float32)
-    shown = [int(k) for k in np.unique(labels)]
+    labelled = (labels >= 0) & (labels < classes.count)
+    painted = colours[np.where(labelled, labels, 0)].astype(np.float32)
+    blend = image.astype(np.float32)
+    blend[labelled] = (1 - BLEND) * blend[labelled] + BLEND * painted[labelled]
+    shown = [int(k) for k in np.unique(labels[labelled])]
     return _with_legend(np.rint(blend).astype(np.uint8), shown, classes, colours)
 
 

@@ -22,6 +22,7 @@ from .errors import CadsamError
 from .evaluation import classes_of, constant_prediction_warning
 from .files import check_output_folder, read_text, write_atomic
 from .methods import AdaptedSam
+from .methods.classes import class_answers
 from .methods.prompting import Prompts
 from .overlay import label_overlay
 from .precision import autocast
@@ -135,12 +136,16 @@ def predict_logits(
 ) -> torch.Tensor:
     """H x W x 3 uint8 -> H x W logits (K x H x W for K classes): resized to ``size`` for the
     model exactly as the training and evaluation data are, then the logits back to the image's
-    size. ``prompt``: the object to segment (default: the whole image's box)."""
+    size. ``prompt``: the object to segment (default: the whole image's box); for K classes
+    its K maps (sigmoid: :func:`~cadsam.methods.classes.class_answers`)."""
     resized = torch.from_numpy(resize_image(image, size)).permute(2, 0, 1)[None].float().to(device)
     prompts = None if prompt is None else prompt.for_model(*image.shape[:2], size, device)
     with autocast(device, precision):
-        logits = model(resized) if prompts is None else model(resized, None, prompts)
-        logits = logits.float()
+        if prompts is None:
+            logits = model(resized).float()
+        else:  # the one object's maps in the place of the whole image's
+            logits = model(resized, None, prompts).float()
+            logits = logits[:, 0] if classes_of(model) else logits
     logits = F.interpolate(logits, image.shape[:2], mode="bilinear", align_corners=False)[0]
     return (logits if classes_of(model) else logits[0]).cpu()
 
@@ -186,7 +191,7 @@ def predict(
         prompt = None if prompts is None else prompts[path]
         logits = predict_logits(model, image, size, device, precision, prompt)
         target, mask = _write_outputs(
-            model, image, logits, targets.masks[path], probabilities, overlay
+            model, image, logits, targets.masks[path], probabilities, overlay, prompt is not None
         )
         written.append(target)
         if classes_of(model):
@@ -215,11 +220,14 @@ def _write_outputs(
     target: Path,
     probabilities: bool,
     overlay: bool,
+    prompted: bool = False,
 ) -> tuple[Path, np.ndarray]:
     """Write one input's outputs; returns the mask's file and the mask."""
     classes = classes_of(model)
     if classes is not None:
-        return target, _write_labels(classes, image, logits, target, probabilities, overlay)
+        labels = prompted_labels(logits, classes) if prompted else logits.argmax(0).numpy()
+        _write_labels(classes, image, logits, labels, target, probabilities, overlay, prompted)
+        return target, labels
     mask = (logits > 0).numpy()
     save_image((mask * 255).astype(np.uint8), target)
     if probabilities:
@@ -232,26 +240,35 @@ def _write_outputs(
     return target, mask
 
 
+def prompted_labels(logits: torch.Tensor, classes: ClassTable) -> np.ndarray:
+    """A prompted object's K maps -> a label map: the class it answers on the object, and the
+    classes' ignore value (no class) everywhere else."""
+    answered, mask = class_answers(logits[None])
+    return np.where(mask[0].numpy() > 0, int(answered[0]), classes.ignore_index)
+
+
 def _write_labels(
     classes: ClassTable,
     image: np.ndarray,
     logits: torch.Tensor,
+    labels: np.ndarray,
     target: Path,
     probabilities: bool,
     overlay: bool,
-) -> np.ndarray:
-    """K classes: the label map (8-bit PNG, 16-bit past 256 classes), the K probabilities as
-    ``<name>_prob.npy`` (K x H x W float32) and the overlay with its legend."""
-    labels = logits.argmax(0).numpy().astype(np.uint8 if classes.count <= 256 else np.uint16)
-    save_image(labels, target)
+    prompted: bool,
+) -> None:
+    """K classes: the label map (8-bit PNG, 16-bit past 256 values), the K probabilities as
+    ``<name>_prob.npy`` (K x H x W float32: softmax, or a prompt's sigmoids) and the overlay
+    with its legend."""
+    wide = max(classes.count - 1, int(labels.max(initial=0))) > 255
+    save_image(labels.astype(np.uint16 if wide else np.uint8), target)
     if probabilities:
-        prob = torch.softmax(logits, 0).numpy()
+        prob = (torch.sigmoid(logits) if prompted else torch.softmax(logits, 0)).numpy()
         path = MaskTargets.sibling(target, "prob").with_suffix(".npy")
         write_atomic(path, lambda tmp: _save_array(tmp, prob))
     if overlay:
         blend = label_overlay(image, labels, classes)
         save_image(blend, MaskTargets.sibling(target, "overlay"))
-    return labels
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:

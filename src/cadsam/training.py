@@ -91,6 +91,28 @@ def class_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ce + (dice * present).sum() / present.sum().clamp(min=1)
 
 
+def object_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Prompted objects (B x N of them), each scored as an image of its own. Binary: each
+    object's mask as the binary task's (:func:`segmentation_loss`). K classes (logits
+    B x N x K x S x S, targets B x N x S x S: the object's class on it, K off it, IGNORE where
+    ignored): BCE over every class's map against the object's mask in its class's map and
+    nothing in the others, + the IoU loss over all K maps together, so that the object in
+    another class's map counts against it; for K = 1 the binary task's loss."""
+    if target.is_floating_point():
+        return segmentation_loss(logits.flatten(0, 1).unsqueeze(1), target.flatten(0, 1)[:, None])
+    logits, target = logits.flatten(0, 1), target.flatten(0, 1)
+    valid = (target != IGNORE).unsqueeze(1).to(logits.dtype)  # O x 1 x S x S
+    onehot = F.one_hot(target.clamp(min=0), logits.shape[1] + 1)[..., :-1].permute(0, 3, 1, 2)
+    onehot = onehot.to(logits.dtype) * valid
+    bce = F.binary_cross_entropy_with_logits(logits, onehot, weight=valid, reduction="sum")
+    bce = bce / (valid.sum() * logits.shape[1]).clamp(min=1)
+    prob = (torch.sigmoid(logits) * valid).flatten(1)
+    onehot = onehot.flatten(1)
+    inter = (prob * onehot).sum(1)
+    union = (prob + onehot).sum(1) - inter
+    return bce + (1 - (inter + 1e-3) / (union + 1e-3)).mean()
+
+
 def forward_backward(
     net: torch.nn.Module,
     images: torch.Tensor,
@@ -106,9 +128,7 @@ def forward_backward(
     each prompted object's mask (B x N x S x S) and the loss is per object."""
     with autocast(images.device, precision, autocast_cache):
         logits = net(images, embeddings) if prompts is None else net(images, embeddings, prompts)
-    if prompts is not None:  # each object's mask as the binary task's
-        logits, masks = logits.flatten(0, 1).unsqueeze(1), masks.flatten(0, 1).unsqueeze(1)
-    loss = segmentation_loss(logits.float(), masks)
+    loss = (segmentation_loss if prompts is None else object_loss)(logits.float(), masks)
     (loss / micro_batches).backward()
     return loss.detach()
 

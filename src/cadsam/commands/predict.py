@@ -86,8 +86,6 @@ def run(args: argparse.Namespace) -> None:
         model, meta = load_weights(args.weights, args.checkpoint, runtime)
         model.for_inference()
         size = meta["image_size"]
-        if prompts is not None and model.classes is not None:
-            raise CadsamError("these weights label every pixel by class: drop the prompt")
     written = predict(
         model,
         inputs,

@@ -12,10 +12,11 @@ from .coco import coco_instances
 from .io import read_image
 from .labels import IGNORE, ClassTable
 from .pairs import Pair, read_target
-from .prompts import PromptSettings, draw_prompts
+from .prompts import PromptSettings, class_objects, draw_prompts
 from .transforms import apply_view, augment_pair, resize_mask, resize_pair
 
-PROMPT_KEYS = ("prompt_boxes", "prompt_points", "prompt_labels", "object_masks")
+PROMPTS = ("boxes", "points", "labels")  # draw_prompts' arrays the model takes
+PROMPT_KEYS = (*(f"prompt_{k}" for k in PROMPTS), "object_masks")
 
 
 class SegmentationDataset(Dataset):
@@ -97,15 +98,29 @@ class SegmentationDataset(Dataset):
             "id": pair.id,
         }
         if self.prompts is not None:
-            instances = None if mask.dtype == bool else mask  # COCO's (prompts take no classes)
-            drawn = draw_prompts(mask > 0, self.prompts, rng, self.every_object, instances)
-            item |= {f"prompt_{k}": torch.from_numpy(v) for k, v in drawn.items() if k != "masks"}
-            item["object_masks"] = torch.from_numpy(drawn["masks"]).float()
+            item |= self._prompted(mask, rng)
         if self.keep_original:
             item["original_mask"] = torch.from_numpy(original)
         if embedding is not None:
             item["embedding"] = embedding
         return item
+
+    def _prompted(self, mask: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """The prompted objects' prompts and targets. Binary: each object's mask (float 0/1).
+        K classes: each object's S x S target, its class on it, IGNORE where the label map
+        ignores, and ``classes.count`` (no class) elsewhere."""
+        if self.classes is None:
+            instances = None if mask.dtype == bool else mask  # COCO's instances, or components
+            drawn = draw_prompts(mask > 0, self.prompts, rng, self.every_object, instances)
+            target = torch.from_numpy(drawn["masks"]).float()
+        else:
+            instances, object_class = class_objects(mask, self.classes.count)
+            drawn = draw_prompts(instances > 0, self.prompts, rng, self.every_object, instances)
+            kinds = object_class[drawn["ids"]][:, None, None]
+            outside = np.where(mask == IGNORE, IGNORE, self.classes.count)
+            target = torch.from_numpy(np.where(drawn["masks"], kinds, outside[None]))
+        prompts = {f"prompt_{k}": torch.from_numpy(v) for k, v in drawn.items() if k in PROMPTS}
+        return prompts | {"object_masks": target}
 
     def _ground_truth(self, pair: Pair) -> np.ndarray:
         """The pair's mask as read; for prompts on COCO instances, their map (0: none, k: the

@@ -18,6 +18,7 @@ from ..errors import CadsamError
 PROMPTS = ("whole", "box", "points", "box+points")
 # objects smaller than this share of the image are specks, not objects, unless there is no other
 MIN_OBJECT_SHARE = 1e-4
+TYPES = {"masks": bool, "ids": np.int64}  # of draw_prompts' arrays; the others float32
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,21 @@ def objects(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
     return labelled, [int(k) + 1 for k in keep]
 
 
+def class_objects(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """A label map's objects, each class's connected components (specks left out as in
+    :func:`objects`): a map of them (H x W int, 0 none) and each object's class (indexed by
+    the object's id; -1 at id 0). IGNORE's pixels (-1) are no object."""
+    found = np.zeros(labels.shape, dtype=np.int64)
+    object_class = [-1]
+    for k in np.unique(labels[(labels >= 0) & (labels < count)]):
+        components, ids = objects(labels == k)
+        renumber = np.zeros(components.max() + 1, dtype=np.int64)
+        renumber[ids] = np.arange(len(object_class), len(object_class) + len(ids))
+        found += renumber[components]
+        object_class += [int(k)] * len(ids)
+    return found, np.array(object_class, dtype=np.int64)
+
+
 def draw_prompts(
     mask: np.ndarray,
     settings: PromptSettings,
@@ -76,10 +92,11 @@ def draw_prompts(
 ) -> dict[str, np.ndarray]:
     """Prompts for the objects of an H x W bool mask (its connected components, or where
     ``instances`` maps them, 0 none and k the k-th, its instances): ``per_image`` of them drawn
-    (``every``: each object once, as evaluation scores them). Returns ``masks`` (N x H x W bool, each
-    object's target), and as the kind asks ``boxes`` (N x 4: x0, y0, x1, y1 in pixels),
-    ``points`` (N x P x 2: x, y) and ``labels`` (N x P: 1 inside, 0 outside). An image with no
-    object gets prompts on its background and an empty target: nothing there."""
+    (``every``: each object once, as evaluation scores them). Returns ``masks`` (N x H x W
+    bool, each object's target), ``ids`` (N: each object's id, 0 for none), and as the kind
+    asks ``boxes`` (N x 4: x0, y0, x1, y1 in pixels), ``points`` (N x P x 2: x, y) and
+    ``labels`` (N x P: 1 inside, 0 outside). An image with no object gets prompts on its
+    background and an empty target: nothing there."""
     if instances is None:
         found, ids = objects(mask)
     else:
@@ -94,6 +111,7 @@ def draw_prompts(
         1 if every else settings.per_image
     )
     drawn: dict[str, list] = {"masks": chosen, "boxes": [], "points": [], "labels": []}
+    drawn["ids"] = picked or [0] * len(chosen)
     for target in chosen:
         if settings.uses_box:
             drawn["boxes"].append(_box(target, settings.box_jitter, rng))
@@ -102,7 +120,7 @@ def draw_prompts(
             drawn["points"].append(points)
             drawn["labels"].append(labels)
     return {
-        key: np.stack(values).astype(np.float32 if key != "masks" else bool)
+        key: np.stack(values).astype(TYPES.get(key, np.float32))
         for key, values in drawn.items()
         if values
     }

@@ -29,3 +29,11 @@ def give_class_tokens(decoder: MaskDecoder | Sam2MaskDecoder, count: int) -> Non
     decoder.mask_tokens = tokens.to(own_tokens.device)
     decoder.output_hypernetworks_mlps = nn.ModuleList(copy.deepcopy(own_mlps[k]) for k in picks)
     decoder.num_mask_tokens = count
+
+
+def class_answers(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """N prompted objects' K class maps (N x K x H x W logits) -> the class each answers
+    (the map holding the most confident pixel) and that map's logits (N x H x W): a prompt
+    asks what is there and where, and the class that holds the object answers both."""
+    answered = logits.flatten(2).amax(2).argmax(1)
+    return answered, logits[torch.arange(len(logits), device=logits.device), answered]

@@ -214,7 +214,8 @@ class AdaptedSam(nn.Module):
         prompts: Prompts | None = None,
     ) -> torch.Tensor:
         """B x 3 x S x S RGB in 0..255 -> B x :attr:`outputs` x S x S logits (whole-image box
-        prompt); with ``prompts`` for N objects per image, B x N x S x S, a mask per object."""
+        prompt); with ``prompts`` for N objects per image, B x N x S x S, a mask per object
+        (B x N x K x S x S for K classes)."""
         height, width = images.shape[-2:]
         assert height == width, "images are resized to a square before the model"
         embedded = self.image_embeddings(images, embeddings)
@@ -263,19 +264,26 @@ class AdaptedSam(nn.Module):
         self, image_embeddings: torch.Tensor, size: int, prompts: Prompts
     ) -> torch.Tensor:
         """B x N x size x size logits: one mask per object, each answering its own prompt
-        (given in the S x S input's pixels, S = ``size``), on its image's embedding."""
-        assert self.classes is None, "prompts segment one object each"
+        (given in the S x S input's pixels, S = ``size``), on its image's embedding. K classes:
+        B x N x K x size x size, each object's mask in its class's map (sigmoid, not softmax:
+        outside the object no class holds)."""
         batch, count = image_embeddings.shape[0], prompts.objects
+        every_token = self.classes is not None
         embeddings = image_embeddings.repeat_interleave(count, dim=0)
         boxes, points = prompts.in_frame(self.sam.image_size / size)
         if isinstance(self.sam, Sam2):
             embedding, *high_res = self.layout.unpack(embeddings)
-            low_res, _ = self.sam.decode(embedding, high_res, boxes=boxes, points=points)
+            low_res, _ = self.sam.decode(
+                embedding, high_res, boxes=boxes, points=points, every_token=every_token
+            )
             logits = self.sam.postprocess_masks(low_res, (size, size))
         else:
-            low_res, _ = self.sam.decode(embeddings, boxes=boxes, points=points)
+            low_res, _ = self.sam.decode(
+                embeddings, boxes=boxes, points=points, every_token=every_token
+            )
             frame = self.sam.image_size
             logits = F.interpolate(low_res, (frame, frame), mode="bilinear", align_corners=False)
             if frame != size:
                 logits = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
-        return logits.reshape(batch, count, size, size)
+        logits = logits.reshape(batch, count, self.outputs, size, size)
+        return logits if every_token else logits[:, :, 0]

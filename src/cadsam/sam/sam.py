@@ -55,8 +55,10 @@ class Sam(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = False,
+        every_token: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings + prompts (in the encoder's frame) -> low-res logits and IoU predictions."""
+        """Embeddings + prompts (in the encoder's frame) -> low-res logits and IoU predictions
+        (``every_token``: every mask token's, one per class)."""
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
         return self.mask_decoder(
             image_embeddings=image_embeddings,
@@ -64,6 +66,7 @@ class Sam(nn.Module):
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
+            every_token=every_token,
         )
 
     def postprocess_masks(
