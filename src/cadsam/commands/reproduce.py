@@ -25,6 +25,7 @@ from ..errors import CadsamError
 from ..evaluation import evaluate
 from ..fast.runner import fit
 from ..fast.runtime import resolve_runtime
+from ..files import write_atomic
 from ..lock import holds_out_lock
 from ..methods import build_model
 from ..sam.checkpoint import META_CHECKPOINTS
@@ -145,9 +146,11 @@ def reproduce(
                     out / "runs" / name,
                     **protocol,
                 )
-                result_path.write_text(json.dumps(result, indent=1))
+                # whole or absent: a run stopped here is run again, not read half-written
+                text = json.dumps(result, indent=1)
+                write_atomic(result_path, lambda tmp, text=text: tmp.write_text(text))
                 results.append(result)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     report = write_report(out, results, data_root)
     for shortfall in not_better_than_zero_shot(results):
         print(f"cadsam: warning: {shortfall}", file=sys.stderr)
