@@ -19,6 +19,7 @@ from cadsam.data.pairs import Pair
 from cadsam.data.prompts import PromptSettings, class_objects
 from cadsam.evaluation import _right_class_answers
 from cadsam.methods.classes import class_answers
+from cadsam.methods.prompting import Prompts
 from cadsam.training import object_loss, segmentation_loss
 
 
@@ -159,3 +160,21 @@ def test_camvid_boxes_train_eval_predict(camvid_boxes, tmp_path, capsys):
     labels = predictor.predict(image, box=[100, 150, 300, 330])
     np.testing.assert_array_equal(labels, written)
     assert NAMES[answered] in predictor.classes.names
+
+
+@pytest.mark.parametrize("backbone", ["vit_tiny", "sam2.1_hiera_tiny_test"])
+def test_prompted_class_maps_start_as_sams_prompted_masks(backbone):
+    """With 4 classes the decoder's tokens are SAM's own: class 0's map answers a box and
+    points as the binary model's one mask does (itself Meta's, tests/test_prompts.py)."""
+    models = []
+    for classes in (None, class_table(4)):
+        torch.manual_seed(0)
+        models.append(cadsam.build_model("decoder", backbone, classes=classes).eval())
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 255
+    boxes = torch.tensor([[[4.0, 6.0, 40.0, 50.0]] * 3] * 2)
+    points = torch.tensor([[[[20.0, 30.0]]] * 3] * 2)
+    prompts = Prompts(boxes, points, torch.ones(2, 3, 1))
+    with torch.no_grad():
+        one, four = (model(images, None, prompts) for model in models)
+    assert one.shape == (2, 3, 64, 64) and four.shape == (2, 3, 4, 64, 64)
+    torch.testing.assert_close(four[:, :, 0], one, rtol=1e-4, atol=1e-5)
