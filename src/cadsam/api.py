@@ -133,7 +133,8 @@ def load(
     from .weights import load_weights, read_weights_metadata
 
     device = pick_device(str(device) if device is not None else None)
-    chosen, _ = runtime_for(runtime, settings, device, read_weights_metadata(weights)["method"])
+    method = read_weights_metadata(weights)["method"]
+    chosen, _ = runtime_for(runtime, settings, device, method, precision=precision)
     model, meta = load_weights(weights, checkpoint, chosen)
     return Predictor(model.for_inference(), meta["image_size"], device, precision)
 
@@ -152,24 +153,31 @@ def zero_shot(
     from .distributed import pick_device
 
     device = pick_device(str(device) if device is not None else None)
-    chosen, _ = runtime_for(runtime, None, device, "zero-shot")
+    chosen, _ = runtime_for(runtime, None, device, "zero-shot", precision=precision)
     model = build_model("zero-shot", backbone, checkpoint, runtime=chosen)
     return Predictor(model.for_inference(), image_size, device, precision)
 
 
 def runtime_for(
-    name: str, settings: dict[str, Any] | None, device: torch.device, method: str | None
+    name: str,
+    settings: dict[str, Any] | None,
+    device: torch.device,
+    method: str | None,
+    job_images: int | None = None,
+    precision: str | None = None,
 ) -> tuple[Runtime, str]:
     """The runtime called ``name`` with ``settings`` on top, checked for ``device`` and for
     ``method`` (a switch for a part the method lacks is an error), and the line saying what
-    was chosen. ``method`` None: not known yet, and only the settings themselves are checked."""
+    was chosen. ``method`` None: not known yet, and only the settings themselves are checked.
+    ``job_images`` (images to process) and ``precision``: as
+    :func:`~cadsam.fast.runtime.resolve_runtime` takes them."""
     from .fast.runtime import resolve_runtime
     from .methods import check_runtime_settings
 
     settings = dict(settings or {})
     if settings and method:
         check_runtime_settings(method, settings)
-    return resolve_runtime(name, settings, device)
+    return resolve_runtime(name, settings, device, job_images=job_images, precision=precision)
 
 
 def train(*, config: str | os.PathLike | None = None, **settings: Any) -> Path:

@@ -316,12 +316,15 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
     # steps a CUDA graph can replay (cuda_graph=auto): whole, in one process, whole-image prompt
     whole_steps = cfg.grad_accum == 1 and not dist.enabled and not cfg.prompt_settings().prompted
     training = (cfg.method, cfg.backbone)
-    runtime, chosen = resolve_runtime(*cfg.runtime_parts(), dist.device, training, whole_steps)
+    runtime_of = (*cfg.runtime_parts(), dist.device, training, whole_steps)
+    resolve_runtime(*runtime_of, precision=cfg.precision)  # refused before any work
     if cfg.resume:
         _check_resumed_files(Path(cfg.out))  # before anything says it resumes
     if cfg.resume and _trained_all(cfg, dist):
         return None
     train_pairs, val_pairs, bad = _pairs(cfg, show)
+    images = math.ceil(len(train_pairs) / dist.world_size) * cfg.epochs  # compiling must repay
+    runtime, chosen = resolve_runtime(*runtime_of, images, cfg.precision)
     base = base_checkpoint_record(cfg.checkpoint)
     train_cache, val_cache = _cache_links(cfg, train_pairs, val_pairs, base, log)
     # notes about the run only once every input is checked: a wrong path is its error alone

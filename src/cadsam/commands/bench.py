@@ -33,7 +33,7 @@ import torch
 from ..backbones import DEFAULT_BATCH, backbone_config
 from ..data.labels import class_table
 from ..errors import CadsamError
-from ..fast.runtime import Runtime, named_runtime, settle_cuda_graph
+from ..fast.runtime import Runtime, named_runtime, settle_cuda_graph, settle_frozen_bf16
 from ..methods import SAM1_ONLY_WHY, AdaptedSam, build_model, check_runtime_settings, runs_on
 from ..precision import autocast
 from ..provenance import provenance
@@ -111,15 +111,21 @@ def _nvml_mib() -> dict[str, float | None]:
 
 
 def variant_runtime(
-    variant: str, backbone: str, overrides: dict[str, Any] | None = None, device: str = "cuda"
+    variant: str,
+    backbone: str,
+    overrides: dict[str, Any] | None = None,
+    device: str = "cuda",
+    precision: str | None = None,
 ) -> tuple[str, Runtime, bool]:
-    """A bench variant's method, its runtime on ``device`` for ``backbone`` (``overrides``:
-    runtime settings replacing the variant's), and whether it trains from cached embeddings."""
+    """A bench variant's method, its runtime on ``device`` for ``backbone`` in ``precision``
+    (``overrides``: runtime settings replacing the variant's), and whether it trains from
+    cached embeddings. A step repeated is a long job: compilation is not weighed."""
     method, name, settings, from_cache = VARIANTS[variant]
     runtime, _ = named_runtime(name, device)
     runtime = runtime.replace(**{**settings, **(overrides or {})})
-    training = (method, backbone)
-    return method, settle_cuda_graph(runtime, torch.device(device), training), from_cache
+    training, device = (method, backbone), torch.device(device)
+    runtime = settle_frozen_bf16(settle_cuda_graph(runtime, device, training), device, precision)
+    return method, runtime, from_cache
 
 
 def warmed_step(
@@ -127,7 +133,7 @@ def warmed_step(
 ) -> tuple[Callable[[], None], dict[str, Any]]:
     """A variant's training step on the GPU after its warm-up steps, and its runtime settings:
     what the profiling scripts in ``benchmarks/`` look at."""
-    method, runtime, from_cache = variant_runtime(variant, backbone, overrides)
+    method, runtime, from_cache = variant_runtime(variant, backbone, overrides, precision=precision)
     with torch.device("cuda"):
         model = _variant_model(variant, method, backbone, from_cache, runtime)
     step = bench_step(model, precision, from_cache)
@@ -199,7 +205,7 @@ def measure_training(
 ) -> dict[str, Any]:
     """One variant's training step on the current CUDA device: peak memory and images/s.
     ``overrides``: runtime settings that replace the variant's."""
-    method, runtime, from_cache = variant_runtime(variant, backbone, overrides)
+    method, runtime, from_cache = variant_runtime(variant, backbone, overrides, precision=precision)
     batch = DEFAULT_BATCH[backbone]
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()

@@ -25,12 +25,16 @@ def runtime_from_flags(
     device: torch.device,
     method: str | None = None,
     say: bool = True,
+    job_images: int | None = None,
+    precision: str | None = None,
 ) -> Runtime:
     """The runtime ``--runtime`` and ``--set`` ask for, checked for ``device`` and for the
-    method that runs (by default the one --weights or --method names); said on stderr."""
+    method that runs (by default the one --weights or --method names); said on stderr.
+    ``job_images`` (images to process) and ``precision``: see :func:`~cadsam.api.runtime_for`."""
     given = settings(args)
     method = method or (method_of(args) if given else None)  # none: --weights is said next
-    runtime, chosen = runtime_for(args.runtime_name or "auto", given, device, method)
+    name = args.runtime_name or "auto"
+    runtime, chosen = runtime_for(name, given, device, method, job_images, precision)
     if say:
         print(chosen, file=sys.stderr)
     return runtime

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from ..cores import default_workers
+from ..data import find_pairs
+from ..errors import CadsamError
 from ..evaluation import EvalData, constant_prediction_warning, evaluate_on, format_table
 from . import common, flags
 
@@ -41,12 +44,18 @@ def run(args: argparse.Namespace) -> None:
 
     dist = distributed.setup(args.device)
     try:
-        runtime = common.runtime_from_flags(args, dist.device)
+        data = data_from_flags(args, default_split="test")
+        # the precision and the images to score settle auto's frozen_bf16 and compilation
+        precision = args.precision or "fp32"
+        images = _images_to_score(data, dist.world_size)
+        runtime = common.runtime_from_flags(
+            args, dist.device, job_images=images, precision=precision
+        )
         model, size = common.load_model_source(args, runtime)
         metrics = evaluate_on(
             model.for_inference(),
             size,
-            data_from_flags(args, default_split="test"),
+            data,
             resolution=args.eval_resolution,
             progress=args.progress is not False,
             dist=dist,
@@ -64,6 +73,17 @@ def run(args: argparse.Namespace) -> None:
                 print(f"cadsam: {warning}", file=sys.stderr)
     finally:
         distributed.teardown(dist)
+
+
+def _images_to_score(data: EvalData, processes: int) -> int | None:
+    """At most how many images each process scores, from the pairs' names alone (evaluate_on
+    finds and checks them again); None where they cannot be paired as they are."""
+    where = (data.images, data.masks, data.dataset, data.data_root, data.split)
+    try:
+        pairs = find_pairs(*where, mask_suffix=data.mask_suffix)
+    except CadsamError:  # said by evaluate_on, with --skip-bad's pairs left out there
+        return None
+    return math.ceil(len(pairs) / processes)
 
 
 def data_from_flags(args: argparse.Namespace, default_split: str) -> EvalData:

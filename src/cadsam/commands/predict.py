@@ -82,7 +82,11 @@ def run(args: argparse.Namespace) -> None:
         if not args.weights:
             raise CadsamError("give --weights FILE (or --onnx FILE.onnx, from cadsam export)")
         device = pick_device(args.device)
-        runtime = common.runtime_from_flags(args, device)
+        # the precision and the images to process settle auto's frozen_bf16 and compilation
+        precision = args.precision or "fp32"
+        runtime = common.runtime_from_flags(
+            args, device, job_images=len(inputs), precision=precision
+        )
         model, meta = load_weights(args.weights, args.checkpoint, runtime)
         model.for_inference()
         size = meta["image_size"]

@@ -16,7 +16,9 @@ Three named runtimes:
   frozen encoder batched and compiled, CAD's blocks kept for backward, CAD's training step
   replayed as a CUDA graph where its capture fits; where there is much room, the encoder's
   blocks kept for SAM-Adapter's and LoRA's activations), ``lean`` where little is free; on a
-  CPU, ``plain`` with the fused attention.
+  CPU, ``plain`` with the fused attention. ``auto`` and ``lean`` hold the frozen encoder's weights
+  in bfloat16 for bf16 runs on CUDA (``frozen_bf16``), and compile nothing for a job too small
+  to repay the compiler's warm-up (:func:`settle_job_size`).
 
 Individual switches (``--set NAME=VALUE``, or a ``runtime:`` section of a training config) pin
 any path on top of a named runtime.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +53,39 @@ GRAPHED_STEPS = {"cad": ("vit_", "sam2.1_")}
 # (ViT-H's SAM-Adapter keeps 21 GiB in fp32 at batch 2; benchmarks/BENCHMARKS.md)
 ROOMY_GIB = 48
 
+# What the compiler's warm-up costs and what it saves, from which ``auto`` judges whether a job
+# repays it (settle_job_size). Cold caches, ViT-B, bf16, one H100 80GB, torch 2.11.
+# Training: `cadsam train --method cad --backbone vit_b --precision bf16` on 20 images for 2
+# epochs spent about a minute compiling and capturing (its first epoch ran at 0.3 images/s;
+# measured by hand, #38); the step then runs 171.5 images/s compiled and graphed (#38's
+# `cadsam bench` table), against 47.6 with the frozen encoder eager (BENCHMARKS.md, "Earlier
+# headline figures", `cad` bf16). fp32 gains less from compiling, so this errs toward it.
+TRAIN_WARMUP_S = 60.0
+TRAIN_EAGER_IMAGES_PER_S = 47.6
+TRAIN_COMPILED_IMAGES_PER_S = 171.5
+# Evaluation and prediction compile only CAD's banded first block (its bands' arithmetic, or
+# Triton kernels): `cadsam eval` on 20 images spent 9.7 s on its first batch (#38, by hand).
+# That block takes 85.1 ms eager for 4 images, forward and backward (experiments/HISTORY.md,
+# "The banded adapter block"), more than compiling its forward alone can save: the compiled
+# block is counted as free, which errs toward compiling.
+INFER_WARMUP_S = 9.7
+INFER_EAGER_IMAGES_PER_S = 4 / 0.0851  # the banded block's rate, not the model's
+INFER_COMPILED_IMAGES_PER_S = math.inf
+# the switches that compile (Triton's kernels included) or capture, which a small job turns off
+WARMUP_SWITCHES = (
+    "compile_encoder",
+    "compile_decoder",
+    "compile_tiles",
+    "compile_blocks",
+    "triton_kernels",
+    "cuda_graph",
+)
+# the switches that may be ``auto``: those above, and the frozen weights' precision
+AUTO_SWITCHES = (*WARMUP_SWITCHES, "frozen_bf16")
+
 
 def _check_value(name: str, value: Any, default: Any) -> None:
-    if isinstance(default, bool) and name.startswith(("compile_", "triton_", "cuda_graph")):
+    if name in AUTO_SWITCHES:
         if value not in (AUTO, True, False):
             raise CadsamError(f"{name} must be auto, true or false, not {value!r}")
     elif isinstance(default, bool):
@@ -67,7 +100,9 @@ def _check_value(name: str, value: Any, default: Any) -> None:
 @dataclass(frozen=True)
 class Runtime:
     """The defaults are the plain path. ``"auto"`` in a compile or kernel switch means: on CUDA
-    (compilation: while training there, where its warm-up pays)."""
+    (compilation: while training there, where its warm-up pays); in ``frozen_bf16``: on CUDA
+    in a bf16 run (:func:`resolve_runtime` settles it, knowing the precision; unsettled, the
+    weights stay float32)."""
 
     fused_attention: bool = False  # SDPA with SAM's rel-pos bias folded into q and k
     encoder_chunk: int = 0  # images per frozen-encoder call (0: the whole batch)
@@ -81,6 +116,7 @@ class Runtime:
     compile_blocks: bool | str = False  # CAD: whole (not recomputed) blocks compiled
     channels_last: bool = False  # CAD: activations in NHWC, cuDNN's fast layout
     cuda_graph: bool | str = False  # training: the step captured once and replayed (one GPU)
+    frozen_bf16: bool | str = False  # bf16 runs: the frozen encoder's matmul weights in bf16
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -129,6 +165,7 @@ LEAN = Runtime(
     triton_kernels=AUTO,
     compile_blocks=AUTO,
     channels_last=True,
+    frozen_bf16=AUTO,
 )
 # where memory allows: the encoder batched and compiled, its blocks' activations kept
 ROOMY = dataclasses.replace(
@@ -183,15 +220,77 @@ def resolve_runtime(
     device: torch.device | str = "cpu",
     training: tuple[str, str] | None = None,
     whole_steps: bool = True,
+    job_images: int | None = None,
+    precision: str | None = None,
 ) -> tuple[Runtime, str]:
-    """A named runtime with ``settings`` on top, checked for ``device`` (a one-line error for a
-    switch that cannot apply there), ``cuda_graph=auto`` settled (:func:`settle_cuda_graph`);
-    and a line saying what was chosen."""
+    """A named runtime with ``settings`` on top, checked for ``device`` and ``precision`` (a
+    one-line error for a switch that cannot apply there), its ``auto`` switches settled for the
+    job's size (``job_images``: images to process, times epochs when training; None: unknown,
+    see :func:`settle_job_size`), ``cuda_graph`` (:func:`settle_cuda_graph`) and
+    ``frozen_bf16`` (:func:`settle_frozen_bf16`; ``precision`` None: not known, left ``auto``,
+    held float32); and a line saying what was chosen."""
+    device = torch.device(device)
     runtime, why = named_runtime(name, device)
     runtime = runtime.replace(**(settings or {}))
-    check_device(runtime, torch.device(device))
-    runtime = settle_cuda_graph(runtime, torch.device(device), training, whole_steps)
+    check_device(runtime, device)
+    check_precision(runtime, precision)
+    runtime, sized = settle_job_size(runtime, device.type, job_images, training is not None)
+    runtime = settle_cuda_graph(runtime, device, training, whole_steps)
+    runtime = settle_frozen_bf16(runtime, device, precision)
+    why = f"{why}; {sized}" if sized else why
     return runtime, f"runtime {why}; {runtime.describe()}"
+
+
+def repaying_images(warmup_s: float, eager_per_s: float, compiled_per_s: float) -> int:
+    """Images from which compiling pays: its warm-up over the time it saves per image."""
+    saved_s = 1 / eager_per_s - 1 / compiled_per_s
+    return math.ceil(warmup_s / saved_s)
+
+
+def settle_job_size(
+    runtime: Runtime, device_type: str, job_images: int | None, training: bool
+) -> tuple[Runtime, str]:
+    """The ``auto`` switches that compile or capture (WARMUP_SWITCHES) made false on CUDA where
+    ``job_images`` cannot repay the warm-up (the TRAIN_ or INFER_ figures), and the reason in a
+    few words ("" where nothing is said). Settings given as true stand; elsewhere ``auto``
+    stays for the runner to decide as before. A job of unknown size (None) is taken to repay
+    it, as before sizes were weighed; on a CPU nothing compiles under ``auto`` anyway."""
+    autos = [name for name in WARMUP_SWITCHES if getattr(runtime, name) == AUTO]
+    if device_type != "cuda" or job_images is None or not autos:
+        return runtime, ""
+    figures = (
+        (TRAIN_WARMUP_S, TRAIN_EAGER_IMAGES_PER_S, TRAIN_COMPILED_IMAGES_PER_S)
+        if training
+        else (INFER_WARMUP_S, INFER_EAGER_IMAGES_PER_S, INFER_COMPILED_IMAGES_PER_S)
+    )
+    warmup_s, pays_from = figures[0], repaying_images(*figures)
+    images = f"{job_images:,} image{'' if job_images == 1 else 's'}"
+    if job_images >= pays_from:
+        return runtime, f"compiled where it pays: {images} repay its warm-up (~{warmup_s:.0f} s)"
+    graphed = training and "cuda_graph" in autos
+    what = "compilation and CUDA graph off" if graphed else "compilation off"
+    return runtime.replace(**dict.fromkeys(autos, False)), (
+        f"{what}: {images} do not repay its warm-up (~{warmup_s:.0f} s; from ~{pays_from:,})"
+    )
+
+
+def settle_frozen_bf16(runtime: Runtime, device: torch.device, precision: str | None) -> Runtime:
+    """``frozen_bf16=auto`` made true or false: true in a bf16 run on CUDA, where it halves the
+    frozen encoder's memory and autocast would cast those weights to bf16 on every call anyway
+    (it caches no casts of frozen weights). ``precision`` None: not known, left ``auto``, which
+    :func:`~cadsam.fast.runner.fit` holds in float32."""
+    if runtime.frozen_bf16 != AUTO or precision is None:
+        return runtime
+    return runtime.replace(frozen_bf16=device.type == "cuda" and precision == "bf16")
+
+
+def check_precision(runtime: Runtime, precision: str | None) -> None:
+    """``frozen_bf16=true`` holds weights in the precision a bf16 run computes in, and only
+    there do the results stay those of float32 weights."""
+    if runtime.frozen_bf16 is True and precision not in (None, "bf16"):
+        raise CadsamError(
+            f"frozen_bf16=true is for --precision bf16 (this run is {precision}): drop it"
+        )
 
 
 def settle_cuda_graph(
