@@ -19,7 +19,8 @@ from cadsam.data.transforms import apply_view, resize_pair
 from cadsam.errors import CadsamError
 from cadsam.sam.image_encoder import ImageEncoderViT
 from cadsam.sam2 import build_sam2
-from cadsam.training import segmentation_loss, train
+from cadsam.step import segmentation_loss
+from cadsam.training import train
 from cadsam.weights import base_checkpoint_record
 
 ISBI = SHARED_DATA / "isbi2012-membrane"

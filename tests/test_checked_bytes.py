@@ -138,10 +138,11 @@ def test_a_nan_loss_keeps_the_last_good_weights_and_valid_metrics(
     tmp_path, data, monkeypatch, capsys, each_step
 ):
     """On a CPU the loss is read each step; elsewhere at the epoch's end (both run here)."""
+    import cadsam.step as step
     import cadsam.training as training
 
     calls = {"n": 0}
-    loss = training.segmentation_loss
+    loss = step.segmentation_loss
 
     def nan_in_epoch_two(logits, target):  # 4 images, batch 2: calls 3 and 4 are epoch 2's
         calls["n"] += 1
@@ -155,7 +156,7 @@ def test_a_nan_loss_keeps_the_last_good_weights_and_valid_metrics(
         save_epoch(run, record)
         saved[record["epoch"]] = (run.path / "last.safetensors").read_bytes()
 
-    monkeypatch.setattr(training, "segmentation_loss", nan_in_epoch_two)
+    monkeypatch.setattr(step, "segmentation_loss", nan_in_epoch_two)
     monkeypatch.setattr(training, "_save_epoch", keep_bytes)
     monkeypatch.setattr(training, "_loss_read_each_step", lambda dist: each_step)
     out = tmp_path / "run"

@@ -17,7 +17,7 @@ from cadsam.commands import main
 from cadsam.data.io import read_image
 from cadsam.data.labels import IGNORE, class_table
 from cadsam.data.transforms import resize_image
-from cadsam.training import class_loss
+from cadsam.step import class_loss
 
 CAMVID = SHARED_DATA / "camvid-sample"
 NAMES = ["sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car"]

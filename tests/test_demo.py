@@ -38,7 +38,7 @@ from cadsam.data.synthetic import make_synthetic_set
 from cadsam.errors import CadsamError
 from cadsam.methods import build_model
 from cadsam.methods.lora import LoraAdapter
-from cadsam.training import segmentation_loss
+from cadsam.step import segmentation_loss
 from cadsam.weights import load_weights
 
 

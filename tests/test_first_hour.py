@@ -445,7 +445,7 @@ def test_a_bad_choice_is_one_line_naming_the_close_one():
     assert err.endswith(" (see cadsam train --help)\n")
     code, err = _parser_error(["trian"])
     assert code == 1 and err.startswith(
-        "cadsam: error: no such command trian; did you mean train? (choices: params, train, "
+        "cadsam: error: no such command trian; did you mean train? (choices: params, plan, train, "
     )
     code, err = _parser_error(["eval", "--runtime", "fastest"])
     assert code == 1 and err == (

@@ -26,7 +26,8 @@ from cadsam.fast.runner import fit, hold_frozen_in_bf16
 from cadsam.fast.runtime import LEAN, Runtime, check_settings, resolve_runtime
 from cadsam.methods.lora import LoraAdapter
 from cadsam.sam2 import Sam2
-from cadsam.training import segmentation_loss, train
+from cadsam.step import segmentation_loss
+from cadsam.training import train
 
 TINY_SAM2 = "sam2.1_hiera_tiny_test"
 FUSED = Runtime(fused_attention=True)

@@ -20,7 +20,7 @@ from cadsam.data.prompts import PromptSettings, class_objects
 from cadsam.evaluation import _right_class_answers
 from cadsam.methods.classes import class_answers
 from cadsam.methods.prompting import Prompts
-from cadsam.training import object_loss, segmentation_loss
+from cadsam.step import object_loss, segmentation_loss
 
 
 def label_map() -> np.ndarray:

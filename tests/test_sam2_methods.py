@@ -26,7 +26,7 @@ from cadsam.errors import CadsamError
 from cadsam.methods.cad import ConvAdapter
 from cadsam.sam import build_sam
 from cadsam.sam2 import SAM2_CONFIGS, build_sam2
-from cadsam.training import segmentation_loss
+from cadsam.step import segmentation_loss
 from cadsam.weights import base_checkpoint_record
 
 TINY = "sam2.1_hiera_tiny_test"

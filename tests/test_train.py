@@ -21,7 +21,8 @@ from cadsam import build_model
 from cadsam.commands import main
 from cadsam.config import TrainConfig
 from cadsam.errors import CadsamError
-from cadsam.training import lr_factor, segmentation_loss, train
+from cadsam.step import segmentation_loss
+from cadsam.training import lr_factor, train
 
 ISBI = SHARED_DATA / "isbi2012-membrane"
 KVASIR = SHARED_DATA / "kvasir-seg-sample"

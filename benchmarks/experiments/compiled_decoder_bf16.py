@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import cadsam.methods.model as model_module
 from cadsam import build_model
 from cadsam.fast.runtime import Runtime
-from cadsam.training import segmentation_loss
+from cadsam.step import segmentation_loss
 
 sys.path.insert(0, "tests/gpu")
 import test_fast_paths as T

@@ -31,7 +31,8 @@ import torch
 
 from cadsam import build_model
 from cadsam.fast.graphs import adamw
-from cadsam.training import lr_factor, training_step
+from cadsam.step import training_step
+from cadsam.training import lr_factor
 
 STEPS = [4] * 6 + [3]
 

@@ -89,6 +89,8 @@ class TrainConfig:
     # how to run: a named runtime and settings on top ({"name": "auto", "cuda_graph": True})
     runtime: dict[str, Any] = field(default_factory=lambda: {"name": "auto"})
     device: str | None = None
+    # on a GPU: stop before any weights load where cadsam plan counts more than is free
+    memory_check: bool = True
     num_workers: int | None = None  # None: TRAIN_WORKERS, at most the usable cores
     resume: bool = False
     progress: bool = True

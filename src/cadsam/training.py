@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -40,10 +39,9 @@ from .data import (
     scan_pairs,
     split_validation,
 )
-from .data.labels import IGNORE
 from .errors import CadsamError
 from .evaluation import constant_masks, constant_prediction_warning, evaluate, main_score
-from .fast.graphs import GraphedStep, Step, adamw, match_graph_mode
+from .fast.graphs import Step, adamw, match_graph_mode
 from .fast.runtime import resolve_runtime
 from .files import check_output_folder, read_run_state, write_atomic
 from .lock import holds_out_lock
@@ -52,110 +50,11 @@ from .methods import (
     build_model,
 )
 from .methods.prompting import Prompts
-from .precision import autocast
 from .provenance import provenance
+from .step import forward_backward, training_step
 from .weights import base_checkpoint_record, checked_tensors, save_weights
 
 CPU_ADAPTER_SIZE = 128  # cad's adapter input when training on a CPU and none is given
-
-
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The binary task (float 0/1 targets, B x 1 x S x S): BCE (with logits) + IoU loss on
-    probabilities, 1:1. The IoU term is per image (smooth 1e-3), averaged over the batch; BCE
-    is averaged over all pixels. K classes (class indices, B x S x S): :func:`class_loss`."""
-    if not target.is_floating_point():
-        return class_loss(logits, target)
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    prob = torch.sigmoid(logits).flatten(1)
-    target = target.flatten(1)
-    inter = (prob * target).sum(1)
-    union = (prob + target).sum(1) - inter
-    iou = 1 - (inter + 1e-3) / (union + 1e-3)
-    return bce + iou.mean()
-
-
-def class_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + Dice loss, 1:1, over the pixels that are not IGNORE. The Dice term is
-    over the batch, per class present in its targets, averaged over those classes: a class
-    absent from the batch has no overlap to learn there, and cross-entropy already pushes its
-    probability down."""
-    valid = (target != IGNORE).unsqueeze(1)  # B x 1 x S x S
-    # the mean over valid pixels, 0 (not NaN) for a batch with none
-    ce = F.cross_entropy(logits, target.long(), ignore_index=IGNORE, reduction="sum")
-    ce = ce / valid.sum().clamp(min=1)
-    prob = torch.softmax(logits, 1) * valid
-    onehot = F.one_hot(target.long().clamp(min=0), logits.shape[1]).permute(0, 3, 1, 2) * valid
-    inter, sizes = (prob * onehot).sum((0, 2, 3)), onehot.sum((0, 2, 3))
-    dice = 1 - (2 * inter + 1e-3) / (prob.sum((0, 2, 3)) + sizes + 1e-3)
-    present = (sizes > 0).float()
-    return ce + (dice * present).sum() / present.sum().clamp(min=1)
-
-
-def object_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Prompted objects (B x N of them), each scored as an image of its own. Binary: each
-    object's mask as the binary task's (:func:`segmentation_loss`). K classes (logits
-    B x N x K x S x S, targets B x N x S x S: the object's class on it, K off it, IGNORE where
-    ignored): BCE over every class's map against the object's mask in its class's map and
-    nothing in the others, + the IoU loss over all K maps together, so that the object in
-    another class's map counts against it; for K = 1 the binary task's loss."""
-    if target.is_floating_point():
-        return segmentation_loss(logits.flatten(0, 1).unsqueeze(1), target.flatten(0, 1)[:, None])
-    logits, target = logits.flatten(0, 1), target.flatten(0, 1)
-    valid = (target != IGNORE).unsqueeze(1).to(logits.dtype)  # O x 1 x S x S
-    onehot = F.one_hot(target.clamp(min=0), logits.shape[1] + 1)[..., :-1].permute(0, 3, 1, 2)
-    onehot = onehot.to(logits.dtype) * valid
-    bce = F.binary_cross_entropy_with_logits(logits, onehot, weight=valid, reduction="sum")
-    bce = bce / (valid.sum() * logits.shape[1]).clamp(min=1)
-    prob = (torch.sigmoid(logits) * valid).flatten(1)
-    onehot = onehot.flatten(1)
-    inter = (prob * onehot).sum(1)
-    union = (prob + onehot).sum(1) - inter
-    return bce + (1 - (inter + 1e-3) / (union + 1e-3)).mean()
-
-
-def forward_backward(
-    net: torch.nn.Module,
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    embeddings: torch.Tensor | None,
-    precision: str,
-    micro_batches: int = 1,
-    autocast_cache: bool = True,
-    prompts: Prompts | None = None,
-) -> torch.Tensor:
-    """The loss of one batch, its gradient (over ``micro_batches``, with gradient accumulation)
-    added to the parameters'; returns the loss, detached. With ``prompts``, ``masks`` holds
-    each prompted object's mask (B x N x S x S) and the loss is per object."""
-    with autocast(images.device, precision, autocast_cache):
-        logits = net(images, embeddings) if prompts is None else net(images, embeddings, prompts)
-    loss = (segmentation_loss if prompts is None else object_loss)(logits.float(), masks)
-    (loss / micro_batches).backward()
-    return loss.detach()
-
-
-def training_step(
-    net: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    precision: str,
-    graphed: bool = False,
-    only_if_it_fits: bool = False,
-    log: Callable[[str], None] = print,
-) -> Step:
-    """One whole training step on a batch (images, masks, embeddings or None): forward, backward,
-    AdamW. ``graphed``: a :class:`GraphedStep` of it, replayed as a CUDA graph (eager where
-    ``only_if_it_fits`` and the capture would not fit, which ``log`` says)."""
-
-    def step(images, masks, embeddings, prompts=None):
-        loss = forward_backward(
-            net, images, masks, embeddings, precision, autocast_cache=not graphed, prompts=prompts
-        )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    if not graphed:
-        return step
-    return GraphedStep(step, only_if_it_fits=only_if_it_fits, log=log)
 
 
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:
@@ -334,6 +233,7 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
     for line in (note, chosen):
         if line:
             log(line)
+    _check_memory(cfg, dist.device, log)
     torch.manual_seed(cfg.seed)
     classes = cfg.class_table()
     model = build_model(
@@ -369,6 +269,45 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
     if cfg.tensorboard and dist.is_main:
         run.board = _tensorboard(run.path)
     return run
+
+
+def _check_memory(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> None:
+    """On a GPU, a run that cadsam plan counts larger than the free memory stops here, before
+    any weights load, in one line naming what fits (``memory_check=false``: start anyway). A
+    count that fails is said and the run goes on: the check advises, the GPU decides."""
+    if device.type != "cuda" or not cfg.memory_check:
+        return
+    try:
+        said = _memory_refusal(cfg, device)
+    except Exception as exc:  # a count that fails must not stop a run that fits
+        log(f"memory check skipped: counting the step failed ({type(exc).__name__}: {exc})")
+        return
+    if said:
+        raise CadsamError(f"{said} (--set memory_check=false: start anyway)")
+
+
+def _memory_refusal(cfg: TrainConfig, device: torch.device) -> str | None:
+    from .planning import PlanRequest, refusal  # counting on the meta device: GPU runs only
+
+    name, settings = cfg.runtime_parts()
+    classes = cfg.class_table()
+    request = PlanRequest(
+        cfg.method,
+        cfg.backbone,
+        cfg.batch_size,
+        cfg.image_size,
+        cfg.options.get("adapter_size"),
+        cfg.precision,
+        1 if classes is None else classes.count,
+        cfg.cache is not None,
+        name,
+        tuple(settings.items()),
+    )
+    return refusal(request, free_gpu_mib(device), torch.cuda.get_device_name(device))
+
+
+def free_gpu_mib(device: torch.device) -> float:
+    return torch.cuda.mem_get_info(device)[0] / 2**20
 
 
 def _total_steps(cfg: TrainConfig, loader: DataLoader) -> int:

@@ -43,7 +43,8 @@ from cadsam.fast.tiling import tiled_residual_block
 from cadsam.methods.cad import ResidualDilatedBlock
 from cadsam.methods.lora import encoder_blocks
 from cadsam.methods.model import AdaptedSam, PlainRunner
-from cadsam.training import forward_backward, lr_factor, segmentation_loss, training_step
+from cadsam.step import forward_backward, segmentation_loss, training_step
+from cadsam.training import lr_factor
 
 DEVICE = "cuda"
 

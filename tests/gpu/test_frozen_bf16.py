@@ -27,7 +27,7 @@ from cadsam.commands import main
 from cadsam.fast.runner import fit, frozen_matmul_layers
 from cadsam.fast.runtime import Runtime
 from cadsam.methods.model import AdaptedSam
-from cadsam.training import forward_backward
+from cadsam.step import forward_backward
 
 DEVICE = "cuda"
 EAGER = Runtime(fused_attention=True, channels_last=True)

@@ -18,11 +18,12 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import CadsamError
-from . import bench, cache, demo, evaluate, export, params, predict, reproduce, train
+from . import bench, cache, demo, evaluate, export, params, plan, predict, reproduce, train
 
 # the order --help lists them in
 COMMANDS = {
     "params": params,
+    "plan": plan,
     "train": train,
     "eval": evaluate,
     "predict": predict,

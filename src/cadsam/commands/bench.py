@@ -186,7 +186,7 @@ def bench_step(
     replayed (:class:`~cadsam.fast.graphs.GraphedStep`, the step's ``func``), eager instead
     where ``only_if_it_fits`` and the capture would not fit, as ``cuda_graph=auto`` trains."""
     from ..fast.graphs import adamw
-    from ..training import training_step
+    from ..step import training_step
 
     graphed = model.runner.runtime.cuda_graph
     model.train()

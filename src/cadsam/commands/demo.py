@@ -59,7 +59,8 @@ from ..sam.checkpoint import (
 )
 from ..sam2 import SAM2_CONFIGS
 from ..sam2.checkpoint import sam2_state_dict, trunk_signature
-from ..training import segmentation_loss, train
+from ..step import segmentation_loss
+from ..training import train
 from ..weights import load_weights
 from . import common, flags
 from .figures import mask_rows, pyplot, save_grid

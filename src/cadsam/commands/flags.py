@@ -53,6 +53,11 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--weights": dict(
         help="what cadsam train saved: a weights file, or its run folder (best, else last)"
     ),
+    "--cache": dict(
+        metavar="DIR",
+        help="train from this embedding cache (cadsam cache): no image encoder in memory "
+        "(plan: the folder is not read)",
+    ),
     # data
     "--images": dict(metavar="PATH", help="images: a folder (predict: a folder or one image file)"),
     "--masks": dict(

@@ -61,9 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="resize only, no flips or rotations",
     )
     running = parser.add_argument_group("running")
-    running.add_argument(
-        "--cache", help="train from this embedding cache (cadsam cache): no image encoder in memory"
-    )
+    flags.add_all(running, "--cache")
     running.add_argument(
         "--resume",
         action="store_true",

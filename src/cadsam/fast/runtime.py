@@ -54,17 +54,15 @@ GRAPHED_STEPS = {"cad": ("vit_", "sam2.1_")}
 ROOMY_GIB = 48
 
 # What the compiler's warm-up costs and what it saves, from which ``auto`` judges whether a job
-# repays it (settle_job_size). Cold caches, ViT-B, bf16, one H100 80GB, torch 2.11.
-# Training: `cadsam train --method cad --backbone vit_b --precision bf16` on 20 images for 2
-# epochs spent about a minute compiling and capturing (its first epoch ran at 0.3 images/s;
-# measured by hand, #38); the step then runs 171.5 images/s compiled and graphed (#38's
-# `cadsam bench` table), against 47.6 with the frozen encoder eager (BENCHMARKS.md, "Earlier
-# headline figures", `cad` bf16). fp32 gains less from compiling, so this errs toward it.
+# repays it (settle_job_size): cold caches, ViT-B, bf16 (benchmarks/BENCHMARKS.md, "Warm-up").
+# Training spent about a minute compiling and capturing before its first step; the step then
+# runs 171.5 images/s compiled and graphed, 47.6 with the frozen encoder eager. fp32 gains less
+# from compiling, so this errs toward it.
 TRAIN_WARMUP_S = 60.0
 TRAIN_EAGER_IMAGES_PER_S = 47.6
 TRAIN_COMPILED_IMAGES_PER_S = 171.5
 # Evaluation and prediction compile only CAD's banded first block (its bands' arithmetic, or
-# Triton kernels): `cadsam eval` on 20 images spent 9.7 s on its first batch (#38, by hand).
+# Triton kernels): `cadsam eval` spent 9.7 s on its first batch (BENCHMARKS.md, "Warm-up").
 # That block takes 85.1 ms eager for 4 images, forward and backward (experiments/HISTORY.md,
 # "The banded adapter block"), more than compiling its forward alone can save: the compiled
 # block is counted as free, which errs toward compiling.

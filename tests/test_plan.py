@@ -1,0 +1,244 @@
+"""cadsam plan: memory counted on the meta device against the recorded benchmark rows, the GPU
+memory parser, the largest batch, and the command's JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import resource
+from pathlib import Path
+
+import pytest
+import torch
+
+from cadsam import planning, training
+from cadsam.commands import main
+from cadsam.config import TrainConfig
+from cadsam.errors import CadsamError
+from cadsam.planning import (
+    KNOWN_GPUS,
+    PlanRequest,
+    largest_batch,
+    parse_gpu_memory,
+    predict_memory,
+    speed_from_bench,
+    train_command,
+)
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _constants_script():
+    spec = importlib.util.spec_from_file_location(
+        "plan_constants", BENCHMARKS / "plan_constants.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _canonical_rows() -> list[tuple[dict, object]]:
+    if not (BENCHMARKS / "results").is_dir():
+        return []
+    script = _constants_script()
+    return [(row, script) for f in script.canonical_folders() for row in script.training_rows(f)]
+
+
+ROWS = _canonical_rows()
+
+
+@pytest.mark.skipif(not ROWS, reason="no recorded benchmark results (benchmarks/results)")
+@pytest.mark.parametrize(
+    "row,script",
+    ROWS,
+    ids=[f"{r['backbone']}-{r['variant']}-{r['precision']}" for r, _ in ROWS],
+)
+def test_prediction_within_15_percent_of_each_canonical_row(row, script):
+    """Every row of the canonical runs (SAM and SAM 2.1, fp32 and bf16, every runtime), read
+    from its recorded bench.json, under the runtime it ran."""
+    estimate = predict_memory(script.row_request(row))
+    measured = row["peak_allocated_mib"]
+    assert abs(estimate.total_mib - measured) <= 0.15 * measured, (estimate.total_mib, measured)
+
+
+def test_gpu_memory_sizes_and_cards():
+    assert parse_gpu_memory("12GiB") == 12 * 1024
+    assert parse_gpu_memory("12") == 12 * 1024
+    assert parse_gpu_memory("24GB") == 24 * 1024
+    assert parse_gpu_memory("24 gb") == 24 * 1024
+    assert parse_gpu_memory("12288MiB") == 12288
+    assert parse_gpu_memory("1.5GiB") == 1536
+    assert parse_gpu_memory("RTX3060") == 12 * 1024
+    assert parse_gpu_memory("a100-80gb") == 80 * 1024
+    assert parse_gpu_memory("h100") == 80 * 1024
+    assert KNOWN_GPUS["rtx4090"] == 24 and KNOWN_GPUS["a100-40gb"] == 40 and KNOWN_GPUS["t4"] == 16
+
+
+@pytest.mark.parametrize("text", ["", "abc", "12TB", "-4", "0", "rtx9999", "12 GiB GiB"])
+def test_gpu_memory_bad_input_is_one_line(text):
+    with pytest.raises(CadsamError) as error:
+        parse_gpu_memory(text)
+    message = str(error.value)
+    assert "\n" not in message and "--gpu-memory" in message and repr(text) in message
+
+
+def test_request_refuses_what_train_refuses():
+    with pytest.raises(CadsamError, match="--cache"):
+        PlanRequest(method="lora", cache=True)
+    with pytest.raises(CadsamError, match="SAM 1 only"):
+        PlanRequest(method="sam-adapter", backbone="sam2.1_hiera_t")
+    with pytest.raises(CadsamError, match="--batch-size"):
+        PlanRequest(batch_size=0)
+
+
+def test_parts_add_up_and_match_a_real_step_on_the_cpu():
+    """The weights, gradients and AdamW state counted on the meta device equal those of a real
+    step (forward, backward, AdamW) on the CPU, measured from its tensors."""
+    import torch
+
+    from cadsam.fast.graphs import adamw
+    from cadsam.methods import build_model
+    from cadsam.step import forward_backward
+
+    request = PlanRequest(method="decoder", backbone="vit_tiny", batch_size=1, image_size=64)
+    estimate = predict_memory(request, constants={})
+    torch.manual_seed(0)
+    model = build_model("decoder", "vit_tiny").train()
+    optimizer = adamw(model.trainable_parameters(), lr=1e-4, weight_decay=0.01)
+    images, masks = torch.rand(1, 3, 64, 64) * 255, (torch.rand(1, 1, 64, 64) > 0.5).float()
+    forward_backward(model, images, masks, None, "fp32")
+    optimizer.step()
+    weights = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+    grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    states = sum(t.nbytes for s in optimizer.state.values() for k, t in s.items() if k != "step")
+    assert estimate.weights_mib == pytest.approx(weights / 2**20)
+    assert estimate.optimiser_mib == pytest.approx((grads + states) / 2**20)
+    assert estimate.overhead_mib == 0
+    parts = estimate.weights_mib + estimate.optimiser_mib + estimate.activations_mib
+    assert estimate.total_mib == pytest.approx(parts)
+
+
+def test_vit_h_counted_without_its_weights():
+    """ViT-H's 2.4 GiB of weights are shapes only: the process does not grow by them."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    estimate = predict_memory(PlanRequest(method="lora", backbone="vit_h", runtime="lean"))
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert estimate.weights_mib > 2000 and grown_mib < 1000
+    model = planning._meta_model("lora", "vit_h", False, 1, None, False)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_more_images_more_memory_and_the_largest_batch_is_the_last_that_fits():
+    request = PlanRequest(method="cad", backbone="vit_tiny", image_size=64, runtime="lean")
+    totals = [predict_memory(request.with_batch(b), 4096).total_mib for b in (1, 2, 4)]
+    assert totals == sorted(totals) and totals[0] < totals[-1]
+    context = -planning.usable_mib(0)  # what the GPU holds beyond tensors
+    gpu = context + totals[0] + 3 * (totals[1] - totals[0])  # about 4 images' worth
+    batch = largest_batch(request, gpu)
+    assert batch >= 1
+    assert predict_memory(request.with_batch(batch), gpu).fits
+    assert not predict_memory(request.with_batch(batch + 1), gpu).fits
+    assert largest_batch(request, gpu / 4) <= batch
+    assert largest_batch(request, 1.0) == 0
+
+
+def test_speed_is_quoted_from_a_measured_row_only():
+    rows = [
+        {
+            "method": "cad",
+            "backbone": "vit_b",
+            "cache": False,
+            "precision": "bf16",
+            "runtime": "auto",
+            "classes": 1,
+            "eager": False,
+            "batch": 4,
+            "images_per_second": 179.1,
+            "gpu": "NVIDIA H200",
+            "variant": "cad",
+            "source": "benchmarks/results/x",
+        }
+    ]
+    found = speed_from_bench(PlanRequest(precision="bf16", batch_size=8), rows)
+    assert found is not None and found.images_per_second == 179.1 and found.gpu == "NVIDIA H200"
+    assert "NVIDIA H200" in found.describe() and "batch 4" in found.describe()
+    assert speed_from_bench(PlanRequest(precision="fp32"), rows) is None
+    assert speed_from_bench(PlanRequest(precision="bf16", runtime="lean"), rows) is None
+
+
+def test_train_command_says_what_differs():
+    request = PlanRequest(
+        method="cad", backbone="vit_h", batch_size=1, precision="bf16", runtime="lean",
+        adapter_size=256, classes=3,
+    )  # fmt: skip
+    command = train_command(request)
+    assert command.startswith("cadsam train --method cad --backbone vit_h")
+    for words in ("--batch-size 1", "--precision bf16", "--runtime lean", "--classes 3"):
+        assert words in command
+    assert "--set adapter_size=256" in command
+
+
+def test_plan_json_through_the_command(capsys):
+    argv = ["plan", "--method", "decoder", "--backbone", "vit_tiny", "--image-size", "64"]
+    assert main([*argv, "--runtime", "auto", "--gpu-memory", "848MiB", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    auto = report["runtimes"]["auto"]
+    assert report["gpu_mib"] == 848 and auto["fits"] is True and auto["largest_batch"] >= 4
+    parts = ("weights_mib", "optimiser_mib", "activations_mib", "overhead_mib")
+    assert auto["total_mib"] == pytest.approx(sum(auto[k] for k in parts), abs=0.5)
+    assert report["recommended"]["command"].startswith("cadsam train --method decoder")
+
+
+def _tiny_config(tmp_path, **settings) -> TrainConfig:
+    return TrainConfig(
+        method="cad", backbone="vit_tiny", out=str(tmp_path / "run"), image_size=64,
+        batch_size=2, options={"adapter_size": 32}, **settings,
+    )  # fmt: skip
+
+
+def test_train_stops_before_loading_weights_where_plan_says_it_cannot_fit(tmp_path, monkeypatch):
+    """A GPU stood in for by its free memory: too little is one line naming the count and
+    what plan advises; enough, or memory_check=false, goes on."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a small GPU")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(training, "free_gpu_mib", lambda device: 64.0)
+    with pytest.raises(CadsamError) as refused:
+        training._check_memory(_tiny_config(tmp_path), cuda, print)
+    said = str(refused.value)
+    assert "\n" not in said and "a small GPU has 64 MiB free" in said
+    assert "not even one image fits" in said and "memory_check=false" in said
+    training._check_memory(_tiny_config(tmp_path, memory_check=False), cuda, print)
+    monkeypatch.setattr(training, "free_gpu_mib", lambda device: 64.0 * 1024)
+    training._check_memory(_tiny_config(tmp_path), cuda, print)
+
+
+def test_refusal_names_the_runtime_and_batch_that_fit():
+    """Where the runtime asked for is too large for the free memory but lean fits,
+    the refusal says so and gives the command."""
+    request = PlanRequest("cad", "vit_b", 8, 512, precision="bf16", runtime="plain")
+    plain = predict_memory(request).total_mib
+    lean_one = predict_memory(dataclasses.replace(request, runtime="lean", batch_size=1))
+    free = (plain + lean_one.total_mib) / 2  # between: plain does not fit, lean does
+    said = planning.refusal(request, free, "the GPU")
+    assert said is not None and "runtime lean" in said and "cadsam train --method cad" in said
+    assert planning.refusal(request, plain * 2, "the GPU") is None
+
+
+def test_a_count_that_fails_is_said_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    def broken(cfg, device):
+        raise RuntimeError("meta kernel missing")
+
+    monkeypatch.setattr(training, "_memory_refusal", broken)
+    training._check_memory(_tiny_config(tmp_path), torch.device("cuda"), print)
+    assert "memory check skipped" in capsys.readouterr().out
+
+
+def test_plan_without_a_gpu_counts_and_says_what_to_give(capsys):
+    argv = ["plan", "--method", "cad", "--backbone", "vit_tiny", "--image-size", "64"]
+    assert main([*argv, "--runtime", "lean", "--cache", "runs/cache"]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("lean: ") and "give --gpu-memory" in said
+    assert main([*argv, "--runtime", "lean", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["gpu_mib"] is None and report["runtimes"]["lean"]["fits"] is None
