@@ -27,6 +27,7 @@ SET_ONLY_TRAINING = (
     "prompt_points",
     "prompt_negatives",
     "box_jitter",
+    "memory_check",
 )
 
 
