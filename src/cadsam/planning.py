@@ -438,9 +438,11 @@ def _meta_model(
     return model.train()
 
 
+@functools.lru_cache(maxsize=64)
 def count_step(request: PlanRequest, runtime: Runtime) -> Counted:
     """One training step of ``request`` under ``runtime``, on the meta device: no memory, no
-    arithmetic, a second or two even for vit_h."""
+    arithmetic, a second or two even for vit_h. Kept: a plan asks the same count again (the
+    fit, the largest batch, the recommendation)."""
     from .fast.runner import fit
     from .step import forward_backward
 
