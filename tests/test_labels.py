@@ -206,6 +206,9 @@ def test_class_files_in_yaml_and_json_read_alike(tmp_path):
         ("ignore_index: 3\n", "has no 'classes:' list"),
         ("classes: []\n", "give 2 to 65535 classes, not 0"),
         ("classes: [a, b, c]\nignore_index: 1\n", "the ignore index 1 is class 'b'"),
+        # a label file (8- or 16-bit) could not hold it, nor a predicted label map
+        ("classes: [a, b]\nignore_index: -1\n", "ignore index must be 0 to 65535, a value"),
+        ("classes: [a, b]\nignore_index: 65536\n", "not 65536"),
         ("classes: [a, b, a]\n", "class names repeat"),
         ("classes: {0: a, 2: b}\n", "number them 0..1"),
         ("classes: [a, b]\ncolours: [[0, 0, 0], [0, 0, 300]]\n", "a colour must be"),

@@ -43,7 +43,12 @@ class ClassTable:
             raise CadsamError(f"give 2 to {MAX_CLASSES} classes, not {len(self.names)}")
         if len(set(self.names)) != len(self.names):
             raise CadsamError(f"class names repeat: {', '.join(self.names)}")
-        if 0 <= self.ignore_index < len(self.names):
+        if not 0 <= self.ignore_index <= MAX_CLASSES:
+            raise CadsamError(
+                f"the ignore index must be 0 to {MAX_CLASSES}, a value label files (8- or "
+                f"16-bit PNG and TIFF) can hold, not {self.ignore_index}"
+            )
+        if self.ignore_index < len(self.names):
             raise CadsamError(
                 f"the ignore index {self.ignore_index} is class {self.names[self.ignore_index]!r}:"
                 f" give a value outside 0..{len(self.names) - 1}"
