@@ -503,7 +503,7 @@ def predict_memory(
     (which decides ``auto``'s runtime, and whether its CUDA graph's capture fits)."""
     constants = load_constants() if constants is None else constants
     runtime = plan_runtime(request, gpu_mib)
-    counted = count_step(request, runtime)
+    counted = count_step(request.with_batch(request.batch), runtime)  # one key per batch
     adamw = 2 * counted.gradients_mib  # two states per parameter that gets a gradient
     if runtime.cuda_graph and gpu_mib is not None:
         # GraphedStep captures only where its pool (CAPTURE_POOL_FACTOR x the step) is free
@@ -535,19 +535,24 @@ EXACT_UP_TO = 16  # largest_batch counts batches up to this
 def largest_batch(request: PlanRequest, gpu_mib: float, limit: int = EXACT_UP_TO) -> int:
     """The largest batch up to ``limit`` that fits ``gpu_mib`` (0: not even one image), each
     candidate counted. Memory grows about linearly with the batch, so the line through the
-    counts at the request's batch and twice it starts the search. Past ``limit`` each count
+    counts at the request's batch and twice it (one image and the request's batch, where that
+    does not fit) starts the search. Past ``limit`` each count
     would take a minute, and a line is no answer there (``auto``'s choices change with the
     batch): a result of ``limit`` means "``limit`` or more"."""
 
     def fits(batch: int) -> bool:
         return bool(predict_memory(request.with_batch(batch), gpu_mib).fits)
 
-    if not fits(1):
-        return 0
     base = max(request.batch, 2)
-    low, high = (predict_memory(request.with_batch(b), gpu_mib).total_mib for b in (base, 2 * base))
-    slope = max((high - low) / base, 1e-3)
-    batch = int(min(max(base + (usable_mib(gpu_mib) - low) // slope, 1), limit))
+    if fits(base):  # then one image fits too: no count of it
+        first, second = base, 2 * base
+    elif fits(1):
+        first, second = 1, base
+    else:
+        return 0
+    low, high = (predict_memory(request.with_batch(b), gpu_mib).total_mib for b in (first, second))
+    slope = max((high - low) / (second - first), 1e-3)
+    batch = int(min(max(first + (usable_mib(gpu_mib) - low) // slope, 1), limit))
     while batch > 1 and not fits(batch):
         batch -= 1
     while batch < limit and fits(batch + 1):
