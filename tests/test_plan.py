@@ -3,6 +3,7 @@ memory parser, the largest batch, and the command's JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -16,6 +17,7 @@ from cadsam import planning, training
 from cadsam.commands import main
 from cadsam.config import TrainConfig
 from cadsam.errors import CadsamError
+from cadsam.fast.runner import fit
 from cadsam.planning import (
     KNOWN_GPUS,
     PlanRequest,
@@ -127,6 +129,31 @@ def test_vit_h_counted_without_its_weights():
     assert estimate.weights_mib > 2000 and grown_mib < 1000
     model = planning._meta_model("lora", "vit_h", False, 1, None, False)
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+@pytest.mark.parametrize("backbone", ["vit_tiny", "sam2.1_hiera_tiny_test"])
+def test_encoder_chunks_counted_from_two_runs_as_from_every_run(backbone, monkeypatch):
+    """``lean`` runs the frozen encoder one image at a time: counting its first and last runs
+    (the chunks between only allocate their output) gives the peak of running them all, both
+    for the encoder's own loop and for the whole step."""
+    request = PlanRequest(method="cad", backbone=backbone, batch_size=5, image_size=128)
+    request = dataclasses.replace(request, runtime="lean")
+    runtime = planning.plan_runtime(request, None)
+    assert runtime.encoder_chunk == 1
+
+    def encoder_peak(shortcut: bool) -> int:
+        model = planning._meta_model("cad", backbone, False, 1, None, False)
+        model = fit(model, planning._counted_runtime(runtime))
+        live = planning._LiveBytes({t.untyped_storage()._cdata for t in model.parameters()})
+        encoder = model.sam.image_encoder if shortcut else None
+        with live, planning._chunks_run_twice(encoder, 5), planning._meta_autocast():
+            model.frozen_embeddings(torch.empty(5, 3, 128, 128, device="meta"))
+        return live.peak
+
+    assert encoder_peak(True) == encoder_peak(False) > 0
+    two_runs = planning.count_step.__wrapped__(request, runtime)
+    monkeypatch.setattr(planning, "_chunks_run_twice", lambda *_: contextlib.nullcontext())
+    assert two_runs == planning.count_step.__wrapped__(request, runtime)
 
 
 def test_more_images_more_memory_and_the_largest_batch_is_the_last_that_fits():

@@ -410,6 +410,39 @@ def _fused_bands(live: _LiveBytes, fused: bool) -> Iterator[None]:
         tiling._band_functions = eager
 
 
+@contextlib.contextmanager
+def _chunks_run_twice(encoder: torch.nn.Module | None, chunks: int) -> Iterator[None]:
+    """The frozen encoder run without autograd, ``chunks`` times a step (``encoder_chunk``),
+    counted from two runs: the first (for its output's shape) and the last, which runs beside
+    every earlier chunk's output, as on the GPU; the chunks between only allocate their output.
+    Each chunk's transient peak is the same, so the step's peak is too, at a fraction of the
+    counting (ViT-H, ``lean``, batch 16: 14 s to 2 s)."""
+    if encoder is None or chunks <= 2:
+        yield
+        return
+    forward, calls, layouts = encoder.forward, [0], []
+
+    def empty(layout: tuple) -> torch.Tensor:
+        shape, stride, dtype = layout
+        return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+    def counted_forward(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        calls[0] += 1
+        if layouts and calls[0] % chunks not in (0, 1):
+            return tree_map(empty, layouts[0], is_leaf=lambda x: isinstance(x, tuple))
+        out = forward(*args, **kwargs)
+        layouts[:] = [tree_map(lambda t: (t.shape, t.stride(), t.dtype), out)]  # not the tensors:
+        return out  # holding one would keep its bytes counted past its release
+
+    encoder.forward = counted_forward
+    try:
+        yield
+    finally:
+        del encoder.forward
+
+
 @dataclass(frozen=True)
 class Counted:
     """One step counted on the meta device, in MiB."""
@@ -452,7 +485,15 @@ def count_step(request: PlanRequest, runtime: Runtime) -> Counted:
     held = [*model.parameters(), *model.buffers()]
     live = _LiveBytes({t.untyped_storage()._cdata for t in held})
     batch, size = request.batch, request.image_size
-    with live, _fused_bands(live, _fuses_bands(runtime)), _meta_autocast(), _Autocast():
+    chunks = -(-batch // (runtime.encoder_chunk or batch))
+    encoder = model.sam.image_encoder
+    with (
+        live,
+        _fused_bands(live, _fuses_bands(runtime)),
+        _chunks_run_twice(encoder, chunks),
+        _meta_autocast(),
+        _Autocast(),
+    ):
         images = torch.empty(batch, 3, size, size, device="meta")
         if request.classes > 1:
             masks = torch.empty(batch, size, size, device="meta", dtype=torch.long)
