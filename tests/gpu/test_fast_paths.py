@@ -262,9 +262,13 @@ def test_fused_attention_equals_plain_attention_in_the_vit_b_encoder(precision):
         with autocast("fp32" if name == "exact" else precision):
             out = encoder(leaf)
         (out.double() * upstream.double()).sum().backward()
-        found[name] = {"embeddings": out.detach(), "input grad": leaf.grad} | grads(encoder)
-        encoder.zero_grad(set_to_none=True)  # kept in found
-        del out, leaf
+        result = {"embeddings": out.detach(), "input grad": leaf.grad} | grads(encoder)
+        # compared on the host: three sets of ViT-B's gradients are 1.4 GiB that a 24 GiB
+        # card's share of the tier (11 GiB) has no room for beside the float64 pass
+        found[name] = {k: None if v is None else v.cpu() for k, v in result.items()}
+        encoder.zero_grad(set_to_none=True)
+        del out, leaf, result
+        torch.cuda.empty_cache()  # the next pass allocates blocks of other sizes
     assert_no_farther(found["fused"], found["plain"], found["exact"], precision, GRAD_SLACK)
     if precision == "fp32":  # the same precision in another order: directly, too
         assert distance(found["fused"]["embeddings"], found["plain"]["embeddings"]) < 1e-4
