@@ -152,6 +152,33 @@ def test_bench_step_trains_sam2_from_a_cache_and_with_the_encoder(monkeypatch, v
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+def test_bench_shape_flags_reach_the_step_and_the_report(monkeypatch):
+    """--batch-size, --image-size and --set adapter_size: what `plan` is checked against
+    beyond the paper's settings. The data and the model take them; the report's label says
+    them, and every job carries them to its process."""
+    model, _ = _model("cad", "vit_tiny")
+    images, masks, _ = bench_batch(model, from_cache=False, batch=3, image_size=48)
+    assert images.shape == (3, 3, 48, 48) and masks.shape == (3, 1, 48, 48)
+    shape = {"batch": 3, "image_size": 48, "adapter_size": 64}
+    jobs = bench_jobs(["vit_tiny"], ["cad", "cad-cache"], ["fp32"], 2, {}, shape)
+    assert [job["shape"] for job in jobs] == [shape, shape]
+    assert "shape" not in bench_jobs(["vit_tiny"], ["cad"], ["fp32"], 2, {})[0]
+    report = json.loads(RESULTS.read_text())
+    row = {**report["results"][0], "shape": shape, "overrides": {"adapter_tile_mib": 32}}
+    table = markdown_table({**report, "results": [row]})
+    assert f"| {row['variant']} image_size=48 adapter_size=64 adapter_tile_mib=32 |" in table
+
+
+def test_bench_shape_flags_are_checked_before_running(capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["bench", "--variants", "cad", "lora", "--set", "adapter_size=256"]) == 1
+    assert "method lora does not take adapter_size" in capsys.readouterr().err
+    assert main(["bench", "--variants", "cad", "--batch-size", "0"]) == 1
+    assert "--batch-size must be at least 1, not 0" in capsys.readouterr().err
+    assert main(["bench", "--variants", "cad", "--set", "adapter_size=256"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err  # as far as the GPU check
+
+
 @pytest.mark.parametrize("backbone", [SAM2_TINY, "vit_tiny"])
 def test_encoder_forward_gives_what_a_cache_row_holds(backbone):
     out = encoder_forward(backbone, "fp32", batch=2, device="cpu")()

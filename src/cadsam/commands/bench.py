@@ -34,7 +34,14 @@ from ..backbones import DEFAULT_BATCH, backbone_config
 from ..data.labels import class_table
 from ..errors import CadsamError
 from ..fast.runtime import Runtime, named_runtime, settle_cuda_graph, settle_frozen_bf16
-from ..methods import SAM1_ONLY_WHY, AdaptedSam, build_model, check_runtime_settings, runs_on
+from ..methods import (
+    SAM1_ONLY_WHY,
+    AdaptedSam,
+    build_model,
+    check_runtime_settings,
+    resolve_options,
+    runs_on,
+)
 from ..precision import autocast
 from ..provenance import provenance
 from . import common, flags
@@ -144,26 +151,32 @@ def warmed_step(
 
 
 def _variant_model(
-    variant: str, method: str, backbone: str, from_cache: bool, runtime: Runtime
+    variant: str,
+    method: str,
+    backbone: str,
+    from_cache: bool,
+    runtime: Runtime,
+    adapter_size: int | None = None,
 ) -> AdaptedSam:
     classes = class_table(VARIANT_CLASSES.get(variant))
+    options = {} if adapter_size is None else {"adapter_size": adapter_size}
     return build_model(
-        method, backbone, with_encoder=not from_cache, runtime=runtime, classes=classes
+        method, backbone, with_encoder=not from_cache, runtime=runtime, classes=classes, **options
     )
 
 
 def bench_batch(
-    model: AdaptedSam, from_cache: bool
+    model: AdaptedSam, from_cache: bool, batch: int | None = None, image_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Seeded random data for one step, as ``cadsam train`` feeds it: images (RGB in 0..255)
-    and masks (class indices for several classes) at :data:`IMAGE_SIZE`, and from a cache what
-    a cache row holds, packed as the
-    model's decoder reads it (``model.layout``: SAM's embedding, or SAM 2.1's embedding and
-    high-resolution maps in one row), float32 as the training loader gives it."""
-    batch = DEFAULT_BATCH[model.backbone]
+    """Seeded random data for one step, as ``cadsam train`` feeds it: ``batch`` images (RGB in
+    0..255; None: the paper's batch) and masks (class indices for several classes) of
+    ``image_size`` pixels (None: :data:`IMAGE_SIZE`), and from a cache what a cache row holds,
+    packed as the model's decoder reads it (``model.layout``: SAM's embedding, or SAM 2.1's
+    embedding and high-resolution maps in one row), float32 as the training loader gives it."""
+    batch = batch or DEFAULT_BATCH[model.backbone]
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(0)
-    size = (IMAGE_SIZE, IMAGE_SIZE)
+    size = (image_size or IMAGE_SIZE,) * 2
     images = torch.rand(batch, 3, *size, device=device, generator=generator) * 255
     if model.classes is None:
         masks = (torch.rand(batch, 1, *size, device=device, generator=generator) > 0.5).float()
@@ -178,7 +191,12 @@ def bench_batch(
 
 
 def bench_step(
-    model: AdaptedSam, precision: str, from_cache: bool, only_if_it_fits: bool = False
+    model: AdaptedSam,
+    precision: str,
+    from_cache: bool,
+    only_if_it_fits: bool = False,
+    batch: int | None = None,
+    image_size: int | None = None,
 ) -> functools.partial[torch.Tensor]:
     """One training step at the paper's settings (batch, 512 x 512 images, whole-image box,
     BCE + IoU, AdamW) on seeded random data (:func:`bench_batch`), on the model's device;
@@ -191,7 +209,7 @@ def bench_step(
     graphed = model.runner.runtime.cuda_graph
     model.train()
     optimizer = adamw(model.trainable_parameters(), lr=2e-4, weight_decay=0.01, graphed=graphed)
-    images, masks, embeddings = bench_batch(model, from_cache)
+    images, masks, embeddings = bench_batch(model, from_cache, batch, image_size)
     step = training_step(model, optimizer, precision, graphed, only_if_it_fits)
     return functools.partial(step, images, masks, embeddings)
 
@@ -202,18 +220,24 @@ def measure_training(
     precision: str,
     steps: int = 10,
     overrides: dict[str, Any] | None = None,
+    shape: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """One variant's training step on the current CUDA device: peak memory and images/s.
-    ``overrides``: runtime settings that replace the variant's."""
+    ``overrides``: runtime settings that replace the variant's; ``shape``: ``batch``,
+    ``image_size`` and ``adapter_size`` where not the paper's."""
+    shape = shape or {}
     method, runtime, from_cache = variant_runtime(variant, backbone, overrides, precision=precision)
-    batch = DEFAULT_BATCH[backbone]
+    batch = shape.get("batch") or DEFAULT_BATCH[backbone]
+    image_size = shape.get("image_size") or IMAGE_SIZE
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     with torch.device("cuda"):
-        model = _variant_model(variant, method, backbone, from_cache, runtime)
+        model = _variant_model(
+            variant, method, backbone, from_cache, runtime, shape.get("adapter_size")
+        )
     weights_mib = torch.cuda.memory_allocated() / MIB
     pinned = (overrides or {}).get("cuda_graph") is True  # as cadsam train --set cuda_graph=true
-    step = bench_step(model, precision, from_cache, only_if_it_fits=not pinned)
+    step = bench_step(model, precision, from_cache, not pinned, batch, image_size)
     warmup = WARMUP + runtime.cuda_graph  # a graphed step is captured after its warm-up
 
     times = []
@@ -232,10 +256,13 @@ def measure_training(
         "method": method,
         "runtime": runtime.changes(),
         "overrides": overrides or {},
+        **({"shape": shape} if shape else {}),
         "from_cache": from_cache,
         "cuda_graph": graphed,
         "precision": precision,
         "batch": batch,
+        "image_size": image_size,
+        **({"adapter_size": shape["adapter_size"]} if shape.get("adapter_size") else {}),
         "trainable": counts["trainable"],
         "weights_mib": round(weights_mib, 1),
         "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / MIB, 1),
@@ -324,9 +351,11 @@ def _version(package: str) -> str | None:
 
 
 def _label(r: dict[str, Any]) -> str:
-    """The variant's name, with any options set by ``--set``."""
-    overrides = r.get("overrides") or {}
-    return " ".join([r["variant"], *(f"{k}={v}" for k, v in overrides.items())])
+    """The variant's name, with any image or adapter size given and options set by ``--set``
+    (the batch has its own column)."""
+    shape = {k: v for k, v in (r.get("shape") or {}).items() if k != "batch"}
+    given = {**shape, **(r.get("overrides") or {})}
+    return " ".join([r["variant"], *(f"{k}={v}" for k, v in given.items())])
 
 
 def _run_isolated(job: dict[str, Any]) -> dict[str, Any]:
@@ -376,17 +405,33 @@ def check_request(
                     )
 
 
+def check_shape(variants: list[str] | None, shape: dict[str, int]) -> None:
+    """A batch or image size below one, or an adapter size for a method without an adapter,
+    is an error before any run."""
+    for name, flag in (("batch", "--batch-size"), ("image_size", "--image-size")):
+        if shape.get(name) is not None and shape[name] < 1:
+            raise CadsamError(f"{flag} must be at least 1, not {shape[name]}")
+    if shape.get("adapter_size") is None:
+        return
+    for variant in variants if variants is not None else [*VARIANTS]:
+        if variant != "encoder-forward":
+            resolve_options(VARIANTS[variant][0], {"adapter_size": shape["adapter_size"]})
+
+
 def bench_jobs(
     backbones: list[str],
     variants: list[str] | None,
     precisions: list[str],
     steps: int,
     overrides: dict[str, Any],
+    shape: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One job per (backbone, precision, variant); ``variants`` None: each backbone's
     :func:`default_variants`."""
+    given = {"shape": shape} if shape else {}
     return [
         {"backbone": b, "variant": v, "precision": p, "steps": steps, "overrides": overrides}
+        | given
         for b in backbones
         for p in precisions
         for v in (variants if variants is not None else default_variants(b))
@@ -401,15 +446,18 @@ def run_bench(
     steps: int = 10,
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
+    shape: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Each (backbone, variant, precision) in a fresh process; ``variants`` None: every one
-    that applies to each backbone; ``overrides``: runtime settings set in every variant."""
-    overrides = overrides or {}
+    that applies to each backbone; ``overrides``: runtime settings set in every variant;
+    ``shape``: the step's ``batch``, ``image_size`` and ``adapter_size`` where not the paper's."""
+    overrides, shape = overrides or {}, shape or {}
     check_request(backbones, variants, overrides)
+    check_shape(variants, shape)
     if not torch.cuda.is_available():
         raise CadsamError("cadsam bench measures GPU memory and needs a CUDA GPU; none is visible")
     out.mkdir(parents=True, exist_ok=True)
-    jobs = bench_jobs(backbones, variants, precisions, steps, overrides)
+    jobs = bench_jobs(backbones, variants, precisions, steps, overrides, shape)
     width = max(map(len, backbones), default=0)
     results: list[dict[str, Any]] = []
     env = environment()
@@ -508,6 +556,7 @@ def _child(job: dict[str, Any]) -> None:
             job["precision"],
             steps=job["steps"],
             overrides=job.get("overrides"),
+            shape=job.get("shape"),
         )
     print(json.dumps(result), flush=True)
 
@@ -531,25 +580,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flags.add(parser, "--precisions")
     flags.renamed(parser, "--precision", "--precisions", "precisions", nargs="+")
     parser.add_argument("--steps", type=int, default=10, help="timed steps after 3 warm-up steps")
-    flags.add_all(parser, "--runtime", "--set")
+    flags.add_all(parser, "--batch-size", "--image-size", "--runtime", "--set")
     flags.add(parser, "--out", metavar="DIR")
     parser.epilog = (
-        "--backbones defaults to vit_b vit_h, --precisions to fp32 bf16, --out to bench. "
-        "--runtime lean or plain measures each variant named without a runtime under it "
-        "(cad as cad-lean); --set sets a runtime switch in every variant measured."
+        "--backbones defaults to vit_b vit_h, --precisions to fp32 bf16, --out to bench; "
+        "--batch-size to the paper's (4, or 2 for vit_h and sam2.1_hiera_l), --image-size to "
+        f"{IMAGE_SIZE}. --runtime lean or plain measures each variant named without a runtime "
+        "under it (cad as cad-lean); --set sets a runtime switch in every variant measured, "
+        "or adapter_size for cad."
     )
 
 
 def run(args: argparse.Namespace) -> None:
 
     out = args.out or "bench"
+    overrides = common.settings(args)
+    shape = {
+        "batch": args.batch_size,
+        "image_size": args.image_size,
+        "adapter_size": overrides.pop("adapter_size", None),
+    }
     run_bench(
         args.backbones or ["vit_b", "vit_h"],
         under_runtime(args.variants, args.runtime_name or "auto"),
         args.precisions or ["fp32", "bf16"],
         Path(out),
         args.steps,
-        overrides=common.settings(args),
+        overrides=overrides,
+        shape={k: v for k, v in shape.items() if v is not None},
     )
     print(f"wrote {out}/bench.json, bench.md, bench_memory.png")
 
