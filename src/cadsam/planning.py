@@ -415,8 +415,8 @@ def _chunks_run_twice(encoder: torch.nn.Module | None, chunks: int) -> Iterator[
     """The frozen encoder run without autograd, ``chunks`` times a step (``encoder_chunk``),
     counted from two runs: the first (for its output's shape) and the last, which runs beside
     every earlier chunk's output, as on the GPU; the chunks between only allocate their output.
-    Each chunk's transient peak is the same, so the step's peak is too, at a fraction of the
-    counting (ViT-H, ``lean``, batch 16: 14 s to 2 s)."""
+    Each chunk's transient peak is the same, so the step's peak is too, and ``lean``'s count
+    (one image a chunk) no longer grows with the batch."""
     if encoder is None or chunks <= 2:
         yield
         return
@@ -577,9 +577,8 @@ def largest_batch(request: PlanRequest, gpu_mib: float, limit: int = EXACT_UP_TO
     """The largest batch up to ``limit`` that fits ``gpu_mib`` (0: not even one image), each
     candidate counted. Memory grows about linearly with the batch, so the line through the
     counts at the request's batch and twice it (one image and the request's batch, where that
-    does not fit) starts the search. Past ``limit`` each count
-    would take a minute, and a line is no answer there (``auto``'s choices change with the
-    batch): a result of ``limit`` means "``limit`` or more"."""
+    does not fit) starts the search. Past ``limit`` a line is no answer (``auto``'s choices
+    change with the batch): a result of ``limit`` means "``limit`` or more"."""
 
     def fits(batch: int) -> bool:
         return bool(predict_memory(request.with_batch(batch), gpu_mib).fits)

@@ -198,11 +198,12 @@ def bench_step(
     batch: int | None = None,
     image_size: int | None = None,
 ) -> functools.partial[torch.Tensor]:
-    """One training step at the paper's settings (batch, 512 x 512 images, whole-image box,
-    BCE + IoU, AdamW) on seeded random data (:func:`bench_batch`), on the model's device;
-    with the runtime's ``cuda_graph``: three eager calls, then captured as a CUDA graph and
-    replayed (:class:`~cadsam.fast.graphs.GraphedStep`, the step's ``func``), eager instead
-    where ``only_if_it_fits`` and the capture would not fit, as ``cuda_graph=auto`` trains."""
+    """One training step at the paper's settings (its batch, 512 x 512 images, whole-image
+    box, BCE + IoU, AdamW; or ``batch`` and ``image_size``) on seeded random data
+    (:func:`bench_batch`), on the model's device; with the runtime's ``cuda_graph``: three
+    eager calls, then captured as a CUDA graph and replayed
+    (:class:`~cadsam.fast.graphs.GraphedStep`, the step's ``func``), eager instead where
+    ``only_if_it_fits`` and the capture would not fit, as ``cuda_graph=auto`` trains."""
     from ..fast.graphs import adamw
     from ..step import training_step
 
@@ -262,7 +263,6 @@ def measure_training(
         "precision": precision,
         "batch": batch,
         "image_size": image_size,
-        **({"adapter_size": shape["adapter_size"]} if shape.get("adapter_size") else {}),
         "trainable": counts["trainable"],
         "weights_mib": round(weights_mib, 1),
         "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / MIB, 1),
