@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cadsam.commands.bench import VARIANTS
+from cadsam.commands.bench import IMAGE_SIZE, VARIANTS
 from cadsam.planning import PlanRequest, predict_memory
 from cadsam.provenance import provenance
 
@@ -51,7 +51,7 @@ def predicted_mib(backbone: str, variant: str, precision: str, shape: dict) -> f
         method=method,
         backbone=backbone,
         batch_size=shape.get("batch"),
-        image_size=shape.get("image_size", 512),
+        image_size=shape.get("image_size", IMAGE_SIZE),
         adapter_size=shape.get("adapter_size"),
         precision=precision,
         cache=cache,
@@ -68,7 +68,8 @@ def check(backbone: str, variant: str, precision: str, shape: dict, out: Path) -
     row |= {"shape": shape, "command": " ".join(["cadsam", *command[3:]])}
     try:
         subprocess.run(command, timeout=LIMIT_S, check=False, capture_output=True)
-        measured = json.loads((out / name / "bench.json").read_text())["results"][0]
+        report = json.loads((out / name / "bench.json").read_text())
+        measured = report["results"][0]
     except (subprocess.TimeoutExpired, FileNotFoundError, IndexError) as error:
         return row | {"error": type(error).__name__}
     if "error" in measured:
@@ -79,7 +80,7 @@ def check(backbone: str, variant: str, precision: str, shape: dict, out: Path) -
         "measured_mib": peak,
         "predicted_mib": round(predicted, 1),
         "error_pct": round(100 * (predicted - peak) / peak, 1),
-        "gpu": measured.get("gpu"),
+        "gpu": report["environment"].get("gpu"),
     }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..data.labels import class_table
@@ -18,6 +20,7 @@ from ..methods import METHODS
 from ..planning import (
     EXACT_UP_TO,
     KNOWN_GPUS,
+    TRAIN_IMAGE_SIZE,
     PlanRequest,
     largest_batch,
     parse_gpu_memory,
@@ -57,7 +60,7 @@ def request_from_args(args: argparse.Namespace, runtime: str) -> PlanRequest:
         method=args.method or "cad",
         backbone=args.backbone or "vit_b",
         batch_size=args.batch_size,
-        image_size=args.image_size or 512,
+        image_size=args.image_size or TRAIN_IMAGE_SIZE,
         adapter_size=adapter_size,
         precision=args.precision or "fp32",
         classes=1 if classes is None else classes.count,
@@ -67,9 +70,10 @@ def request_from_args(args: argparse.Namespace, runtime: str) -> PlanRequest:
     )
 
 
-def plan(args: argparse.Namespace) -> dict[str, Any]:
+def plan(args: argparse.Namespace, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every runtime asked for: its estimate, the largest batch that fits, the measured speed;
-    and the recommended command."""
+    and the recommended command. ``progress`` hears of each runtime before it is counted (a
+    few seconds each on a small CPU)."""
     gpu_mib = parse_gpu_memory(args.gpu_memory) if args.gpu_memory else None
     runtimes = [args.runtime_name] if args.runtime_name else list(RUNTIMES)
     report: dict[str, Any] = {"gpu_mib": gpu_mib, "runtimes": {}}
@@ -77,6 +81,8 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         report["usable_mib"] = round(usable_mib(gpu_mib), 1)
     first = None
     for runtime in runtimes:
+        if progress is not None:
+            progress(f"counting runtime {runtime} on the meta device")
         request = request_from_args(args, runtime)
         first = first or request
         estimate = predict_memory(request, gpu_mib)
@@ -97,7 +103,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> None:
     if args.method == "zero-shot":
         raise CadsamError("--method zero-shot trains nothing: plan a method that trains")
-    report = plan(args)
+    report = plan(args, lambda line: print(f"plan: {line}", file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(report, indent=1))
         return
