@@ -39,6 +39,8 @@ TEST_BACKBONES = tuple(b for b in BACKBONES if b not in RELEASED_BACKBONES)
 # Images per training step by default (train, bench): the paper's for SAM (ViT-B 4, ViT-H 2).
 # The paper has no SAM 2.1: 4, and 2 for the large trunk, as for ViT-H.
 DEFAULT_BATCH = {backbone: 4 for backbone in BACKBONES} | {"vit_h": 2, "sam2.1_hiera_l": 2}
+# The square images are resized to for a new run (train's --image-size; bench's and plan's rows)
+DEFAULT_IMAGE_SIZE = 512
 
 
 def is_sam2(backbone: str) -> bool:

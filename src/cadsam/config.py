@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .backbones import DEFAULT_BATCH
+from .backbones import DEFAULT_BATCH, DEFAULT_IMAGE_SIZE
 from .data.io import parse_channels
 from .data.labels import ClassTable, class_table
 from .data.prompts import PromptSettings
@@ -57,7 +57,7 @@ class TrainConfig:
     val_fraction: float | None = None
     val_images: str | None = None
     val_masks: str | None = None
-    image_size: int = 512
+    image_size: int = DEFAULT_IMAGE_SIZE
     augment: bool = True
     mask_threshold: int = 127
     # several classes: their number, or a class file (YAML/JSON) naming them; None: binary

@@ -44,8 +44,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .backbones import DEFAULT_BATCH, backbone_config
-from .config import TrainConfig
+from .backbones import DEFAULT_BATCH, DEFAULT_IMAGE_SIZE, backbone_config
 from .data.labels import class_table
 from .errors import CadsamError
 from .fast.runtime import FAST_GIB, LEAN, ROOMY, ROOMY_GIB, RUNTIMES, Runtime, settle_cuda_graph
@@ -54,8 +53,6 @@ from .precision import PRECISIONS
 
 MIB = 2**20
 CONSTANTS = Path(__file__).with_name("plan_constants.json")
-BENCH_IMAGE_SIZE = 512  # the benchmark rows' images (cadsam bench)
-TRAIN_IMAGE_SIZE = TrainConfig.image_size  # what train resizes to unless told
 
 # -- GPUs -----------------------------------------------------------------------------------
 
@@ -117,7 +114,7 @@ class PlanRequest:
     method: str = "cad"
     backbone: str = "vit_b"
     batch_size: int | None = None  # None: train's default for the backbone
-    image_size: int = TRAIN_IMAGE_SIZE
+    image_size: int = DEFAULT_IMAGE_SIZE
     adapter_size: int | None = None  # cad only; None: its default (512)
     precision: str = "fp32"
     classes: int = 1  # 1: the binary task
@@ -647,7 +644,7 @@ def speed_from_bench(
         gpu=row["gpu"],
         variant=row["variant"],
         batch=row["batch"],
-        image_size=row.get("image_size", BENCH_IMAGE_SIZE),
+        image_size=row.get("image_size", DEFAULT_IMAGE_SIZE),
         source=row["source"],
     )
 
@@ -660,7 +657,7 @@ def train_command(request: PlanRequest) -> str:
     words = ["cadsam", "train", "--method", request.method, "--backbone", request.backbone]
     words += ["--images", "IMAGES", "--masks", "MASKS", "--out", "RUN"]
     words += ["--batch-size", str(request.batch)]
-    if request.image_size != TRAIN_IMAGE_SIZE:
+    if request.image_size != DEFAULT_IMAGE_SIZE:
         words += ["--image-size", str(request.image_size)]
     if request.classes > 1:
         words += ["--classes", str(request.classes)]

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..backbones import DEFAULT_BATCH, backbone_config
+from ..backbones import DEFAULT_BATCH, DEFAULT_IMAGE_SIZE, backbone_config
 from ..data.labels import class_table
 from ..errors import CadsamError
 from ..fast.runtime import Runtime, named_runtime, settle_cuda_graph, settle_frozen_bf16
@@ -80,7 +80,7 @@ VARIANT_CLASSES = {"cad-k12": 12, "cad-cache-k12": 12}
 WARMUP = 3  # untimed steps first: compilation, cuDNN's choices
 # The images a training step gets: cadsam train's default --image-size. The model resizes them
 # to its encoder's square itself (SAM 2.1 without padding) and CAD's adapter to adapter_size.
-IMAGE_SIZE = 512
+IMAGE_SIZE = DEFAULT_IMAGE_SIZE
 ENCODER_BATCH = 16  # images per frozen-encoder call in encoder-forward
 MIB = 2**20
 

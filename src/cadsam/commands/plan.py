@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..backbones import DEFAULT_IMAGE_SIZE
 from ..data.labels import class_table
 from ..errors import CadsamError
 from ..fast.runtime import RUNTIMES
@@ -20,7 +21,6 @@ from ..methods import METHODS
 from ..planning import (
     EXACT_UP_TO,
     KNOWN_GPUS,
-    TRAIN_IMAGE_SIZE,
     PlanRequest,
     largest_batch,
     parse_gpu_memory,
@@ -60,7 +60,7 @@ def request_from_args(args: argparse.Namespace, runtime: str) -> PlanRequest:
         method=args.method or "cad",
         backbone=args.backbone or "vit_b",
         batch_size=args.batch_size,
-        image_size=args.image_size or TRAIN_IMAGE_SIZE,
+        image_size=args.image_size or DEFAULT_IMAGE_SIZE,
         adapter_size=adapter_size,
         precision=args.precision or "fp32",
         classes=1 if classes is None else classes.count,
