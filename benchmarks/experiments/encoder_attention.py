@@ -6,7 +6,9 @@ keeps 64. Flash attention needs one head dim for all three, so SDPA cannot choos
 v with zeros to q's head dim, and dropping those columns of the output, is the same function
 and lets it. This times the encoder's forward (bf16 autocast, no autograd, as a ``cad`` step
 runs it) under each backend, with v as it is and padded, eager and compiled, and measures
-each against the plain attention in float32.
+each against the plain attention in float32. ``flex`` keeps every head dim at 64 and adds the
+bias inside FlexAttention's compiled kernel (``score_mod``), where the folded q/k triple the
+global blocks' score work; ``flex-global`` does so in the global blocks only.
 
 Run from the repository root on a CUDA machine; one JSON line per setting:
 
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
 
 import cadsam.sam.image_encoder as image_encoder
 from cadsam.sam import build_sam
@@ -52,9 +55,44 @@ def fused_with_padded_v(
     return out[..., : v.shape[-1]]
 
 
+def flex_rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float,
+    global_only: bool = False,
+) -> torch.Tensor:
+    """The bias added to each score inside FlexAttention's kernel: q, k and v keep head dim 64."""
+    height, width = rel_h.shape[-1], rel_w.shape[-1]
+    if global_only and height * width < 1024:
+        return FUSED(q, k, v, rel_h, rel_w, scale)
+    rel_h, rel_w = rel_h.to(q.dtype), rel_w.to(q.dtype)
+
+    def bias(score, b, h, q_index, k_index):
+        return (
+            score + rel_h[b, h, q_index, k_index // width] + rel_w[b, h, q_index, k_index % width]
+        )
+
+    return flex_attention(q, k, v, score_mod=bias, scale=scale)
+
+
+def flex_global(*args: torch.Tensor | float) -> torch.Tensor:
+    return flex_rel_pos_attention(*args, global_only=True)
+
+
+FORMULATIONS = {
+    "fused": FUSED,
+    "fused-padded-v": fused_with_padded_v,
+    "flex": flex_rel_pos_attention,
+    "flex-global": flex_global,
+}
+
+
 @contextlib.contextmanager
-def attention(padded_v: bool, backend: str) -> Iterator[None]:
-    image_encoder._fused_rel_pos_attention = fused_with_padded_v if padded_v else FUSED
+def attention(formulation: str, backend: str) -> Iterator[None]:
+    image_encoder._fused_rel_pos_attention = FORMULATIONS[formulation]
     chosen = BACKENDS[backend]
     try:
         with sdpa_kernel([chosen]) if chosen is not None else contextlib.nullcontext():
@@ -89,15 +127,15 @@ def main() -> None:
         encoder.set_fused_attention(False)
         exact = encoder(images).double()
         encoder.set_fused_attention(True)
-    settings = [(False, b, False) for b in BACKENDS] + [(True, b, False) for b in BACKENDS]
-    settings += [(False, "default", True), (True, "default", True)]
-    for padded_v, backend, compiled in settings:
-        row = {"padded_v": padded_v, "backend": backend, "compiled": compiled}
+    settings = [(f, b, False) for f in ("fused", "fused-padded-v") for b in BACKENDS]
+    settings += [(f, "default", True) for f in FORMULATIONS]
+    for formulation, backend, compiled in settings:
+        row = {"formulation": formulation, "backend": backend, "compiled": compiled}
         torch._dynamo.reset()
         run = torch.compile(encoder) if compiled else encoder
         try:
             bf16 = torch.autocast(images.device.type, dtype=torch.bfloat16)
-            with attention(padded_v, backend), torch.no_grad(), bf16:
+            with attention(formulation, backend), torch.no_grad(), bf16:
                 out, seconds = timed(lambda: run(images), args.repeats)  # noqa: B023
             error = (out.double() - exact).norm() / exact.norm()
             row |= {
