@@ -16,6 +16,7 @@ import torch
 from cadsam import planning, training
 from cadsam.commands import main
 from cadsam.config import TrainConfig
+from cadsam.data.prompts import PromptSettings
 from cadsam.errors import CadsamError
 from cadsam.fast.runner import fit
 from cadsam.planning import (
@@ -218,10 +219,10 @@ def test_plan_json_through_the_command(capsys):
 
 
 def _tiny_config(tmp_path, **settings) -> TrainConfig:
+    defaults = dict(method="cad", batch_size=2, options={"adapter_size": 32})
     return TrainConfig(
-        method="cad", backbone="vit_tiny", out=str(tmp_path / "run"), image_size=64,
-        batch_size=2, options={"adapter_size": 32}, **settings,
-    )  # fmt: skip
+        backbone="vit_tiny", out=str(tmp_path / "run"), image_size=64, **(defaults | settings)
+    )
 
 
 def test_train_stops_before_loading_weights_where_plan_says_it_cannot_fit(tmp_path, monkeypatch):
@@ -269,3 +270,39 @@ def test_plan_without_a_gpu_counts_and_says_what_to_give(capsys):
     assert main([*argv, "--runtime", "lean", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["gpu_mib"] is None and report["runtimes"]["lean"]["fits"] is None
+
+
+def test_prompted_objects_are_counted_and_train_checks_them(tmp_path, monkeypatch):
+    """A prompted step runs the decoder once per object: eight objects an image count more
+    than one, one box counts as the whole image does, and train's check counts the prompts
+    it trains with (a GPU that takes the whole-image run refuses the prompted one)."""
+    whole = PlanRequest("decoder", "vit_tiny", 4, 64, runtime="lean")
+    boxes = [dataclasses.replace(whole, prompt=PromptSettings("box", per_image=n)) for n in (1, 8)]
+    totals = [predict_memory(r).total_mib for r in (whole, *boxes)]
+    assert totals[0] == pytest.approx(totals[1], rel=0.01) and totals[2] > totals[1] + 50
+    points = dataclasses.replace(whole, prompt=PromptSettings("box+points", 8, 3, 2))
+    assert train_command(points).endswith(
+        "--prompt box+points --runtime lean --set prompts_per_image=8 --set prompt_points=3 "
+        "--set prompt_negatives=2"
+    )
+    assert planning.plan_runtime(dataclasses.replace(boxes[1], runtime="auto")).cuda_graph is False
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a small GPU")
+    free = (totals[0] + totals[2]) / 2  # free beside this process's CUDA context
+    monkeypatch.setattr(training, "free_gpu_mib", lambda device: free)
+    base = dict(method="decoder", batch_size=4, runtime="lean", options={})
+    training._check_memory(_tiny_config(tmp_path, **base), torch.device("cuda"), print)
+    prompted = _tiny_config(tmp_path, **base, prompt="box", prompts_per_image=8)
+    with pytest.raises(CadsamError, match="a small GPU has"):
+        training._check_memory(prompted, torch.device("cuda"), print)
+
+
+def test_plan_takes_trains_prompt_settings(capsys):
+    argv = ["plan", "--method", "decoder", "--backbone", "vit_tiny", "--image-size", "64"]
+    argv += ["--runtime", "lean", "--json", "--gpu-memory", "8GiB"]
+    assert main([*argv, "--prompt", "points", "--set", "prompt_points=2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "--prompt points" in report["recommended"]["command"]
+    assert "--set prompt_points=2" in report["recommended"]["command"]
+    assert report["runtimes"]["lean"]["speed"] is None  # no benchmark row is prompted
+    assert main([*argv, "--set", "prompts_per_image=2"]) == 1
+    assert "give --prompt" in capsys.readouterr().err

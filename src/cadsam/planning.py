@@ -46,9 +46,11 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .backbones import DEFAULT_BATCH, DEFAULT_IMAGE_SIZE, backbone_config
 from .data.labels import class_table
+from .data.prompts import PromptSettings
 from .errors import CadsamError
 from .fast.runtime import FAST_GIB, LEAN, ROOMY, ROOMY_GIB, RUNTIMES, Runtime, settle_cuda_graph
 from .methods import CACHEABLE, METHODS, build_model, check_method_on_backbone
+from .methods.prompting import Prompts
 from .precision import PRECISIONS
 
 MIB = 2**20
@@ -106,6 +108,15 @@ def parse_gpu_memory(text: str | float) -> float:
 # -- what is planned ------------------------------------------------------------------------
 
 
+WHOLE_IMAGE = PromptSettings()  # the paper's prompt
+# train's --set names of a prompt's counts (TrainConfig's), by PromptSettings' field
+PROMPT_SETTINGS = {
+    "per_image": "prompts_per_image",
+    "points": "prompt_points",
+    "negatives": "prompt_negatives",
+}
+
+
 @dataclass(frozen=True)
 class PlanRequest:
     """A training run as ``cadsam train`` would make it: what decides its memory and speed.
@@ -121,6 +132,7 @@ class PlanRequest:
     cache: bool = False  # from cached embeddings: no image encoder in memory
     runtime: str = "auto"
     settings: tuple[tuple[str, Any], ...] = ()
+    prompt: PromptSettings = WHOLE_IMAGE  # or each object's box or points
 
     def __post_init__(self) -> None:
         if self.method not in METHODS or self.method == "zero-shot":
@@ -202,7 +214,10 @@ def plan_runtime(request: PlanRequest, gpu_mib: float | None = None) -> Runtime:
         else:
             runtime = ROOMY.replace(checkpoint_encoder=True) if free_gib >= FAST_GIB else LEAN
     runtime = runtime.replace(**dict(request.settings))
-    runtime = settle_cuda_graph(runtime, torch.device("cuda"), (request.method, request.backbone))
+    training = (request.method, request.backbone)
+    runtime = settle_cuda_graph(
+        runtime, torch.device("cuda"), training, not request.prompt.prompted
+    )
     if getattr(runtime, "frozen_bf16", False) == "auto":  # on CUDA: in a bf16 run
         runtime = runtime.replace(frozen_bf16=request.precision == "bf16")
     return runtime
@@ -494,13 +509,10 @@ def count_step(request: PlanRequest, runtime: Runtime) -> Counted:
         _Autocast(),
     ):
         images = torch.empty(batch, 3, size, size, device="meta")
-        if request.classes > 1:
-            masks = torch.empty(batch, size, size, device="meta", dtype=torch.long)
-        else:
-            masks = torch.empty(batch, 1, size, size, device="meta")
+        masks, prompts = _meta_targets(request)
         shape = (batch, *model.layout.shape)
         embeddings = torch.empty(shape, device="meta") if request.cache else None
-        forward_backward(model, images, masks, embeddings, request.precision)
+        forward_backward(model, images, masks, embeddings, request.precision, prompts=prompts)
     trainable = model.trainable_parameters()
     gradients = sum(p.grad.nbytes for p in trainable if p.grad is not None)
     model.zero_grad(set_to_none=True)
@@ -510,6 +522,24 @@ def count_step(request: PlanRequest, runtime: Runtime) -> Counted:
         step_mib=live.peak / MIB,
         gradients_mib=gradients / MIB,
     )
+
+
+def _meta_targets(request: PlanRequest) -> tuple[torch.Tensor, Prompts | None]:
+    """A batch's masks as train's data set gives them (B x 1 x S x S, or class indices
+    B x S x S), or per prompted object (B x N x S x S), and the objects' prompts."""
+    batch, size, prompt = request.batch, request.image_size, request.prompt
+    dtype = torch.long if request.classes > 1 else torch.float32
+    if not prompt.prompted:
+        shape = (batch, size, size) if request.classes > 1 else (batch, 1, size, size)
+        return torch.empty(shape, device="meta", dtype=dtype), None
+    objects, points = prompt.per_image, prompt.points + prompt.negatives
+    masks = torch.empty(batch, objects, size, size, device="meta", dtype=dtype)
+    boxes = torch.empty(batch, objects, 4, device="meta") if prompt.uses_box else None
+    if not prompt.uses_points:
+        return masks, Prompts(boxes=boxes)
+    coords = torch.empty(batch, objects, points, 2, device="meta")
+    labels = torch.empty(batch, objects, points, device="meta", dtype=torch.long)
+    return masks, Prompts(boxes=boxes, points=coords, labels=labels)
 
 
 # -- the prediction ---------------------------------------------------------------------------
@@ -635,6 +665,7 @@ def speed_from_bench(
         == (request.method, request.backbone, request.cache, request.precision, request.runtime)
         and row.get("classes", 1) == request.classes
         and row.get("eager", False) == eager
+        and row.get("prompt", "whole") == request.prompt.kind
     ]
     if not same:
         return None
@@ -661,6 +692,8 @@ def train_command(request: PlanRequest) -> str:
         words += ["--image-size", str(request.image_size)]
     if request.classes > 1:
         words += ["--classes", str(request.classes)]
+    if request.prompt.prompted:
+        words += ["--prompt", request.prompt.kind]
     if request.cache:
         words += ["--cache", "CACHE"]
     if request.precision != "fp32":
@@ -670,9 +703,21 @@ def train_command(request: PlanRequest) -> str:
     settings = dict(request.settings)
     if request.adapter_size is not None:
         settings = {"adapter_size": request.adapter_size, **settings}
+    settings |= _prompt_settings(request.prompt)
     for name, value in settings.items():
         words += ["--set", f"{name}={str(value).lower() if isinstance(value, bool) else value}"]
     return " ".join(words)
+
+
+def _prompt_settings(prompt: PromptSettings) -> dict[str, int]:
+    """train's ``--set`` values of the prompt's counts that differ from its defaults."""
+    if not prompt.prompted:
+        return {}
+    return {
+        name: getattr(prompt, field)
+        for field, name in PROMPT_SETTINGS.items()
+        if getattr(prompt, field) != getattr(WHOLE_IMAGE, field)
+    }
 
 
 @dataclass(frozen=True)

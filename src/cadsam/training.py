@@ -302,6 +302,7 @@ def _memory_refusal(cfg: TrainConfig, device: torch.device) -> str | None:
         cfg.cache is not None,
         name,
         tuple(settings.items()),
+        cfg.prompt_settings(),
     )
     return refusal(request, free_gpu_mib(device), torch.cuda.get_device_name(device))
 

@@ -15,12 +15,14 @@ from typing import Any
 
 from ..backbones import DEFAULT_IMAGE_SIZE
 from ..data.labels import class_table
+from ..data.prompts import PromptSettings
 from ..errors import CadsamError
 from ..fast.runtime import RUNTIMES
 from ..methods import METHODS
 from ..planning import (
     EXACT_UP_TO,
     KNOWN_GPUS,
+    PROMPT_SETTINGS,
     PlanRequest,
     largest_batch,
     parse_gpu_memory,
@@ -36,7 +38,7 @@ HELP = "Predict a training run's peak GPU memory and speed before any GPU (runs 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     flags.add(parser, "--method", choices=[m for m in METHODS if m != "zero-shot"])
-    flags.add_all(parser, "--backbone", "--batch-size", "--image-size", "--classes")
+    flags.add_all(parser, "--backbone", "--batch-size", "--image-size", "--classes", "--prompt")
     flags.add_all(parser, "--precision", "--runtime", "--set")
     flags.add_all(parser, "--cache")
     parser.add_argument(
@@ -48,13 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "defaults: --method cad, --backbone vit_b, train's batch, 512-pixel images, fp32; "
         "every runtime (plain, lean, auto) unless --runtime names one. --set takes runtime "
-        "switches and adapter_size."
+        "switches, adapter_size and, with --prompt, train's prompts_per_image, prompt_points "
+        "and prompt_negatives."
     )
 
 
 def request_from_args(args: argparse.Namespace, runtime: str) -> PlanRequest:
     settings: dict[str, Any] = common.settings(args)
     adapter_size = settings.pop("adapter_size", None)
+    counts = {f: settings.pop(n) for f, n in PROMPT_SETTINGS.items() if n in settings}
+    if counts and not args.prompt:
+        raise CadsamError(f"--set {', '.join(PROMPT_SETTINGS[f] for f in counts)}: give --prompt")
+    prompt = PromptSettings(args.prompt or "whole", **counts)
     classes = class_table(args.classes) if args.classes not in (None, "1") else None
     return PlanRequest(
         method=args.method or "cad",
@@ -67,6 +74,7 @@ def request_from_args(args: argparse.Namespace, runtime: str) -> PlanRequest:
         cache=bool(args.cache),
         runtime=runtime,
         settings=tuple(settings.items()),
+        prompt=prompt,
     )
 
 
