@@ -4,7 +4,7 @@ row holds (another batch, image size, adapter size or backbone): each setting me
 the error. After each check `plan_check.json` and `plan_check.md` are rewritten in --out, so a
 call that runs out of time keeps what it measured.
 
-    python benchmarks/plan_check.py --out DIR [--within SECONDS]
+    python benchmarks/plan_check.py --out DIR [--within SECONDS] [--limit SECONDS]
 """
 
 from __future__ import annotations
@@ -61,13 +61,15 @@ def predicted_mib(backbone: str, variant: str, precision: str, shape: dict) -> f
     return predict_memory(request).total_mib
 
 
-def check(backbone: str, variant: str, precision: str, shape: dict, out: Path) -> dict[str, Any]:
+def check(
+    backbone: str, variant: str, precision: str, shape: dict, out: Path, limit: float = LIMIT_S
+) -> dict[str, Any]:
     name = "-".join([backbone, variant, precision, *(f"{k}{v}" for k, v in shape.items())])
     command = bench_command(backbone, variant, precision, shape, out / name)
     row: dict[str, Any] = {"backbone": backbone, "variant": variant, "precision": precision}
     row |= {"shape": shape, "command": " ".join(["cadsam", *command[3:]])}
     try:
-        subprocess.run(command, timeout=LIMIT_S, check=False, capture_output=True)
+        subprocess.run(command, timeout=limit, check=False, capture_output=True)
         report = json.loads((out / name / "bench.json").read_text())
         measured = report["results"][0]
     except (subprocess.TimeoutExpired, FileNotFoundError, IndexError) as error:
@@ -106,13 +108,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--within", type=float, default=float("inf"), help="seconds to stop by")
+    parser.add_argument("--limit", type=float, default=LIMIT_S, help="seconds for one check")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start, rows = time.monotonic(), []
     for backbone, variant, precision, shape in CHECKS:
-        if time.monotonic() - start + LIMIT_S > args.within:
+        if time.monotonic() - start + args.limit > args.within:
             break
-        rows.append(check(backbone, variant, precision, shape, args.out))
+        rows.append(check(backbone, variant, precision, shape, args.out, args.limit))
         print(json.dumps(rows[-1]), flush=True)
         report = {"provenance": provenance(), "rows": rows}
         (args.out / "plan_check.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -128,7 +128,8 @@ def main() -> None:
         exact = encoder(images).double()
         encoder.set_fused_attention(True)
     settings = [(f, b, False) for f in ("fused", "fused-padded-v") for b in BACKENDS]
-    settings += [(f, "default", True) for f in FORMULATIONS]
+    compiled = ("flex", "fused", "flex-global", "fused-padded-v")  # the question first
+    settings += [(f, "default", True) for f in compiled]
     for formulation, backend, compiled in settings:
         row = {"formulation": formulation, "backend": backend, "compiled": compiled}
         torch._dynamo.reset()
