@@ -2,7 +2,7 @@
 
 Parameter names and shapes follow Meta's checkpoints (``image_encoder.*``).
 
-Attention comes in two formulations that compute the same function:
+Attention comes in three formulations that compute the same function:
 
 * ``plain``: scores, bias and softmax built explicitly, as in the paper's code. It keeps
   heads x N x N score *and* bias tensors alive, hundreds of MiB per image in the global
