@@ -28,6 +28,7 @@ bench() {  # name limit args...: one bench run under its own limit
 CADSAM_GPU_MEMORY_GIB=24 timeout 330 benchmarks/gpu_tier.sh > /dev/null 2>&1
 echo "tier capped at 24 GiB: exit $?" >> "$out/gpu.txt"
 wait
+tar czf "$out/results.tgz" -C "$work" --exclude='*.png' .  # kept if the call ends here
 PYTHONPATH=$PWD/src timeout 200 python3 benchmarks/experiments/encoder_attention.py --batch 4 \
     > "$work/encoder_attention_b4.jsonl" 2> "$work/encoder_attention.err"
 tar czf "$out/results.tgz" -C "$work" --exclude='*.png' .
