@@ -531,31 +531,6 @@ def test_compiled_encoder_gives_the_frozen_embeddings_of_the_plain_encoder(preci
     )
 
 
-@pytest.mark.parametrize("backbone", ["vit_tiny", "vit_b"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"], indirect=True)
-@torch.no_grad()
-def test_flex_attention_gives_the_frozen_embeddings_of_the_plain_encoder(precision, backbone):
-    """``flex_attention``: in the compiled encoder, SAM's relative-position bias added in
-    FlexAttention's generated kernel (windowed and global blocks, head dims as they are)."""
-    torch.manual_seed(13)
-    plain = build_model("decoder", backbone).to(DEVICE).train()
-    for block in plain.sam.image_encoder.blocks:  # a bias large enough to matter
-        torch.nn.init.normal_(block.attn.rel_pos_h, std=0.5)
-        torch.nn.init.normal_(block.attn.rel_pos_w, std=0.5)
-    runtime = Runtime(fused_attention=True, compile_encoder=True, flex_attention=True)
-    flex = twin(plain, runtime)
-    size = plain.sam.image_encoder.img_size
-    images, _ = images_and_masks(1 if backbone == "vit_b" else 2, size, seed=14)
-    exact = float64_twin(plain).frozen_embeddings(images).cpu()
-    found = {}
-    for name, model in (("plain", plain), ("flex", flex)):
-        with autocast(precision):
-            found[name] = {"embeddings": model.frozen_embeddings(images).float().cpu()}
-        torch.cuda.empty_cache()
-    assert "encoder" in flex.runner.compiled
-    assert_no_farther(found["flex"], found["plain"], {"embeddings": exact}, precision)
-
-
 @pytest.mark.parametrize("backbone", ["vit_b", "sam2.1_hiera_b+"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"], indirect=True)
 def test_compiled_decoder_equals_the_plain_decoder(precision, backbone):

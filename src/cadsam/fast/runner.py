@@ -40,7 +40,6 @@ def fit(model: AdaptedSam, runtime: Runtime) -> AdaptedSam:
     and its weights, stay as they are."""
     if isinstance(model.sam.image_encoder, ImageEncoderViT):  # Hiera has one path (SDPA)
         model.sam.image_encoder.set_fused_attention(runtime.fused_attention)
-        model.sam.image_encoder.set_flex_attention(runtime.flex_attention)
     if runtime.frozen_bf16 is True:
         hold_frozen_in_bf16(model)
     elif holds_frozen_in_bf16(model):

@@ -103,7 +103,6 @@ class Runtime:
     weights stay float32)."""
 
     fused_attention: bool = False  # SDPA with SAM's rel-pos bias folded into q and k
-    flex_attention: bool = False  # compiled ViT encoder: the bias added in FlexAttention
     encoder_chunk: int = 0  # images per frozen-encoder call (0: the whole batch)
     compile_encoder: bool | str = False  # the frozen encoder through torch.compile
     compile_decoder: bool | str = False  # the mask decoder and upsampling through torch.compile
@@ -311,8 +310,6 @@ def settle_cuda_graph(
 def check_device(runtime: Runtime, device: torch.device) -> None:
     if runtime.cuda_graph is True and device.type != "cuda":
         raise CadsamError(f"cuda_graph needs a CUDA device; this run is on {device}")
-    if runtime.flex_attention and device.type != "cuda":
-        raise CadsamError(f"flex_attention needs a CUDA device; this run is on {device}")
     if runtime.triton_kernels is True:
         if not triton_available():
             raise CadsamError("triton_kernels=true needs Triton: pip install triton")

@@ -2,7 +2,7 @@
 
 Parameter names and shapes follow Meta's checkpoints (``image_encoder.*``).
 
-Attention comes in three formulations that compute the same function:
+Attention comes in two formulations that compute the same function:
 
 * ``plain``: scores, bias and softmax built explicitly, as in the paper's code. It keeps
   heads x N x N score *and* bias tensors alive, hundreds of MiB per image in the global
@@ -11,10 +11,6 @@ Attention comes in three formulations that compute the same function:
   product, so it is folded into the query/key vectors (queries gain their ``rel_h`` and
   ``rel_w`` rows, keys gain one-hot row/column indicators) and one call of PyTorch's
   ``scaled_dot_product_attention`` does the rest with no N x N tensor.
-* ``flex`` (``set_flex_attention``, a runtime's ``flex_attention``): inside a compiled encoder,
-  the bias is added to each score in FlexAttention's generated kernel, so q, k and v keep
-  their head dim (64) where the folded q and k triple it in the global blocks. FlexAttention
-  builds its kernel only under ``torch.compile``; run eagerly, the encoder uses ``fused``.
 """
 
 from __future__ import annotations
@@ -78,10 +74,6 @@ class ImageEncoderViT(nn.Module):
     def set_fused_attention(self, fused: bool) -> None:
         for block in self.blocks:
             block.attn.fused = fused
-
-    def set_flex_attention(self, flex: bool) -> None:
-        for block in self.blocks:
-            block.attn.flex = flex
 
     def forward(self, x: torch.Tensor, run_block: RunBlock | None = None) -> torch.Tensor:
         """B x 3 x img_size x img_size normalised images -> B x 256 x grid x grid embeddings.
@@ -150,7 +142,6 @@ class Attention(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
         self.fused = fused
-        self.flex = False  # FlexAttention where compiled (ImageEncoderViT.set_flex_attention)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape
@@ -158,9 +149,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(batch, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each B x heads x N x head_dim
         rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, height, width)
-        if self.flex and torch.compiler.is_compiling():
-            out = _flex_rel_pos_attention(q, k, v, rel_h, rel_w, self.scale)
-        elif self.fused:
+        if self.fused:
             out = _fused_rel_pos_attention(q, k, v, rel_h, rel_w, self.scale)
         else:
             out = _plain_rel_pos_attention(q, k, v, rel_h, rel_w, self.scale)
@@ -237,28 +226,6 @@ def _fused_rel_pos_attention(
         q_aug = F.pad(q_aug, (0, pad))
         k_aug = F.pad(k_aug, (0, pad))
     return F.scaled_dot_product_attention(q_aug, k_aug, v, scale=1.0)
-
-
-def _flex_rel_pos_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rel_h: torch.Tensor,
-    rel_w: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """The same function with the bias added to each score in FlexAttention's kernel."""
-    from torch.nn.attention.flex_attention import flex_attention  # PyTorch 2.5 and later
-
-    width = rel_w.shape[-1]
-    rel_h, rel_w = rel_h.to(q.dtype), rel_w.to(q.dtype)
-
-    def add_bias(
-        score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor
-    ) -> torch.Tensor:
-        return score + rel_h[b, h, qi, ki // width] + rel_w[b, h, qi, ki % width]
-
-    return flex_attention(q, k, v, score_mod=add_bias, scale=scale)
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
