@@ -13,7 +13,9 @@ A package (``__init__.py``), so that this file is ``gpu.conftest`` and the suite
 from __future__ import annotations
 
 import functools
+import gc
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,12 +113,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture(autouse=True)
 def gpu_memory_peak(request: pytest.FixtureRequest) -> Iterator[None]:
     """The test's peak of reserved GPU memory (what the share limits), from an emptied cache,
-    for the summary."""
+    for the summary. After a failure, the failed test's frames are let go: pytest keeps them
+    for a debugger (``sys.last_traceback``), and with them every tensor the test held, which
+    the next tests in this process would find missing from their share (an out-of-memory error
+    then fails the tests after it too)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     yield
     peak = torch.cuda.max_memory_reserved() / GIB
     request.node.user_properties.append((PEAK, round(peak, 2)))
+    for name in ("last_exc", "last_type", "last_value", "last_traceback"):
+        if hasattr(sys, name):
+            delattr(sys, name)
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
