@@ -9,7 +9,6 @@ import torch
 
 from cadsam.data.prompts import PromptSettings
 from cadsam.fast.graphs import adamw
-from cadsam.fast.runner import fit
 from cadsam.fast.runtime import resolve_runtime
 from cadsam.methods import build_model
 from cadsam.methods.prompting import Prompts
@@ -44,7 +43,7 @@ def test_plan_counts_a_prompted_step_within_15_percent(method, runtime):
     resolved, _ = resolve_runtime(
         runtime, {}, DEVICE, (method, "vit_b"), whole_steps=False, precision="bf16"
     )
-    model = fit(build_model(method, "vit_b").to(DEVICE).train(), resolved)
+    model = build_model(method, "vit_b", runtime=resolved).to(DEVICE).train()  # as train does
     step = training_step(model, adamw(model.trainable_parameters(), 1e-4, 0.01), "bf16")
     images, masks, prompts = _prompted_batch(request)
     for _ in range(3):
