@@ -1,36 +1,32 @@
 #!/usr/bin/env bash
-# One device call of about nine minutes:
-#   1. the GPU tier capped at 24 GiB (CADSAM_GPU_MEMORY_GIB=24), and beside it what needs only
-#      memory figures, which other processes on the GPU leave as they are: plan_check.py
-#      (plan against bench where no recorded row is) and ViT-B `cad` bf16 with the frozen
-#      encoder held in bf16 and, in the same run, in fp32;
-#   2. then, alone on the GPU, the frozen encoder's attention formulations timed
-#      (experiments/encoder_attention.py), whose speeds need the GPU to themselves.
-# Everything lands in $OUT: gpu_tier.log, gpu.txt and results.tgz (a device call returns few files).
+# One device call of about nine minutes, each job alone on the GPU and under its own limit:
+#   1. the GPU tier capped at 24 GiB (CADSAM_GPU_MEMORY_GIB=24);
+#   2. CAD's bf16 ViT-B row with the frozen encoder held in bf16 (auto's choice) and, in the
+#      same run, in float32 (--set frozen_bf16=false);
+#   3. a kernel profile of the graphed ViT-B step from the cache (profile_step.py).
+# Jobs beside the tier slowed it past its limit (results/2026-12-08_H100_e72c878/), hence one
+# at a time. Everything lands in $OUT: gpu_tier.log, gpu.txt and results.tgz (a device call
+# returns few files), packed again after each job so that a call cut short keeps its results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp}
 work=$(mktemp -d)
-mkdir -p "$work/plan_check" "$work/frozen_bf16"
-bench() {  # name limit args...: one bench run under its own limit
+pack() { tar czf "$out/results.tgz" -C "$work" --exclude='*.png' .; }
+CADSAM_GPU_MEMORY_GIB=24 timeout 280 benchmarks/gpu_tier.sh > /dev/null 2>&1
+echo "tier capped at 24 GiB: exit $?" >> "$out/gpu.txt"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+bench() {  # name limit args...
     local name=$1 limit=$2
     shift 2
-    timeout "$limit" env PYTHONPATH="$PWD/src" python3 -m cadsam bench --out "$work/frozen_bf16/$name" \
-        --backbones vit_b --variants cad --precisions bf16 "$@" > "$work/frozen_bf16/$name.log" 2>&1
-    echo "$name: exit $? (cadsam bench ... $*)" >> "$work/frozen_bf16/calls.txt"
+    timeout "$limit" python3 -m cadsam bench --out "$work/$name" --backbones vit_b \
+        --variants cad --precisions bf16 "$@" > "$work/$name.log" 2>&1
+    echo "$name: exit $? at ${SECONDS}s (cadsam bench ... $*)" >> "$work/calls.txt"
+    pack
 }
-{
-    PYTHONPATH=$PWD/src timeout 200 python3 benchmarks/plan_check.py --out "$work/plan_check" \
-        --within 190 --limit 90 > "$work/plan_check/stdout.txt" 2>&1
-    bench held 65
-    bench unheld 65 --set frozen_bf16=false
-} &
-CADSAM_GPU_MEMORY_GIB=24 timeout 330 benchmarks/gpu_tier.sh > /dev/null 2>&1
-echo "tier capped at 24 GiB: exit $?" >> "$out/gpu.txt"
-wait
-tar czf "$out/results.tgz" -C "$work" --exclude='*.png' .  # kept if the call ends here
-PYTHONPATH=$PWD/src timeout 200 python3 benchmarks/experiments/encoder_attention.py --batch 4 \
-    > "$work/encoder_attention_b4.jsonl" 2> "$work/encoder_attention.err"
-tar czf "$out/results.tgz" -C "$work" --exclude='*.png' .
+bench held 100
+bench unheld 100 --set frozen_bf16=false
+timeout 80 python3 benchmarks/profile_step.py cad-cache bf16 > "$work/profile_cad_cache_bf16.txt" 2>&1
+echo "profile: exit $? at ${SECONDS}s" >> "$work/calls.txt"
+pack
 grep -E "^(FAILED|ERROR)|passed|failed" "$out/gpu_tier.log" | tail -n 12
-cat "$work/plan_check/plan_check.md" "$work/frozen_bf16/calls.txt" "$work/encoder_attention_b4.jsonl"
+cat "$work/calls.txt"
