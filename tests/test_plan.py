@@ -299,10 +299,12 @@ def test_prompted_objects_are_counted_and_train_checks_them(tmp_path, monkeypatc
 def test_plan_takes_trains_prompt_settings(capsys):
     argv = ["plan", "--method", "decoder", "--backbone", "vit_tiny", "--image-size", "64"]
     argv += ["--runtime", "lean", "--json", "--gpu-memory", "8GiB"]
-    assert main([*argv, "--prompt", "points", "--set", "prompt_points=2"]) == 0
+    given = ["--set", "prompt_points=2", "--set", "box_jitter=0.05"]
+    assert main([*argv, "--prompt", "points", *given]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "--prompt points" in report["recommended"]["command"]
     assert "--set prompt_points=2" in report["recommended"]["command"]
+    assert "--set box_jitter=0.05" in report["recommended"]["command"]  # train's every name
     assert report["runtimes"]["lean"]["speed"] is None  # no benchmark row is prompted
     assert main([*argv, "--set", "prompts_per_image=2"]) == 1
     assert "give --prompt" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import yaml
 from .backbones import DEFAULT_BATCH, DEFAULT_IMAGE_SIZE
 from .data.io import parse_channels
 from .data.labels import ClassTable, class_table
+from .data.prompts import TRAIN_NAMES as PROMPT_TRAIN_NAMES
 from .data.prompts import PromptSettings
 from .errors import CadsamError
 from .fast.runtime import Runtime, check_settings
@@ -163,13 +164,8 @@ class TrainConfig:
         return class_table(self.classes, self.ignore_index)
 
     def prompt_settings(self) -> PromptSettings:
-        return PromptSettings(
-            self.prompt,
-            self.prompts_per_image,
-            self.prompt_points,
-            self.prompt_negatives,
-            self.box_jitter,
-        )
+        named = {field: getattr(self, name) for field, name in PROMPT_TRAIN_NAMES.items()}
+        return PromptSettings(self.prompt, **named)
 
     def channels(self) -> tuple[int, ...] | None:
         """The image channels read (None: the first three)."""

@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .backbones import DEFAULT_BATCH, DEFAULT_IMAGE_SIZE, backbone_config
 from .data.labels import class_table
+from .data.prompts import TRAIN_NAMES as PROMPT_TRAIN_NAMES
 from .data.prompts import PromptSettings
 from .errors import CadsamError
 from .fast.runtime import FAST_GIB, LEAN, ROOMY, ROOMY_GIB, RUNTIMES, Runtime, settle_cuda_graph
@@ -109,12 +110,6 @@ def parse_gpu_memory(text: str | float) -> float:
 
 
 WHOLE_IMAGE = PromptSettings()  # the paper's prompt
-# train's --set names of a prompt's counts (TrainConfig's), by PromptSettings' field
-PROMPT_SETTINGS = {
-    "per_image": "prompts_per_image",
-    "points": "prompt_points",
-    "negatives": "prompt_negatives",
-}
 
 
 @dataclass(frozen=True)
@@ -709,13 +704,13 @@ def train_command(request: PlanRequest) -> str:
     return " ".join(words)
 
 
-def _prompt_settings(prompt: PromptSettings) -> dict[str, int]:
-    """train's ``--set`` values of the prompt's counts that differ from its defaults."""
+def _prompt_settings(prompt: PromptSettings) -> dict[str, Any]:
+    """train's ``--set`` values of the prompt's settings that differ from its defaults."""
     if not prompt.prompted:
         return {}
     return {
         name: getattr(prompt, field)
-        for field, name in PROMPT_SETTINGS.items()
+        for field, name in PROMPT_TRAIN_NAMES.items()
         if getattr(prompt, field) != getattr(WHOLE_IMAGE, field)
     }
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..backbones import DEFAULT_IMAGE_SIZE
 from ..data.labels import class_table
+from ..data.prompts import TRAIN_NAMES as PROMPT_TRAIN_NAMES
 from ..data.prompts import PromptSettings
 from ..errors import CadsamError
 from ..fast.runtime import RUNTIMES
@@ -22,7 +23,6 @@ from ..methods import METHODS
 from ..planning import (
     EXACT_UP_TO,
     KNOWN_GPUS,
-    PROMPT_SETTINGS,
     PlanRequest,
     largest_batch,
     parse_gpu_memory,
@@ -50,18 +50,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "defaults: --method cad, --backbone vit_b, train's batch, 512-pixel images, fp32; "
         "every runtime (plain, lean, auto) unless --runtime names one. --set takes runtime "
-        "switches, adapter_size and, with --prompt, train's prompts_per_image, prompt_points "
-        "and prompt_negatives."
+        "switches, adapter_size and, with --prompt, train's prompts_per_image, prompt_points, "
+        "prompt_negatives and box_jitter."
     )
 
 
 def request_from_args(args: argparse.Namespace, runtime: str) -> PlanRequest:
     settings: dict[str, Any] = common.settings(args)
     adapter_size = settings.pop("adapter_size", None)
-    counts = {f: settings.pop(n) for f, n in PROMPT_SETTINGS.items() if n in settings}
-    if counts and not args.prompt:
-        raise CadsamError(f"--set {', '.join(PROMPT_SETTINGS[f] for f in counts)}: give --prompt")
-    prompt = PromptSettings(args.prompt or "whole", **counts)
+    given = {f: settings.pop(n) for f, n in PROMPT_TRAIN_NAMES.items() if n in settings}
+    if given and not args.prompt:
+        names = ", ".join(PROMPT_TRAIN_NAMES[f] for f in given)
+        raise CadsamError(f"--set {names}: these are the prompt's; give --prompt")
+    prompt = PromptSettings(args.prompt or "whole", **given)
     classes = class_table(args.classes) if args.classes not in (None, "1") else None
     return PlanRequest(
         method=args.method or "cad",

@@ -21,6 +21,15 @@ MIN_OBJECT_SHARE = 1e-4
 TYPES = {"masks": bool, "ids": np.int64}  # of draw_prompts' arrays; the others float32
 
 
+# train's names (TrainConfig's, ``--set NAME=VALUE``) of PromptSettings' fields after ``kind``
+TRAIN_NAMES = {
+    "per_image": "prompts_per_image",
+    "points": "prompt_points",
+    "negatives": "prompt_negatives",
+    "box_jitter": "box_jitter",
+}
+
+
 @dataclass(frozen=True)
 class PromptSettings:
     """How prompts are drawn; ``kind`` "whole" is the paper's whole-image box."""
