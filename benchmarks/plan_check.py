@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cadsam.commands.bench import IMAGE_SIZE, VARIANTS
+from cadsam.commands.bench import IMAGE_SIZE, VARIANTS, shape_options
 from cadsam.planning import PlanRequest, predict_memory
 from cadsam.provenance import provenance
 
@@ -40,8 +40,8 @@ def bench_command(backbone: str, variant: str, precision: str, shape: dict, out:
         command += ["--batch-size", str(shape["batch"])]
     if "image_size" in shape:
         command += ["--image-size", str(shape["image_size"])]
-    if "adapter_size" in shape:
-        command += ["--set", f"adapter_size={shape['adapter_size']}"]
+    for name, value in shape_options(shape).items():
+        command += ["--set", f"{name}={value}"]
     return command
 
 
@@ -52,7 +52,7 @@ def predicted_mib(backbone: str, variant: str, precision: str, shape: dict) -> f
         backbone=backbone,
         batch_size=shape.get("batch"),
         image_size=shape.get("image_size", IMAGE_SIZE),
-        adapter_size=shape.get("adapter_size"),
+        options=tuple(shape_options(shape).items()),
         precision=precision,
         cache=cache,
         runtime=runtime,

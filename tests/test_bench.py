@@ -50,13 +50,19 @@ def test_paper_figures_stand_beside_their_methods_only():
 def test_bench_set_checks_runtime_settings_before_running(capsys, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert main(["bench", "--variants", "decoder", "--set", "warp_speed=8"]) == 1
-    assert "unknown runtime setting warp_speed" in capsys.readouterr().err
+    assert "--set warp_speed: no such setting" in capsys.readouterr().err
+    assert main(["bench", "--variants", "decoder", "--set", "lr=0.1"]) == 1
+    assert "bench takes model options and runtime switches" in capsys.readouterr().err
+    assert main(["bench", "--variants", "cad", "--set", "lora_rank=8"]) == 1
+    assert "method cad does not take lora_rank" in capsys.readouterr().err
     assert main(["bench", "--variants", "decoder", "cad", "--set", "adapter_tile_mib=8"]) == 1
     assert "which method decoder does not have" in capsys.readouterr().err
     assert main(["bench", "--variants", "cad", "--set", "adapter_tile_mib"]) == 1
     assert "--set takes NAME=VALUE" in capsys.readouterr().err
     # a valid setting gets as far as the GPU check
     assert main(["bench", "--variants", "cad-cache", "--set", "adapter-tile-mib=8"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["bench", "--variants", "lora", "--set", "lora_rank=8"]) == 1  # a model option
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 

@@ -128,7 +128,7 @@ def test_vit_h_counted_without_its_weights():
     estimate = predict_memory(PlanRequest(method="lora", backbone="vit_h", runtime="lean"))
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert estimate.weights_mib > 2000 and grown_mib < 1000
-    model = planning._meta_model("lora", "vit_h", False, 1, None, False)
+    model = planning._meta_model("lora", "vit_h", False, 1, (), False)
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
@@ -143,7 +143,7 @@ def test_encoder_chunks_counted_from_two_runs_as_from_every_run(backbone, monkey
     assert runtime.encoder_chunk == 1
 
     def encoder_peak(shortcut: bool) -> int:
-        model = planning._meta_model("cad", backbone, False, 1, None, False)
+        model = planning._meta_model("cad", backbone, False, 1, (), False)
         model = fit(model, planning._counted_runtime(runtime))
         live = planning._LiveBytes({t.untyped_storage()._cdata for t in model.parameters()})
         encoder = model.sam.image_encoder if shortcut else None
@@ -198,13 +198,13 @@ def test_speed_is_quoted_from_a_measured_row_only():
 def test_train_command_says_what_differs():
     request = PlanRequest(
         method="cad", backbone="vit_h", batch_size=1, precision="bf16", runtime="lean",
-        adapter_size=256, classes=3,
+        options=(("adapter_size", 256),), classes=3, grad_accum=2,
     )  # fmt: skip
     command = train_command(request)
     assert command.startswith("cadsam train --method cad --backbone vit_h")
     for words in ("--batch-size 1", "--precision bf16", "--runtime lean", "--classes 3"):
         assert words in command
-    assert "--set adapter_size=256" in command
+    assert "--set adapter_size=256" in command and "--set grad_accum=2" in command
 
 
 def test_plan_json_through_the_command(capsys):
@@ -308,3 +308,46 @@ def test_plan_takes_trains_prompt_settings(capsys):
     assert report["runtimes"]["lean"]["speed"] is None  # no benchmark row is prompted
     assert main([*argv, "--set", "prompts_per_image=2"]) == 1
     assert "give --prompt" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_holds_the_gradients_through_the_next_micro_batch():
+    """Accumulating, a micro-batch runs with every gradient already held: its peak is above a
+    whole step's and at most the gradients above it; no graph replays it, and no measured
+    row is quoted for it."""
+    request = PlanRequest("decoder", "vit_tiny", 2, 64, runtime="lean")
+    runtime = planning.plan_runtime(request)
+    one = planning.count_step(request, runtime)
+    two = planning.count_step(dataclasses.replace(request, grad_accum=2), runtime)
+    assert two.gradients_mib == one.gradients_mib > 0
+    assert one.step_mib < two.step_mib <= one.step_mib + one.gradients_mib
+    graphed = PlanRequest("cad", "vit_b", precision="bf16")
+    assert planning.plan_runtime(graphed).cuda_graph is True
+    assert planning.plan_runtime(dataclasses.replace(graphed, grad_accum=4)).cuda_graph is False
+    row = {"method": "cad", "backbone": "vit_b", "cache": False, "precision": "bf16"}
+    row |= {"runtime": "auto", "batch": 4, "images_per_second": 1.0, "gpu": "g", "variant": "cad"}
+    rows = [row | {"source": "s"}]
+    assert speed_from_bench(graphed, rows) is not None
+    assert speed_from_bench(dataclasses.replace(graphed, grad_accum=4), rows) is None
+
+
+def test_plan_set_sorts_as_train_does(capsys):
+    """Model options of any method, grad_accum and the prompt's settings, typed as train types
+    them; train's other settings, and values of the wrong type, are one line each."""
+    argv = ["plan", "--method", "lora", "--backbone", "vit_tiny", "--image-size", "64"]
+    argv += ["--runtime", "lean", "--json", "--gpu-memory", "8GiB"]
+    optimiser = []
+    for rank in (4, 64):
+        assert main([*argv, "--set", f"lora_rank={rank}", "--set", "grad_accum=2"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        optimiser.append(report["runtimes"]["lean"]["optimiser_mib"])
+        assert f"--set lora_rank={rank} --set grad_accum=2" in report["recommended"]["command"]
+    assert optimiser[1] > optimiser[0]
+    assert main([*argv, "--set", "lr=0.1"]) == 1
+    assert "--set lr: plan takes model options and runtime switches, and grad_accum" in (
+        capsys.readouterr().err
+    )
+    assert main([*argv, "--prompt", "box", "--set", "prompts_per_image=abc"]) == 1
+    err = capsys.readouterr().err
+    assert "prompts_per_image must be" in err and "Traceback" not in err
+    assert main([*argv, "--set", "adapter_size=64"]) == 1
+    assert "method lora does not take adapter_size" in capsys.readouterr().err

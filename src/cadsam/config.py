@@ -100,7 +100,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.runtime, str):
             self.runtime = {"name": self.runtime}
-        for name, hint in _setting_types().items():
+        for name, hint in setting_types().items():
             setattr(self, name, typed_value(name, getattr(self, name), hint))
         if self.batch_size is None:
             self.batch_size = DEFAULT_BATCH.get(self.backbone, 4)
@@ -178,7 +178,7 @@ class TrainConfig:
 
 
 @functools.cache
-def _setting_types() -> dict[str, Any]:
+def setting_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
@@ -312,7 +312,7 @@ def sort_settings(flat: dict[str, Any], said_as: str = "") -> dict[str, Any]:
 
 def _typed(name: str, value: Any) -> Any:
     """A setting as TrainConfig holds it (``"1e-2"`` is 0.01), to compare; as given if not."""
-    hint = _setting_types().get(name)
+    hint = setting_types().get(name)
     return value if hint is None or value is None else typed_value(name, value, hint)
 
 

@@ -50,7 +50,13 @@ from .data.prompts import TRAIN_NAMES as PROMPT_TRAIN_NAMES
 from .data.prompts import PromptSettings
 from .errors import CadsamError
 from .fast.runtime import FAST_GIB, LEAN, ROOMY, ROOMY_GIB, RUNTIMES, Runtime, settle_cuda_graph
-from .methods import CACHEABLE, METHODS, build_model, check_method_on_backbone
+from .methods import (
+    CACHEABLE,
+    METHODS,
+    build_model,
+    check_method_on_backbone,
+    resolve_options,
+)
 from .methods.prompting import Prompts
 from .precision import PRECISIONS
 
@@ -121,13 +127,14 @@ class PlanRequest:
     backbone: str = "vit_b"
     batch_size: int | None = None  # None: train's default for the backbone
     image_size: int = DEFAULT_IMAGE_SIZE
-    adapter_size: int | None = None  # cad only; None: its default (512)
     precision: str = "fp32"
     classes: int = 1  # 1: the binary task
     cache: bool = False  # from cached embeddings: no image encoder in memory
     runtime: str = "auto"
     settings: tuple[tuple[str, Any], ...] = ()
     prompt: PromptSettings = WHOLE_IMAGE  # or each object's box or points
+    options: tuple[tuple[str, Any], ...] = ()  # the method's model options where not its defaults
+    grad_accum: int = 1  # micro-batches per optimiser step
 
     def __post_init__(self) -> None:
         if self.method not in METHODS or self.method == "zero-shot":
@@ -137,9 +144,9 @@ class PlanRequest:
         check_method_on_backbone(self.method, self.backbone)
         if self.cache and self.method not in CACHEABLE:
             raise CadsamError(f"--cache: {self.method} acts inside the encoder, so it has none")
-        if self.adapter_size is not None and self.method != "cad":
-            raise CadsamError(f"adapter_size is CAD's; {self.method} has no adapter")
-        for flag, value in (("--batch-size", self.batch), ("--image-size", self.image_size)):
+        resolve_options(self.method, dict(self.options))
+        sizes = ("--batch-size", self.batch), ("--image-size", self.image_size)
+        for flag, value in (*sizes, ("--set grad_accum", self.grad_accum)):
             if value < 1:
                 raise CadsamError(f"{flag} must be 1 or more, not {value}")
         if self.classes < 1:
@@ -210,9 +217,8 @@ def plan_runtime(request: PlanRequest, gpu_mib: float | None = None) -> Runtime:
             runtime = ROOMY.replace(checkpoint_encoder=True) if free_gib >= FAST_GIB else LEAN
     runtime = runtime.replace(**dict(request.settings))
     training = (request.method, request.backbone)
-    runtime = settle_cuda_graph(
-        runtime, torch.device("cuda"), training, not request.prompt.prompted
-    )
+    whole_steps = request.grad_accum == 1 and not request.prompt.prompted
+    runtime = settle_cuda_graph(runtime, torch.device("cuda"), training, whole_steps)
     if getattr(runtime, "frozen_bf16", False) == "auto":  # on CUDA: in a bf16 run
         runtime = runtime.replace(frozen_bf16=request.precision == "bf16")
     return runtime
@@ -464,18 +470,22 @@ class Counted:
 
 @functools.lru_cache(maxsize=8)
 def _meta_model(
-    method: str, backbone: str, cache: bool, classes: int, adapter_size: int | None, frozen: bool
+    method: str,
+    backbone: str,
+    cache: bool,
+    classes: int,
+    options: tuple[tuple[str, Any], ...],
+    frozen: bool,
 ):
     """A model as training builds it, on the meta device; ``frozen``: its frozen weights to be
     held in bf16 (``frozen_bf16``, which cannot be undone: a model of its own)."""
-    options = {} if adapter_size is None else {"adapter_size": adapter_size}
     with torch.device("meta"):
         model = build_model(
             method,
             backbone,
             with_encoder=not cache,
             classes=class_table(classes if classes > 1 else None),
-            **options,
+            **dict(options),
         )
     return model.train()
 
@@ -488,7 +498,7 @@ def count_step(request: PlanRequest, runtime: Runtime) -> Counted:
     from .fast.runner import fit
     from .step import forward_backward
 
-    key = (request.method, request.backbone, request.cache, request.classes, request.adapter_size)
+    key = (request.method, request.backbone, request.cache, request.classes, request.options)
     frozen = getattr(runtime, "frozen_bf16", False) is True
     model = fit(_meta_model(*key, frozen), _counted_runtime(runtime))
     held = [*model.parameters(), *model.buffers()]
@@ -507,7 +517,9 @@ def count_step(request: PlanRequest, runtime: Runtime) -> Counted:
         masks, prompts = _meta_targets(request)
         shape = (batch, *model.layout.shape)
         embeddings = torch.empty(shape, device="meta") if request.cache else None
-        forward_backward(model, images, masks, embeddings, request.precision, prompts=prompts)
+        # accumulating, a micro-batch after the first runs with every gradient already held
+        for _ in range(min(request.grad_accum, 2)):
+            forward_backward(model, images, masks, embeddings, request.precision, prompts=prompts)
     trainable = model.trainable_parameters()
     gradients = sum(p.grad.nbytes for p in trainable if p.grad is not None)
     model.zero_grad(set_to_none=True)
@@ -650,8 +662,11 @@ def speed_from_bench(
 ) -> MeasuredSpeed | None:
     """The measured speed of the benchmark row nearest ``request``: the same method, backbone,
     cache or not, precision, runtime, classes and graph or eager step, at the nearest batch.
-    None where no such row was measured: a speed is never made up for another setting."""
+    None where no such row was measured (none accumulates gradients): a speed is never made
+    up for another setting."""
     rows = load_constants().get("speeds", []) if rows is None else rows
+    if request.grad_accum != 1:
+        return None
     eager = dict(request.settings).get("cuda_graph") is False
     same = [
         row
@@ -695,9 +710,9 @@ def train_command(request: PlanRequest) -> str:
         words += ["--precision", request.precision]
     if request.runtime != "auto":
         words += ["--runtime", request.runtime]
-    settings = dict(request.settings)
-    if request.adapter_size is not None:
-        settings = {"adapter_size": request.adapter_size, **settings}
+    settings = {**dict(request.options), **dict(request.settings)}
+    if request.grad_accum != 1:
+        settings["grad_accum"] = request.grad_accum
     settings |= _prompt_settings(request.prompt)
     for name, value in settings.items():
         words += ["--set", f"{name}={str(value).lower() if isinstance(value, bool) else value}"]

@@ -296,13 +296,14 @@ def _memory_refusal(cfg: TrainConfig, device: torch.device) -> str | None:
         cfg.backbone,
         cfg.batch_size,
         cfg.image_size,
-        cfg.options.get("adapter_size"),
         cfg.precision,
         1 if classes is None else classes.count,
         cfg.cache is not None,
         name,
         tuple(settings.items()),
         cfg.prompt_settings(),
+        tuple(cfg.options.items()),
+        cfg.grad_accum,
     )
     return refusal(request, free_gpu_mib(device), torch.cuda.get_device_name(device))
 

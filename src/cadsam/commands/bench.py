@@ -156,10 +156,10 @@ def _variant_model(
     backbone: str,
     from_cache: bool,
     runtime: Runtime,
-    adapter_size: int | None = None,
+    options: dict[str, Any] | None = None,
 ) -> AdaptedSam:
     classes = class_table(VARIANT_CLASSES.get(variant))
-    options = {} if adapter_size is None else {"adapter_size": adapter_size}
+    options = options or {}
     return build_model(
         method, backbone, with_encoder=not from_cache, runtime=runtime, classes=classes, **options
     )
@@ -221,11 +221,11 @@ def measure_training(
     precision: str,
     steps: int = 10,
     overrides: dict[str, Any] | None = None,
-    shape: dict[str, int] | None = None,
+    shape: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One variant's training step on the current CUDA device: peak memory and images/s.
     ``overrides``: runtime settings that replace the variant's; ``shape``: ``batch``,
-    ``image_size`` and ``adapter_size`` where not the paper's."""
+    ``image_size`` and model options where not the paper's."""
     shape = shape or {}
     method, runtime, from_cache = variant_runtime(variant, backbone, overrides, precision=precision)
     batch = shape.get("batch") or DEFAULT_BATCH[backbone]
@@ -233,9 +233,7 @@ def measure_training(
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     with torch.device("cuda"):
-        model = _variant_model(
-            variant, method, backbone, from_cache, runtime, shape.get("adapter_size")
-        )
+        model = _variant_model(variant, method, backbone, from_cache, runtime, shape_options(shape))
     weights_mib = torch.cuda.memory_allocated() / MIB
     pinned = (overrides or {}).get("cuda_graph") is True  # as cadsam train --set cuda_graph=true
     step = bench_step(model, precision, from_cache, not pinned, batch, image_size)
@@ -405,17 +403,22 @@ def check_request(
                     )
 
 
-def check_shape(variants: list[str] | None, shape: dict[str, int]) -> None:
-    """A batch or image size below one, or an adapter size for a method without an adapter,
-    is an error before any run."""
+def shape_options(shape: dict[str, Any]) -> dict[str, Any]:
+    """The model options in a step's ``shape`` (all but its batch and image size)."""
+    return {name: value for name, value in shape.items() if name not in ("batch", "image_size")}
+
+
+def check_shape(variants: list[str] | None, shape: dict[str, Any]) -> None:
+    """A batch or image size below one, or a model option a variant's method does not take
+    (or a bad value of one), is an error before any run."""
     for name, flag in (("batch", "--batch-size"), ("image_size", "--image-size")):
         if shape.get(name) is not None and shape[name] < 1:
             raise CadsamError(f"{flag} must be at least 1, not {shape[name]}")
-    if shape.get("adapter_size") is None:
+    if not shape_options(shape):
         return
     for variant in variants if variants is not None else [*VARIANTS]:
         if variant != "encoder-forward":
-            resolve_options(VARIANTS[variant][0], {"adapter_size": shape["adapter_size"]})
+            resolve_options(VARIANTS[variant][0], shape_options(shape))
 
 
 def bench_jobs(
@@ -424,7 +427,7 @@ def bench_jobs(
     precisions: list[str],
     steps: int,
     overrides: dict[str, Any],
-    shape: dict[str, int] | None = None,
+    shape: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One job per (backbone, precision, variant); ``variants`` None: each backbone's
     :func:`default_variants`."""
@@ -446,11 +449,11 @@ def run_bench(
     steps: int = 10,
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
-    shape: dict[str, int] | None = None,
+    shape: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Each (backbone, variant, precision) in a fresh process; ``variants`` None: every one
     that applies to each backbone; ``overrides``: runtime settings set in every variant;
-    ``shape``: the step's ``batch``, ``image_size`` and ``adapter_size`` where not the paper's."""
+    ``shape``: the step's ``batch``, ``image_size`` and model options where not the paper's."""
     overrides, shape = overrides or {}, shape or {}
     check_request(backbones, variants, overrides)
     check_shape(variants, shape)
@@ -586,20 +589,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backbones defaults to vit_b vit_h, --precisions to fp32 bf16, --out to bench; "
         "--batch-size to the paper's (4, or 2 for vit_h and sam2.1_hiera_l), --image-size to "
         f"{IMAGE_SIZE}. --runtime lean or plain measures each variant named without a runtime "
-        "under it (cad as cad-lean); --set sets a runtime switch in every variant measured, "
-        "or adapter_size for cad."
+        "under it (cad as cad-lean); --set sets a runtime switch or a model option "
+        "(adapter_size, lora_rank, ...) in every variant measured."
     )
 
 
 def run(args: argparse.Namespace) -> None:
 
     out = args.out or "bench"
-    overrides = common.settings(args)
-    shape = {
-        "batch": args.batch_size,
-        "image_size": args.image_size,
-        "adapter_size": overrides.pop("adapter_size", None),
-    }
+    options, overrides, _ = common.sorted_settings(args)
+    shape = {"batch": args.batch_size, "image_size": args.image_size, **options}
     run_bench(
         args.backbones or ["vit_b", "vit_h"],
         under_runtime(args.variants, args.runtime_name or "auto"),

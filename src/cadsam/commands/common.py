@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import torch
 
@@ -18,6 +19,29 @@ from . import flags
 def settings(args: argparse.Namespace) -> dict:
     """``--set NAME=VALUE`` as a mapping."""
     return dict(parse_setting(text) for text in args.overrides or ())
+
+
+def sorted_settings(
+    args: argparse.Namespace, takes: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``--set`` of a command that builds a model but trains none (bench, plan), sorted as
+    train sorts it: the model options, the runtime switches, and of train's other settings
+    those in ``takes``, typed as train types them; any other is one line refusing it."""
+    from ..config import setting_types, sort_settings, typed_value
+
+    given = sort_settings(settings(args), "--set ")
+    options, switches = given.pop("options", {}), given.pop("runtime", {})
+    if "name" in switches:
+        raise CadsamError("--set runtime: give --runtime NAME")
+    refused = [name for name in given if name not in takes]
+    if refused:
+        also = f", and {', '.join(takes)}" if takes else ""
+        raise CadsamError(
+            f"--set {', '.join(refused)}: {args.command} takes model options and runtime "
+            f"switches{also}, not train's other settings"
+        )
+    hints = setting_types()
+    return options, switches, {name: typed_value(name, v, hints[name]) for name, v in given.items()}
 
 
 def runtime_from_flags(

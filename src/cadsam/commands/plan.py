@@ -33,6 +33,8 @@ from ..planning import (
 )
 from . import common, flags
 
+# train's settings besides model options and runtime switches that change a step's memory
+PLANNED_TRAINING = ("grad_accum", *PROMPT_TRAIN_NAMES.values())
 HELP = "Predict a training run's peak GPU memory and speed before any GPU (runs on a CPU)."
 
 
@@ -49,16 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flags.add(parser, "--json")
     parser.epilog = (
         "defaults: --method cad, --backbone vit_b, train's batch, 512-pixel images, fp32; "
-        "every runtime (plain, lean, auto) unless --runtime names one. --set takes runtime "
-        "switches, adapter_size and, with --prompt, train's prompts_per_image, prompt_points, "
-        "prompt_negatives and box_jitter."
+        "every runtime (plain, lean, auto) unless --runtime names one. --set takes what train "
+        "takes that changes memory: model options (adapter_size, lora_rank, ...), runtime "
+        "switches, grad_accum and, with --prompt, " + ", ".join(PROMPT_TRAIN_NAMES.values()) + "."
     )
 
 
 def request_from_args(args: argparse.Namespace, runtime: str) -> PlanRequest:
-    settings: dict[str, Any] = common.settings(args)
-    adapter_size = settings.pop("adapter_size", None)
-    given = {f: settings.pop(n) for f, n in PROMPT_TRAIN_NAMES.items() if n in settings}
+    options, switches, training = common.sorted_settings(args, PLANNED_TRAINING)
+    given = {f: training.pop(n) for f, n in PROMPT_TRAIN_NAMES.items() if n in training}
     if given and not args.prompt:
         names = ", ".join(PROMPT_TRAIN_NAMES[f] for f in given)
         raise CadsamError(f"--set {names}: these are the prompt's; give --prompt")
@@ -69,13 +70,14 @@ def request_from_args(args: argparse.Namespace, runtime: str) -> PlanRequest:
         backbone=args.backbone or "vit_b",
         batch_size=args.batch_size,
         image_size=args.image_size or DEFAULT_IMAGE_SIZE,
-        adapter_size=adapter_size,
         precision=args.precision or "fp32",
         classes=1 if classes is None else classes.count,
         cache=bool(args.cache),
         runtime=runtime,
-        settings=tuple(settings.items()),
+        settings=tuple(switches.items()),
         prompt=prompt,
+        options=tuple(options.items()),
+        grad_accum=training.get("grad_accum", 1),
     )
 
 
