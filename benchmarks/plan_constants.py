@@ -41,7 +41,8 @@ sys.path.insert(0, str(HERE))
 
 import tables  # noqa: E402  (benchmarks/tables.py: how the tables merge a folder's reports)
 
-from cadsam.commands.bench import VARIANT_CLASSES, VARIANTS  # noqa: E402
+from cadsam.commands.bench import VARIANT_CLASSES, VARIANT_PROMPTS, VARIANTS  # noqa: E402
+from cadsam.data.prompts import PromptSettings  # noqa: E402
 from cadsam.fast.runtime import Runtime  # noqa: E402
 from cadsam.planning import (  # noqa: E402
     CONSTANTS,
@@ -81,7 +82,14 @@ def row_request(row: dict[str, Any]) -> PlanRequest:
         cache=cache,
         runtime=runtime,
         settings=tuple(settings.items()),
+        prompt=VARIANT_PROMPTS.get(row["variant"], PromptSettings()),
     )
+
+
+def _prompt_of(variant: str) -> dict[str, Any]:
+    """A speed row's prompt, as ``speed_from_bench`` matches it: none for the whole image."""
+    prompt = VARIANT_PROMPTS.get(variant)
+    return {} if prompt is None else {"prompt": prompt.kind, "prompts_per_image": prompt.per_image}
 
 
 def least_worst(rows: list[tuple[float, float]]) -> float:
@@ -169,6 +177,7 @@ def speed_rows(folders: list[Path]) -> list[dict[str, Any]]:
                     "cache": cache,
                     "precision": row["precision"],
                     "classes": VARIANT_CLASSES.get(row["variant"], 1),
+                    **_prompt_of(row["variant"]),
                     "batch": row["batch"],
                     "images_per_second": row["images_per_second"],
                     "gpu": " / ".join(sorted(gpus)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from cadsam.backbones import BACKBONES, DEFAULT_BATCH, feature_layout
 from cadsam.commands import main
 from cadsam.commands.bench import (
     IMAGE_SIZE,
+    VARIANT_PROMPTS,
     VARIANTS,
     bench_batch,
     bench_jobs,
@@ -25,6 +27,7 @@ from cadsam.config import TrainConfig
 from cadsam.errors import CadsamError
 from cadsam.fast.runtime import LEAN, Runtime
 from cadsam.methods import build_model
+from cadsam.step import object_loss
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "h100_vit_b.json"
 
@@ -99,6 +102,15 @@ def test_every_variant_is_a_valid_method_and_runtime():
     assert variant_runtime("cad-lean", "vit_b", device="cpu")[1] == LEAN
 
 
+def test_prompted_variants_run_eager_on_cuda_as_train_runs_them(monkeypatch):
+    """On a roomy GPU auto replays CAD's whole-image step as a graph; a prompted step, which
+    train never graphs, stays eager (stood in for by CUDA's free memory: no GPU needed)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a roomy GPU")
+    assert variant_runtime("cad", "vit_b", device="cuda")[1].cuda_graph is True
+    assert variant_runtime("cad-box8", "vit_b", device="cuda")[1].cuda_graph is False
+
+
 SAM2_TINY = "sam2.1_hiera_tiny_test"
 
 
@@ -156,6 +168,26 @@ def test_bench_step_trains_sam2_from_a_cache_and_with_the_encoder(monkeypatch, v
     assert torch.isfinite(loss) and loss > 0
     after = model.trainable_parameters()
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_a_prompted_bench_step_is_the_per_object_step_train_runs(monkeypatch):
+    """cad-box8's step: 8 objects an image, each a box inside the image and a mask; its loss
+    is the per-object loss of the model's output for those boxes, taken before AdamW moves
+    the weights, and AdamW moves them."""
+    _small_step(monkeypatch, "vit_tiny")
+    model, from_cache = _model("cad-box8", "vit_tiny")
+    reference = copy.deepcopy(model)
+    step = bench_step(model, "fp32", from_cache, prompt=VARIANT_PROMPTS["cad-box8"])
+    images, masks, embeddings, prompts = step.args
+    assert masks.shape == (2, 8, 64, 64) and prompts.boxes.shape == (2, 8, 4) and embeddings is None
+    x0, y0, x1, y1 = prompts.boxes.unbind(-1)
+    assert bool((x0 >= 0).all() and (y0 >= 0).all() and (x1 <= 64).all() and (y1 <= 64).all())
+    assert bool((x1 > x0).all() and (y1 > y0).all())
+    loss = step()
+    expected = object_loss(reference.train()(images, None, prompts).float(), masks)
+    assert torch.allclose(loss, expected.detach(), rtol=1e-5)
+    moved = zip(model.trainable_parameters(), reference.trainable_parameters(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in moved)
 
 
 def test_bench_shape_flags_reach_the_step_and_the_report(monkeypatch):

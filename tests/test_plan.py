@@ -193,6 +193,13 @@ def test_speed_is_quoted_from_a_measured_row_only():
     assert "NVIDIA H200" in found.describe() and "batch 4" in found.describe()
     assert speed_from_bench(PlanRequest(precision="fp32"), rows) is None
     assert speed_from_bench(PlanRequest(precision="bf16", runtime="lean"), rows) is None
+    boxed = {**rows[0], "variant": "cad-box8", "prompt": "box", "prompts_per_image": 8}
+    rows.append(boxed | {"images_per_second": 60.0})
+    eight, four = (PromptSettings("box", per_image=n) for n in (8, 4))
+    found = speed_from_bench(PlanRequest(precision="bf16", prompt=eight), rows)
+    assert found is not None and found.images_per_second == 60.0 and "cad-box8" in found.describe()
+    assert speed_from_bench(PlanRequest(precision="bf16", prompt=four), rows) is None
+    assert speed_from_bench(PlanRequest(precision="bf16"), rows).images_per_second == 179.1
 
 
 def test_train_command_says_what_differs():

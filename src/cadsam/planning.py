@@ -661,13 +661,15 @@ def speed_from_bench(
     request: PlanRequest, rows: list[dict[str, Any]] | None = None
 ) -> MeasuredSpeed | None:
     """The measured speed of the benchmark row nearest ``request``: the same method, backbone,
-    cache or not, precision, runtime, classes and graph or eager step, at the nearest batch.
+    cache or not, precision, runtime, classes, prompt (and objects per image) and graph or
+    eager step, at the nearest batch.
     None where no such row was measured (none accumulates gradients): a speed is never made
     up for another setting."""
     rows = load_constants().get("speeds", []) if rows is None else rows
     if request.grad_accum != 1:
         return None
-    eager = dict(request.settings).get("cuda_graph") is False
+    prompted = request.prompt.prompted  # eager, as train runs it: no graph replays it
+    eager = dict(request.settings).get("cuda_graph") is False and not prompted
     same = [
         row
         for row in rows
@@ -676,6 +678,7 @@ def speed_from_bench(
         and row.get("classes", 1) == request.classes
         and row.get("eager", False) == eager
         and row.get("prompt", "whole") == request.prompt.kind
+        and row.get("prompts_per_image", 1) == (request.prompt.per_image if prompted else 1)
     ]
     if not same:
         return None

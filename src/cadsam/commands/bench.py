@@ -32,6 +32,7 @@ import torch
 
 from ..backbones import DEFAULT_BATCH, DEFAULT_IMAGE_SIZE, backbone_config
 from ..data.labels import class_table
+from ..data.prompts import PromptSettings
 from ..errors import CadsamError
 from ..fast.runtime import Runtime, named_runtime, settle_cuda_graph, settle_frozen_bf16
 from ..methods import (
@@ -42,6 +43,7 @@ from ..methods import (
     resolve_options,
     runs_on,
 )
+from ..methods.prompting import Prompts
 from ..precision import autocast
 from ..provenance import provenance
 from . import common, flags
@@ -53,7 +55,8 @@ from .paper import AUTHORS_CODE_DEVICE, AUTHORS_CODE_MIB, MEMORY_TABLES, PAPER_D
 # memory), "-plain" (the reference formulation, which reproduces what the authors' code
 # allocates); "-cache": from cached embeddings, no encoder (the paper's section 5); "-eager":
 # the step launched kernel by kernel, where ``auto`` replays CAD's as a CUDA graph
-# (cadsam train --set cuda_graph=false).
+# (cadsam train --set cuda_graph=false); "-boxN": N objects an image, each prompted by its
+# box (cadsam train --prompt box --set prompts_per_image=N), eager as train runs it.
 VARIANTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
     "decoder-plain": ("decoder", "plain", {}, False),
     "decoder": ("decoder", "auto", {}, False),
@@ -74,9 +77,12 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
     "lora-lean": ("lora", "lean", {}, False),
     "cad-k12": ("cad", "auto", {}, False),
     "cad-cache-k12": ("cad", "auto", {}, True),
+    "decoder-box8": ("decoder", "auto", {}, False),
+    "cad-box8": ("cad", "auto", {}, False),
 }
 # "-kK": K classes (the decoder's K output tokens, cross-entropy + Dice) beside the binary task
 VARIANT_CLASSES = {"cad-k12": 12, "cad-cache-k12": 12}
+VARIANT_PROMPTS = {v: PromptSettings("box", per_image=8) for v in ("decoder-box8", "cad-box8")}
 WARMUP = 3  # untimed steps first: compilation, cuDNN's choices
 # The images a training step gets: cadsam train's default --image-size. The model resizes them
 # to its encoder's square itself (SAM 2.1 without padding) and CAD's adapter to adapter_size.
@@ -131,7 +137,9 @@ def variant_runtime(
     runtime, _ = named_runtime(name, device)
     runtime = runtime.replace(**{**settings, **(overrides or {})})
     training, device = (method, backbone), torch.device(device)
-    runtime = settle_frozen_bf16(settle_cuda_graph(runtime, device, training), device, precision)
+    whole_steps = variant not in VARIANT_PROMPTS  # a graph replays the whole-image step only
+    runtime = settle_cuda_graph(runtime, device, training, whole_steps)
+    runtime = settle_frozen_bf16(runtime, device, precision)
     return method, runtime, from_cache
 
 
@@ -143,7 +151,7 @@ def warmed_step(
     method, runtime, from_cache = variant_runtime(variant, backbone, overrides, precision=precision)
     with torch.device("cuda"):
         model = _variant_model(variant, method, backbone, from_cache, runtime)
-    step = bench_step(model, precision, from_cache)
+    step = bench_step(model, precision, from_cache, prompt=VARIANT_PROMPTS.get(variant))
     for _ in range(WARMUP + runtime.cuda_graph):
         step()
     torch.cuda.synchronize()
@@ -197,10 +205,12 @@ def bench_step(
     only_if_it_fits: bool = False,
     batch: int | None = None,
     image_size: int | None = None,
+    prompt: PromptSettings | None = None,
 ) -> functools.partial[torch.Tensor]:
     """One training step at the paper's settings (its batch, 512 x 512 images, whole-image
-    box, BCE + IoU, AdamW; or ``batch`` and ``image_size``) on seeded random data
-    (:func:`bench_batch`), on the model's device; with the runtime's ``cuda_graph``: three
+    box, BCE + IoU, AdamW; or ``batch``, ``image_size`` and a ``prompt`` per object) on seeded
+    random data (:func:`bench_batch`, :func:`bench_objects`), on the model's device; with the
+    runtime's ``cuda_graph``: three
     eager calls, then captured as a CUDA graph and replayed
     (:class:`~cadsam.fast.graphs.GraphedStep`, the step's ``func``), eager instead where
     ``only_if_it_fits`` and the capture would not fit, as ``cuda_graph=auto`` trains."""
@@ -212,7 +222,23 @@ def bench_step(
     optimizer = adamw(model.trainable_parameters(), lr=2e-4, weight_decay=0.01, graphed=graphed)
     images, masks, embeddings = bench_batch(model, from_cache, batch, image_size)
     step = training_step(model, optimizer, precision, graphed, only_if_it_fits)
-    return functools.partial(step, images, masks, embeddings)
+    if prompt is None or not prompt.prompted:
+        return functools.partial(step, images, masks, embeddings)
+    masks, prompts = bench_objects(masks, prompt)
+    return functools.partial(step, images, masks, embeddings, prompts)
+
+
+def bench_objects(masks: torch.Tensor, prompt: PromptSettings) -> tuple[torch.Tensor, Prompts]:
+    """Seeded random objects for a prompted step, as train's data set gives them: each image's
+    ``prompt.per_image`` masks (B x N x S x S) and a box each, inside the image; binary task."""
+    assert masks.dim() == 4 and prompt.kind == "box", "bench prompts binary masks by boxes"
+    batch, size, device = masks.shape[0], masks.shape[-1], masks.device
+    generator = torch.Generator(device).manual_seed(1)
+    shape = (batch, prompt.per_image)
+    objects = (torch.rand(*shape, size, size, device=device, generator=generator) > 0.5).float()
+    corner = torch.rand(*shape, 2, device=device, generator=generator) * size / 2
+    extent = (torch.rand(*shape, 2, device=device, generator=generator) * 0.75 + 0.25) * size / 2
+    return objects, Prompts(boxes=torch.cat([corner, corner + extent], dim=-1))
 
 
 def measure_training(
@@ -236,7 +262,8 @@ def measure_training(
         model = _variant_model(variant, method, backbone, from_cache, runtime, shape_options(shape))
     weights_mib = torch.cuda.memory_allocated() / MIB
     pinned = (overrides or {}).get("cuda_graph") is True  # as cadsam train --set cuda_graph=true
-    step = bench_step(model, precision, from_cache, not pinned, batch, image_size)
+    prompt = VARIANT_PROMPTS.get(variant)
+    step = bench_step(model, precision, from_cache, not pinned, batch, image_size, prompt)
     warmup = WARMUP + runtime.cuda_graph  # a graphed step is captured after its warm-up
 
     times = []
@@ -261,6 +288,7 @@ def measure_training(
         "precision": precision,
         "batch": batch,
         "image_size": image_size,
+        **({"prompt": prompt.kind, "prompts_per_image": prompt.per_image} if prompt else {}),
         "trainable": counts["trainable"],
         "weights_mib": round(weights_mib, 1),
         "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / MIB, 1),

@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..backbones import DEFAULT_IMAGE_SIZE
 from ..errors import CadsamError
 from . import common, flags
 
 HELP = "Run the frozen encoder once per image and store the embeddings for training."
 CACHE_BATCH = 8
-CACHE_IMAGE_SIZE = 512
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
         args.backbone,
         args.checkpoint,
         args.views,
-        args.image_size or CACHE_IMAGE_SIZE,
+        args.image_size or DEFAULT_IMAGE_SIZE,  # train's: the cache is read at its size
         args.batch_size or CACHE_BATCH,
         args.precision or recorded_precision(args.out) or "fp32",
         args.dtype,
