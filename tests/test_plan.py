@@ -350,9 +350,8 @@ def test_plan_set_sorts_as_train_does(capsys):
         assert f"--set lora_rank={rank} --set grad_accum=2" in report["recommended"]["command"]
     assert optimiser[1] > optimiser[0]
     assert main([*argv, "--set", "lr=0.1"]) == 1
-    assert "--set lr: plan takes model options and runtime switches, and grad_accum" in (
-        capsys.readouterr().err
-    )
+    refusal = "--set lr: plan takes model options, runtime switches, grad_accum, prompts_per_image"
+    assert refusal in capsys.readouterr().err
     assert main([*argv, "--prompt", "box", "--set", "prompts_per_image=abc"]) == 1
     err = capsys.readouterr().err
     assert "prompts_per_image must be" in err and "Traceback" not in err

@@ -662,9 +662,8 @@ def speed_from_bench(
 ) -> MeasuredSpeed | None:
     """The measured speed of the benchmark row nearest ``request``: the same method, backbone,
     cache or not, precision, runtime, classes, prompt (and objects per image) and graph or
-    eager step, at the nearest batch.
-    None where no such row was measured (none accumulates gradients): a speed is never made
-    up for another setting."""
+    eager step, at the nearest batch. None where no such row was measured (none accumulates
+    gradients): a speed is never made up for another setting."""
     rows = load_constants().get("speeds", []) if rows is None else rows
     if request.grad_accum != 1:
         return None

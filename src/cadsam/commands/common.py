@@ -35,10 +35,10 @@ def sorted_settings(
         raise CadsamError("--set runtime: give --runtime NAME")
     refused = [name for name in given if name not in takes]
     if refused:
-        also = f", and {', '.join(takes)}" if takes else ""
+        taken = ["model options", "runtime switches", *takes]
         raise CadsamError(
-            f"--set {', '.join(refused)}: {args.command} takes model options and runtime "
-            f"switches{also}, not train's other settings"
+            f"--set {', '.join(refused)}: {args.command} takes {', '.join(taken[:-1])} and "
+            f"{taken[-1]}, not train's other settings"
         )
     hints = setting_types()
     return options, switches, {name: typed_value(name, v, hints[name]) for name, v in given.items()}
