@@ -102,13 +102,16 @@ def test_every_variant_is_a_valid_method_and_runtime():
     assert variant_runtime("cad-lean", "vit_b", device="cpu")[1] == LEAN
 
 
-def test_prompted_variants_run_eager_on_cuda_as_train_runs_them(monkeypatch):
+def test_prompted_variants_run_eager_on_cuda_as_train_runs_them(monkeypatch, capsys):
     """On a roomy GPU auto replays CAD's whole-image step as a graph; a prompted step, which
-    train never graphs, stays eager (stood in for by CUDA's free memory: no GPU needed)."""
+    train never graphs, stays eager (stood in for by CUDA's free memory: no GPU needed), and
+    a graph asked for is refused, as train refuses it."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a roomy GPU")
     assert variant_runtime("cad", "vit_b", device="cuda")[1].cuda_graph is True
     assert variant_runtime("cad-box8", "vit_b", device="cuda")[1].cuda_graph is False
+    assert main(["bench", "--variants", "cad-box8", "--set", "cuda_graph=true"]) == 1
+    assert "variant cad-box8 is prompted" in capsys.readouterr().err
 
 
 SAM2_TINY = "sam2.1_hiera_tiny_test"

@@ -420,6 +420,11 @@ def check_request(
     Runtime().replace(**overrides)  # a bad name or value is an error before any run
     measured = variants if variants is not None else [*VARIANTS]
     for variant in measured:
+        if overrides.get("cuda_graph") is True and variant in VARIANT_PROMPTS:
+            raise CadsamError(
+                f"--set cuda_graph=true: variant {variant} is prompted, and a graph replays the "
+                "whole-image step only (as train refuses it with --prompt)"
+            )
         if overrides and variant != "encoder-forward":
             method, _, settings, _ = VARIANTS[variant]
             check_runtime_settings(method, overrides)
