@@ -157,6 +157,31 @@ def test_encoder_chunks_counted_from_two_runs_as_from_every_run(backbone, monkey
     assert two_runs == planning.count_step.__wrapped__(request, runtime)
 
 
+def test_bands_counted_on_one_image_as_on_every_image(monkeypatch):
+    """CAD's banded blocks counted on the first image's bands give the count of every image's
+    bands: each image's transients come in turn, and what outlives them is allocated whole."""
+    from cadsam.fast import tiling
+
+    request = PlanRequest("cad", "vit_tiny", 3, 64, runtime="lean")
+    request = dataclasses.replace(
+        request, options=(("adapter_size", 64),), settings=(("adapter_tile_mib", 0.25),)
+    )
+    runtime = planning.plan_runtime(request)
+    images, bands = [], tiling._Bands.bands
+
+    def seen(self):
+        for band in bands(self):
+            images.append(band[0].start)
+            yield band
+
+    monkeypatch.setattr(tiling._Bands, "bands", seen)
+    one_image = planning.count_step.__wrapped__(request, runtime)
+    seen_by_one, images[:] = set(images), []
+    monkeypatch.setattr(planning, "_bands_of_one_image", contextlib.nullcontext)
+    assert one_image == planning.count_step.__wrapped__(request, runtime)
+    assert seen_by_one <= {0, 1} and set(images) == {0, 1, 2}  # (1: where the first stops)
+
+
 def test_more_images_more_memory_and_the_largest_batch_is_the_last_that_fits():
     request = PlanRequest(method="cad", backbone="vit_tiny", image_size=64, runtime="lean")
     totals = [predict_memory(request.with_batch(b), 4096).total_mib for b in (1, 2, 4)]

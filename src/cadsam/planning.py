@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import re
@@ -426,6 +427,26 @@ def _fused_bands(live: _LiveBytes, fused: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _bands_of_one_image() -> Iterator[None]:
+    """CAD's banded blocks counted on their first image's bands: each image's bands allocate
+    the same transients in turn, and what outlives them (the block's output and input gradient,
+    the sums) is allocated for the whole batch at once, so the peak is the same and the count
+    no longer grows with the batch."""
+    from .fast import tiling
+
+    bands = tiling._Bands.bands
+
+    def first_image(self: Any) -> Iterator[tuple[slice, int, int]]:
+        return itertools.takewhile(lambda band: band[0].start == 0, bands(self))
+
+    tiling._Bands.bands = first_image
+    try:
+        yield
+    finally:
+        tiling._Bands.bands = bands
+
+
+@contextlib.contextmanager
 def _chunks_run_twice(encoder: torch.nn.Module | None, chunks: int) -> Iterator[None]:
     """The frozen encoder run without autograd, ``chunks`` times a step (``encoder_chunk``),
     counted from two runs: the first (for its output's shape) and the last, which runs beside
@@ -509,6 +530,7 @@ def count_step(request: PlanRequest, runtime: Runtime) -> Counted:
     with (
         live,
         _fused_bands(live, _fuses_bands(runtime)),
+        _bands_of_one_image(),
         _chunks_run_twice(encoder, chunks),
         _meta_autocast(),
         _Autocast(),
