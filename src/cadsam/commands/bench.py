@@ -210,8 +210,7 @@ def bench_step(
     """One training step at the paper's settings (its batch, 512 x 512 images, whole-image
     box, BCE + IoU, AdamW; or ``batch``, ``image_size`` and a ``prompt`` per object) on seeded
     random data (:func:`bench_batch`, :func:`bench_objects`), on the model's device; with the
-    runtime's ``cuda_graph``: three
-    eager calls, then captured as a CUDA graph and replayed
+    runtime's ``cuda_graph``: three eager calls, then captured as a CUDA graph and replayed
     (:class:`~cadsam.fast.graphs.GraphedStep`, the step's ``func``), eager instead where
     ``only_if_it_fits`` and the capture would not fit, as ``cuda_graph=auto`` trains."""
     from ..fast.graphs import adamw
