@@ -157,14 +157,17 @@ def test_encoder_chunks_counted_from_two_runs_as_from_every_run(backbone, monkey
     assert two_runs == planning.count_step.__wrapped__(request, runtime)
 
 
-def test_bands_counted_on_one_image_as_on_every_image(monkeypatch):
-    """CAD's banded blocks counted on the first image's bands give the count of every image's
-    bands: each image's transients come in turn, and what outlives them is allocated whole."""
+@pytest.mark.parametrize("tile_mib", [0.25, 1.0], ids=["bands", "an-image-a-band"])
+def test_bands_counted_on_two_images_as_on_every_image(monkeypatch, tile_mib):
+    """CAD's banded blocks counted on their first two images' bands give the count of every
+    image's: each image's transients come in turn, what outlives them is allocated whole, and
+    what one image leaves to the next (with a whole image a band, the input gradient written
+    after the next band reads its rows) is there from the second image on."""
     from cadsam.fast import tiling
 
     request = PlanRequest("cad", "vit_tiny", 3, 64, runtime="lean")
     request = dataclasses.replace(
-        request, options=(("adapter_size", 64),), settings=(("adapter_tile_mib", 0.25),)
+        request, options=(("adapter_size", 64),), settings=(("adapter_tile_mib", tile_mib),)
     )
     runtime = planning.plan_runtime(request)
     images, bands = [], tiling._Bands.bands
@@ -175,11 +178,11 @@ def test_bands_counted_on_one_image_as_on_every_image(monkeypatch):
             yield band
 
     monkeypatch.setattr(tiling._Bands, "bands", seen)
-    one_image = planning.count_step.__wrapped__(request, runtime)
-    seen_by_one, images[:] = set(images), []
-    monkeypatch.setattr(planning, "_bands_of_one_image", contextlib.nullcontext)
-    assert one_image == planning.count_step.__wrapped__(request, runtime)
-    assert seen_by_one <= {0, 1} and set(images) == {0, 1, 2}  # (1: where the first stops)
+    two_images = planning.count_step.__wrapped__(request, runtime)
+    seen_by_two, images[:] = set(images), []
+    monkeypatch.setattr(planning, "_bands_of_two_images", contextlib.nullcontext)
+    assert two_images == planning.count_step.__wrapped__(request, runtime)
+    assert seen_by_two == set(images) == {0, 1, 2}  # (2: seen where the two stop)
 
 
 def test_more_images_more_memory_and_the_largest_batch_is_the_last_that_fits():

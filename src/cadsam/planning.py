@@ -427,19 +427,21 @@ def _fused_bands(live: _LiveBytes, fused: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _bands_of_one_image() -> Iterator[None]:
-    """CAD's banded blocks counted on their first image's bands: each image's bands allocate
-    the same transients in turn, and what outlives them (the block's output and input gradient,
-    the sums) is allocated for the whole batch at once, so the peak is the same and the count
-    no longer grows with the batch."""
+def _bands_of_two_images() -> Iterator[None]:
+    """CAD's banded blocks counted on their first two images' bands: each image's bands
+    allocate the same transients in turn, what outlives them (the block's output and input
+    gradient, the sums) is allocated for the whole batch at once, and what one image leaves
+    to the next (an input gradient written after the next band reads its rows) is there from
+    the second image on; so the peak is the same and the count no longer grows with the
+    batch."""
     from .fast import tiling
 
     bands = tiling._Bands.bands
 
-    def first_image(self: Any) -> Iterator[tuple[slice, int, int]]:
-        return itertools.takewhile(lambda band: band[0].start == 0, bands(self))
+    def first_two_images(self: Any) -> Iterator[tuple[slice, int, int]]:
+        return itertools.takewhile(lambda band: band[0].start < 2, bands(self))
 
-    tiling._Bands.bands = first_image
+    tiling._Bands.bands = first_two_images
     try:
         yield
     finally:
@@ -530,7 +532,7 @@ def count_step(request: PlanRequest, runtime: Runtime) -> Counted:
     with (
         live,
         _fused_bands(live, _fuses_bands(runtime)),
-        _bands_of_one_image(),
+        _bands_of_two_images(),
         _chunks_run_twice(encoder, chunks),
         _meta_autocast(),
         _Autocast(),
