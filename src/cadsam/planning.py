@@ -50,7 +50,16 @@ from .data.labels import class_table
 from .data.prompts import TRAIN_NAMES as PROMPT_TRAIN_NAMES
 from .data.prompts import PromptSettings
 from .errors import CadsamError
-from .fast.runtime import FAST_GIB, LEAN, ROOMY, ROOMY_GIB, RUNTIMES, Runtime, settle_cuda_graph
+from .fast.runtime import (
+    FAST_GIB,
+    LEAN,
+    ROOMY,
+    ROOMY_GIB,
+    RUNTIMES,
+    Runtime,
+    replays_whole_steps,
+    settle_cuda_graph,
+)
 from .methods import (
     CACHEABLE,
     METHODS,
@@ -218,7 +227,7 @@ def plan_runtime(request: PlanRequest, gpu_mib: float | None = None) -> Runtime:
             runtime = ROOMY.replace(checkpoint_encoder=True) if free_gib >= FAST_GIB else LEAN
     runtime = runtime.replace(**dict(request.settings))
     training = (request.method, request.backbone)
-    whole_steps = request.grad_accum == 1 and not request.prompt.prompted
+    whole_steps = replays_whole_steps(request.grad_accum, request.prompt.prompted)
     runtime = settle_cuda_graph(runtime, torch.device("cuda"), training, whole_steps)
     if getattr(runtime, "frozen_bf16", False) == "auto":  # on CUDA: in a bf16 run
         runtime = runtime.replace(frozen_bf16=request.precision == "bf16")

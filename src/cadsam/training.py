@@ -42,7 +42,7 @@ from .data import (
 from .errors import CadsamError
 from .evaluation import constant_masks, constant_prediction_warning, evaluate, main_score
 from .fast.graphs import Step, adamw, match_graph_mode
-from .fast.runtime import resolve_runtime
+from .fast.runtime import replays_whole_steps, resolve_runtime
 from .files import check_output_folder, read_run_state, write_atomic
 from .lock import holds_out_lock
 from .methods import (
@@ -213,7 +213,8 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist) -> _Run | None:
     if cfg.runtime.get("cuda_graph") is True:
         _check_graphable(cfg, dist)
     # steps a CUDA graph can replay (cuda_graph=auto): whole, in one process, whole-image prompt
-    whole_steps = cfg.grad_accum == 1 and not dist.enabled and not cfg.prompt_settings().prompted
+    prompted = cfg.prompt_settings().prompted
+    whole_steps = replays_whole_steps(cfg.grad_accum, prompted, dist.world_size)
     training = (cfg.method, cfg.backbone)
     runtime_of = (*cfg.runtime_parts(), dist.device, training, whole_steps)
     resolve_runtime(*runtime_of, precision=cfg.precision)  # refused before any work
@@ -292,18 +293,18 @@ def _memory_refusal(cfg: TrainConfig, device: torch.device) -> str | None:
     name, settings = cfg.runtime_parts()
     classes = cfg.class_table()
     request = PlanRequest(
-        cfg.method,
-        cfg.backbone,
-        cfg.batch_size,
-        cfg.image_size,
-        cfg.precision,
-        1 if classes is None else classes.count,
-        cfg.cache is not None,
-        name,
-        tuple(settings.items()),
-        cfg.prompt_settings(),
-        tuple(cfg.options.items()),
-        cfg.grad_accum,
+        method=cfg.method,
+        backbone=cfg.backbone,
+        batch_size=cfg.batch_size,
+        image_size=cfg.image_size,
+        precision=cfg.precision,
+        classes=1 if classes is None else classes.count,
+        cache=cfg.cache is not None,
+        runtime=name,
+        settings=tuple(settings.items()),
+        prompt=cfg.prompt_settings(),
+        options=tuple(cfg.options.items()),
+        grad_accum=cfg.grad_accum,
     )
     return refusal(request, free_gpu_mib(device), torch.cuda.get_device_name(device))
 

@@ -34,7 +34,13 @@ from ..backbones import DEFAULT_BATCH, DEFAULT_IMAGE_SIZE, backbone_config
 from ..data.labels import class_table
 from ..data.prompts import PromptSettings
 from ..errors import CadsamError
-from ..fast.runtime import Runtime, named_runtime, settle_cuda_graph, settle_frozen_bf16
+from ..fast.runtime import (
+    Runtime,
+    named_runtime,
+    replays_whole_steps,
+    settle_cuda_graph,
+    settle_frozen_bf16,
+)
 from ..methods import (
     SAM1_ONLY_WHY,
     AdaptedSam,
@@ -137,7 +143,7 @@ def variant_runtime(
     runtime, _ = named_runtime(name, device)
     runtime = runtime.replace(**{**settings, **(overrides or {})})
     training, device = (method, backbone), torch.device(device)
-    whole_steps = variant not in VARIANT_PROMPTS  # a graph replays the whole-image step only
+    whole_steps = replays_whole_steps(prompted=variant in VARIANT_PROMPTS)
     runtime = settle_cuda_graph(runtime, device, training, whole_steps)
     runtime = settle_frozen_bf16(runtime, device, precision)
     return method, runtime, from_cache
@@ -167,9 +173,13 @@ def _variant_model(
     options: dict[str, Any] | None = None,
 ) -> AdaptedSam:
     classes = class_table(VARIANT_CLASSES.get(variant))
-    options = options or {}
     return build_model(
-        method, backbone, with_encoder=not from_cache, runtime=runtime, classes=classes, **options
+        method,
+        backbone,
+        with_encoder=not from_cache,
+        runtime=runtime,
+        classes=classes,
+        **(options or {}),
     )
 
 

@@ -291,6 +291,13 @@ def check_precision(runtime: Runtime, precision: str | None) -> None:
         )
 
 
+def replays_whole_steps(grad_accum: int = 1, prompted: bool = False, processes: int = 1) -> bool:
+    """Whether a CUDA graph can replay the training step: one whole optimiser step a call (no
+    gradient accumulation), the whole-image prompt (a prompted batch's objects vary), and
+    one process (a graph does not capture the processes' exchange)."""
+    return grad_accum == 1 and not prompted and processes == 1
+
+
 def settle_cuda_graph(
     runtime: Runtime,
     device: torch.device,
@@ -298,8 +305,8 @@ def settle_cuda_graph(
     whole_steps: bool = True,
 ) -> Runtime:
     """``cuda_graph=auto`` made true or false: true when training (``training``: the method
-    and backbone) a step of GRAPHED_STEPS on CUDA in whole optimiser steps (``whole_steps``:
-    no gradient accumulation, one process), where a graph can replay the step."""
+    and backbone) a step of GRAPHED_STEPS on CUDA in steps a graph can replay
+    (``whole_steps``: :func:`replays_whole_steps`)."""
     if runtime.cuda_graph != AUTO:
         return runtime
     method, backbone = training or ("", "")
